@@ -1,0 +1,27 @@
+# Every target installs what it needs, so `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+# The CPU wheel of torch. A bare `pip install torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-torch test lint format demo
+
+install-torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+
+install: install-torch
+	@$(PYTHON) -c "import curvlinops, pytest, xdist" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -n 2 -q test
+
+lint:
+	@$(PYTHON) -c "import ruff" 2>/dev/null || $(PYTHON) -m pip install -q ruff
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .
+
+format:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+demo: install
+	$(PYTHON) docs/examples/demo_quickstart.py

@@ -1,0 +1,721 @@
+r"""Base classes: matrix-free linear operators in PyTorch, and curvature operators over data.
+
+:class:`PyTorchLinearOperator` is a linear map :math:`\mathbf{A}: \mathcal{X} \to \mathcal{Y}`
+between tensor-product spaces, :math:`\mathcal{X} = \mathbb{R}^{n_1} \times \dots \times
+\mathbb{R}^{n_k}` with each factor carrying a tensor shape (typically the shapes of a network's
+parameters). Its matrix has shape :math:`(\sum_j m_j, \sum_i n_i)`, obtained by flattening every
+factor row-major and concatenating in list order. Operators multiply flat vectors ``[N]``,
+matrices ``[N, K]`` and the equivalent "list format" (one tensor per factor, with an optional
+trailing column axis), compose lazily (``A + B``, ``A - B``, ``s * A``, ``A @ B``,
+``A.adjoint()``), and export to SciPy with :meth:`PyTorchLinearOperator.to_scipy`.
+
+:class:`CurvatureLinearOperator` adds everything that is shared by operators defined through a
+model, a loss and data: iteration over the batches (with optional progress bar), the empirical
+risk's normalisation
+
+.. math::
+    \mathcal{L}(\boldsymbol{\theta}) = \sum_b w_b\, \ell_b(\boldsymbol{\theta}),
+    \qquad w_b = 1 \text{ (sum)}, \quad w_b = B_b / N \text{ (mean)},
+
+where :math:`\ell_b` is the loss of batch :math:`b` with the loss's own reduction, block
+structure, the determinism check, memory-bounded multiplication (columns are processed in chunks
+of at most :attr:`CurvatureLinearOperator.MAX_COLUMNS_PER_CHUNK`, each chunk one pass over the
+data, so peak memory does not grow with the number of columns), and gradient/loss evaluation. A
+subclass implements only the product of its mini-batch matrix with a matrix in list format
+(:meth:`CurvatureLinearOperator._matmat_batch`).
+"""
+
+from collections.abc import Callable, Iterable, MutableMapping
+from itertools import zip_longest
+from numbers import Real
+from typing import Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from curvlinops._autodiff import (
+    detached_leaves,
+    make_functional_model,
+    parameter_names,
+    second_order_context,
+)
+from curvlinops._losses import check_reduction
+from curvlinops.utils import allclose_report
+
+_ShapeList = List[Tuple[int, ...]]
+
+
+class PyTorchLinearOperator:
+    """Matrix-free linear operator acting on (lists of) PyTorch tensors.
+
+    Subclasses implement :meth:`_matmat` (matrix case, list format with trailing column axis),
+    :meth:`_adjoint` unless ``SELF_ADJOINT`` is true, and the ``device`` and ``dtype``
+    properties.
+
+    Attributes:
+        SELF_ADJOINT: Whether the operator equals its adjoint. May be set per instance.
+    """
+
+    SELF_ADJOINT: bool = False
+
+    def __init__(self, in_shape: _ShapeList, out_shape: _ShapeList):
+        """Set up the operator's input and output spaces.
+
+        Args:
+            in_shape: Shapes of the tensors that form the input space.
+            out_shape: Shapes of the tensors that form the output space.
+        """
+        self._in_shape = [torch.Size(s) for s in in_shape]
+        self._out_shape = [torch.Size(s) for s in out_shape]
+        self._in_shape_flat = [s.numel() for s in self._in_shape]
+        self._out_shape_flat = [s.numel() for s in self._out_shape]
+        self.shape = (sum(self._out_shape_flat), sum(self._in_shape_flat))
+
+    @property
+    def device(self) -> torch.device:
+        """Device on which the operator multiplies."""
+        raise NotImplementedError("Subclasses must implement the device property.")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Data type in which the operator multiplies."""
+        raise NotImplementedError("Subclasses must implement the dtype property.")
+
+    # ----------------------------------------------------------------- products
+    def __matmul__(
+        self, X: Union[Tensor, List[Tensor], "PyTorchLinearOperator"]
+    ) -> Union[Tensor, List[Tensor], "PyTorchLinearOperator"]:
+        """Multiply with a vector, a matrix (tensor or list format) or another operator.
+
+        Args:
+            X: A tensor ``[N]`` or ``[N, K]``, a list of tensors shaped like the input
+                space (optionally with a common trailing column axis ``K``), or an operator.
+
+        Returns:
+            The product in the same format as ``X``, or a lazy product operator.
+
+        Raises:
+            ValueError: If ``X`` has an unsupported type, shape, dtype or device.
+        """
+        if isinstance(X, PyTorchLinearOperator):
+            return _ProductLinearOperator(self, X)
+        X_list, is_vector, as_tensor = self._to_list_format(X)
+        self._check_dtype_and_device(X_list)
+        num_columns = X_list[0].shape[-1] if X_list else 0
+        with torch.no_grad():
+            AX = self._matmat(X_list)
+        self._check_output(AX, num_columns)
+        if as_tensor:
+            flat = torch.cat([t.reshape(-1, num_columns) for t in AX])
+            return flat.squeeze(-1) if is_vector else flat
+        return [t.squeeze(-1) for t in AX] if is_vector else list(AX)
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        """Multiply with a matrix in list format (entries ``[*in_i, K]``).
+
+        Args:
+            X: Matrix in list format with trailing column axis.
+
+        Returns:
+            The product in list format, entries ``[*out_j, K]``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement _matmat, so it cannot multiply."
+        )
+
+    def _to_list_format(self, X) -> Tuple[List[Tensor], bool, bool]:
+        """Convert an input into list format with a trailing column axis.
+
+        Returns:
+            The list, whether ``X`` was a single vector, and whether ``X`` was a tensor.
+        """
+        N = self.shape[1]
+        if isinstance(X, Tensor):
+            if X.ndim not in (1, 2) or X.shape[0] != N:
+                raise ValueError(
+                    f"Expected a tensor of shape [{N}] or [{N}, K] for an operator of shape "
+                    f"{self.shape}, got shape {list(X.shape)}."
+                )
+            is_vector = X.ndim == 1
+            X2 = X.unsqueeze(-1) if is_vector else X
+            blocks = X2.split(self._in_shape_flat)
+            return (
+                [b.reshape(*s, X2.shape[1]) for b, s in zip(blocks, self._in_shape)],
+                is_vector,
+                True,
+            )
+        if not isinstance(X, list) or not all(isinstance(x, Tensor) for x in X):
+            raise ValueError(
+                "Expected a torch.Tensor, a list of tensors, or a PyTorchLinearOperator, "
+                f"got {type(X).__name__}. Convert NumPy arrays with torch.as_tensor and "
+                "tuples with list()."
+            )
+        if len(X) != len(self._in_shape):
+            raise ValueError(
+                f"Expected a list of {len(self._in_shape)} tensors with shapes "
+                f"{[tuple(s) for s in self._in_shape]}, got {len(X)} tensors."
+            )
+        if all(x.shape == s for x, s in zip(X, self._in_shape)):
+            return [x.unsqueeze(-1) for x in X], True, False
+        shapes_ok = all(
+            x.ndim == len(s) + 1 and x.shape[:-1] == s for x, s in zip(X, self._in_shape)
+        )
+        if not shapes_ok:
+            raise ValueError(
+                "List entries must have shapes "
+                f"{[tuple(s) for s in self._in_shape]} (one vector), or these shapes with "
+                f"a common trailing column axis; got {[tuple(x.shape) for x in X]}."
+            )
+        if len({x.shape[-1] for x in X}) != 1:
+            raise ValueError(
+                "All list entries must have the same number of columns (trailing axis), "
+                f"got {[x.shape[-1] for x in X]}."
+            )
+        return list(X), False, False
+
+    def _check_dtype_and_device(self, X: List[Tensor]):
+        """Raise a ``ValueError`` if the input's dtype or device differs from the operator's."""
+        try:
+            dtype, device = self.dtype, self.device
+        except NotImplementedError:  # bare base class: nothing to compare with
+            return
+        for x in X:
+            if x.dtype != dtype:
+                raise ValueError(
+                    f"Input has dtype {x.dtype}, but the operator works in {dtype}. "
+                    "Convert the input with .to(A.dtype)."
+                )
+            if x.device != device:
+                raise ValueError(
+                    f"Input is on device {x.device}, but the operator works on {device}. "
+                    "Move the input with .to(A.device)."
+                )
+
+    def _check_output(self, AX: List[Tensor], num_columns: int):
+        """Raise a ``ValueError`` if ``_matmat`` returned tensors of the wrong shapes."""
+        expected = [(*s, num_columns) for s in self._out_shape]
+        if len(AX) != len(expected) or any(tuple(t.shape) != e for t, e in zip(AX, expected)):
+            raise ValueError(
+                f"{type(self).__name__}._matmat returned shapes "
+                f"{[tuple(t.shape) for t in AX]}, expected {expected}."
+            )
+
+    # ----------------------------------------------------------------- algebra
+    def adjoint(self) -> "PyTorchLinearOperator":
+        """Return the adjoint (for real operators: the transpose).
+
+        Returns:
+            ``self`` if the operator is self-adjoint, otherwise ``self._adjoint()``.
+        """
+        return self if self.SELF_ADJOINT else self._adjoint()
+
+    def _adjoint(self) -> "PyTorchLinearOperator":
+        """Construct the adjoint operator (subclasses that are not self-adjoint)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _adjoint.")
+
+    @property
+    def T(self) -> "PyTorchLinearOperator":
+        """The transpose (same as :meth:`adjoint` for real operators)."""
+        return self.adjoint()
+
+    def __add__(self, other: "PyTorchLinearOperator") -> "PyTorchLinearOperator":
+        """Lazy sum ``A + B`` of two operators with identical spaces, dtype and device."""
+        if not isinstance(other, PyTorchLinearOperator):
+            return NotImplemented
+        return _SumLinearOperator(self, other)
+
+    def __sub__(self, other: "PyTorchLinearOperator") -> "PyTorchLinearOperator":
+        """Lazy difference ``A - B = A + (-1) * B``."""
+        if not isinstance(other, PyTorchLinearOperator):
+            return NotImplemented
+        return _SumLinearOperator(self, _ScaledLinearOperator(other, -1.0))
+
+    def __mul__(self, scalar: Real) -> "PyTorchLinearOperator":
+        """Lazy scaling ``A * s`` by a real scalar."""
+        if isinstance(scalar, bool) or not isinstance(scalar, Real):
+            return NotImplemented
+        return _ScaledLinearOperator(self, float(scalar))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "PyTorchLinearOperator":
+        """Lazy negation ``-A``."""
+        return _ScaledLinearOperator(self, -1.0)
+
+    # ----------------------------------------------------------------- SciPy
+    def to_scipy(self, dtype: Optional[np.dtype] = None) -> LinearOperator:
+        """Wrap the operator as a ``scipy.sparse.linalg.LinearOperator``.
+
+        NumPy inputs are converted to the operator's dtype and device, multiplied in
+        PyTorch, and returned on the CPU with the input array's dtype.
+
+        Args:
+            dtype: The SciPy operator's dtype. Defaults to NumPy's default float (float64).
+
+        Returns:
+            The SciPy linear operator.
+        """
+        try:
+            adjoint = self.adjoint()
+        except NotImplementedError:
+            adjoint = None
+
+        def multiply(op: Optional[PyTorchLinearOperator], x: np.ndarray) -> np.ndarray:
+            if op is None:
+                raise NotImplementedError(
+                    f"{type(self).__name__} has no adjoint, so rmatvec is unavailable."
+                )
+            x_torch = torch.as_tensor(np.ascontiguousarray(x)).to(
+                device=self.device, dtype=self.dtype
+            )
+            result = (op @ x_torch).detach().cpu()
+            if result.dtype == torch.bfloat16:
+                result = result.float()
+            return result.numpy().astype(x.dtype, copy=False)
+
+        return LinearOperator(
+            shape=self.shape,
+            dtype=np.dtype(float) if dtype is None else dtype,
+            matvec=lambda x: multiply(self, x),
+            rmatvec=lambda x: multiply(adjoint, x),
+            matmat=lambda x: multiply(self, x),
+            rmatmat=lambda x: multiply(adjoint, x),
+        )
+
+
+def _check_same_spaces(A: PyTorchLinearOperator, B: PyTorchLinearOperator, in_B_from_out: bool):
+    """Check that two operators can be added (or, with ``in_B_from_out``, composed)."""
+    if in_B_from_out:
+        if A._in_shape != B._out_shape:
+            raise ValueError(
+                "Cannot compose A @ B: A's input shapes "
+                f"{[tuple(s) for s in A._in_shape]} differ from B's output shapes "
+                f"{[tuple(s) for s in B._out_shape]}."
+            )
+    elif A._in_shape != B._in_shape or A._out_shape != B._out_shape:
+        raise ValueError(
+            "Cannot add operators with different spaces: "
+            f"{[tuple(s) for s in A._in_shape]} -> {[tuple(s) for s in A._out_shape]} "
+            f"vs. {[tuple(s) for s in B._in_shape]} -> "
+            f"{[tuple(s) for s in B._out_shape]}."
+        )
+    if A.device != B.device:
+        raise ValueError(f"Operators live on different devices: {A.device}, {B.device}.")
+    if A.dtype != B.dtype:
+        raise ValueError(f"Operators have different dtypes: {A.dtype}, {B.dtype}.")
+
+
+class _SumLinearOperator(PyTorchLinearOperator):
+    """Lazy sum ``A + B``."""
+
+    def __init__(self, A: PyTorchLinearOperator, B: PyTorchLinearOperator):
+        _check_same_spaces(A, B, in_B_from_out=False)
+        super().__init__(A._in_shape, A._out_shape)
+        self._A, self._B = A, B
+        self.SELF_ADJOINT = A.SELF_ADJOINT and B.SELF_ADJOINT
+
+    @property
+    def device(self) -> torch.device:
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return [a + b for a, b in zip(self._A._matmat(X), self._B._matmat(X))]
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        return _SumLinearOperator(self._A.adjoint(), self._B.adjoint())
+
+
+class _ScaledLinearOperator(PyTorchLinearOperator):
+    """Lazy scaling ``s * A``."""
+
+    def __init__(self, A: PyTorchLinearOperator, scalar: float):
+        super().__init__(A._in_shape, A._out_shape)
+        self._A, self._scalar = A, scalar
+        self.SELF_ADJOINT = A.SELF_ADJOINT
+
+    @property
+    def device(self) -> torch.device:
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return [self._scalar * t for t in self._A._matmat(X)]
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        return _ScaledLinearOperator(self._A.adjoint(), self._scalar)
+
+
+class _ProductLinearOperator(PyTorchLinearOperator):
+    """Lazy product ``A @ B``."""
+
+    def __init__(self, A: PyTorchLinearOperator, B: PyTorchLinearOperator):
+        _check_same_spaces(A, B, in_B_from_out=True)
+        super().__init__(B._in_shape, A._out_shape)
+        self._A, self._B = A, B
+
+    @property
+    def device(self) -> torch.device:
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return self._A._matmat(self._B._matmat(X))
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        return _ProductLinearOperator(self._B.adjoint(), self._A.adjoint())
+
+
+# ------------------------------------------------------------------------ data-driven
+class CurvatureLinearOperator(PyTorchLinearOperator):
+    r"""Base class of operators defined by a model, a loss function and data.
+
+    The represented matrix refers to the empirical risk
+    :math:`\mathcal{L}(\boldsymbol{\theta}) = \sum_b w_b \ell_b(\boldsymbol{\theta})` with
+    :math:`w_b = 1` for ``reduction='sum'`` and :math:`w_b = B_b / N` for ``'mean'``
+    (:math:`B_b` the size of batch :math:`b`, :math:`N` = ``num_data``). A subclass implements
+    :meth:`_matmat_batch`, the product of the mini-batch matrix (built from :math:`\ell_b`,
+    without :math:`w_b`) with a matrix in list format; this class weights and sums it over
+    the batches.
+
+    Attributes:
+        SELF_ADJOINT: Whether the operator is self-adjoint.
+        SUPPORTS_BLOCKS: Whether ``block_sizes`` (block-diagonal approximation) is supported.
+        FIXED_DATA_ORDER: Whether every pass over the data must give identical batches in
+            identical order (checked batch by batch in the determinism check).
+        MAX_COLUMNS_PER_CHUNK: Most columns multiplied in one pass over the data. More columns
+            are split into chunks, each a separate pass, so peak memory stays that of
+            ``MAX_COLUMNS_PER_CHUNK`` simultaneous products. May be set per instance.
+    """
+
+    SELF_ADJOINT: bool = False
+    SUPPORTS_BLOCKS: bool = False
+    FIXED_DATA_ORDER: bool = False
+    MAX_COLUMNS_PER_CHUNK: int = 16
+
+    def __init__(
+        self,
+        model_func: Callable[[Union[Tensor, MutableMapping]], Tensor],
+        loss_func: Optional[Callable[[Tensor, Tensor], Tensor]],
+        params: List[nn.Parameter],
+        data: Iterable[Tuple[Union[Tensor, MutableMapping], Tensor]],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: Optional[int] = None,
+        block_sizes: Optional[List[int]] = None,
+        batch_size_fn: Optional[Callable[[Union[Tensor, MutableMapping]], int]] = None,
+    ):
+        """Set up the operator.
+
+        Args:
+            model_func: The neural network (an ``nn.Module``) mapping a batch input ``X``
+                (tensor or dict-like) to predictions with a leading batch axis.
+            loss_func: Loss function criterion with ``reduction`` ``'mean'`` or ``'sum'``,
+                or ``None`` for loss-independent operators (Jacobians).
+            params: Parameters of ``model_func`` defining the operator's space (any subset,
+                any order).
+            data: Re-iterable source of batches ``(X, y)``, e.g. a list or a ``DataLoader``.
+            progressbar: Show a ``tqdm`` progress bar over batches.
+            check_deterministic: Check at construction that data and model are deterministic.
+            num_data: Total number of data points; computed with one pass if ``None``.
+            block_sizes: Sizes of consecutive parameter groups whose cross-group blocks are
+                zero (block-diagonal approximation), only where ``SUPPORTS_BLOCKS``.
+            batch_size_fn: Maps ``X`` to its number of data points. Defaults to
+                ``X.shape[0]``; required for dict-like ``X``.
+
+        Raises:
+            ValueError: For empty data, dict-like inputs without ``batch_size_fn``, invalid
+                ``block_sizes``, or an unsupported loss reduction.
+        """
+        try:
+            X0, _ = next(iter(data))
+        except StopIteration:
+            raise ValueError(
+                "data is empty: pass an iterable of (X, y) batches with at least one batch."
+            ) from None
+        if isinstance(X0, MutableMapping) and batch_size_fn is None:
+            raise ValueError(
+                "The inputs X are dict-like, so batch_size_fn must be given to count the "
+                "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
+            )
+        if block_sizes is not None:
+            if not self.SUPPORTS_BLOCKS:
+                raise ValueError(f"{type(self).__name__} does not support block_sizes; pass None.")
+            if sum(block_sizes) != len(params) or any(s <= 0 for s in block_sizes):
+                raise ValueError(
+                    f"block_sizes {block_sizes} must be positive and sum to the number of "
+                    f"parameter tensors ({len(params)})."
+                )
+        if loss_func is not None:
+            check_reduction(loss_func)
+        if isinstance(model_func, nn.Module):
+            parameter_names(model_func, params)  # raises early for foreign tensors
+        self._block_sizes = [len(params)] if block_sizes is None else list(block_sizes)
+
+        self._model_func = model_func
+        self._loss_func = loss_func
+        self._params = params
+        self._data = data
+        self._progressbar = progressbar
+        self._batch_size_fn = (lambda X: X.shape[0]) if batch_size_fn is None else batch_size_fn
+        self._N_data = (
+            sum(self._batch_size_fn(X) for X, _ in self._loop_over_data(desc="num_data"))
+            if num_data is None
+            else num_data
+        )
+        if self._N_data <= 0:
+            raise ValueError(f"num_data must be positive, got {self._N_data}.")
+
+        super().__init__(self._get_in_shape(), self._get_out_shape())
+
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ----------------------------------------------------------------- properties
+    def _get_in_shape(self) -> List[torch.Size]:
+        """Shapes of the input space (default: the parameters' shapes)."""
+        return [p.shape for p in self._params]
+
+    def _get_out_shape(self) -> List[torch.Size]:
+        """Shapes of the output space (default: the parameters' shapes)."""
+        return [p.shape for p in self._params]
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device.
+
+        Raises:
+            RuntimeError: If the parameters live on several devices.
+        """
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise RuntimeError(f"Parameters must live on one device, found {devices}.")
+        return devices.pop()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype.
+
+        Raises:
+            RuntimeError: If the parameters have several dtypes.
+        """
+        dtypes = {p.dtype for p in self._params}
+        if len(dtypes) != 1:
+            raise RuntimeError(f"Parameters must have one dtype, found {dtypes}.")
+        return dtypes.pop()
+
+    # ----------------------------------------------------------------- data
+    def _loop_over_data(
+        self, desc: Optional[str] = None, add_device_to_desc: bool = True
+    ) -> Iterator[Tuple[Union[Tensor, MutableMapping], Tensor]]:
+        """Iterate over the batches, moving tensors to the operator's device.
+
+        Dict-like ``X`` is passed through untouched (the model must move its contents).
+
+        Args:
+            desc: Label of the progress bar.
+            add_device_to_desc: Whether to add the device to the label.
+
+        Yields:
+            The batches ``(X, y)``.
+        """
+        data_iter = iter(self._data)
+        if self._progressbar:
+            label = f"{type(self).__name__}.{desc}"
+            if add_device_to_desc:
+                label += f" (on {self.device})"
+            data_iter = tqdm(data_iter, desc=label)
+        device = self.device
+        for X, y in data_iter:
+            if isinstance(X, Tensor):
+                X = X.to(device)
+            yield X, y.to(device)
+
+    def _get_normalization_factor(self, X: Union[Tensor, MutableMapping], y: Tensor) -> float:
+        """Weight ``w_b`` of a batch: 1 for sum reduction, ``B_b / N`` for mean."""
+        reduction = check_reduction(self._loss_func)
+        return 1.0 if reduction == "sum" else self._batch_size_fn(X) / self._N_data
+
+    # ----------------------------------------------------------------- products
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+        """Multiply with a matrix in list format, a chunk of columns per data pass."""
+        num_columns = M[0].shape[-1]
+        if num_columns <= self.MAX_COLUMNS_PER_CHUNK:
+            return self._matmat_one_pass(M)
+        chunks = zip(*(m.split(self.MAX_COLUMNS_PER_CHUNK, dim=-1) for m in M))
+        results = [self._matmat_one_pass(list(chunk)) for chunk in chunks]
+        return [torch.cat(parts, dim=-1) for parts in zip(*results)]
+
+    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
+        """Multiply with a few columns in one pass over the data: ``sum_b w_b A_b M``."""
+        result = [
+            torch.zeros((*s, M[0].shape[-1]), dtype=M[0].dtype, device=M[0].device)
+            for s in self._out_shape
+        ]
+        for X, y in self._loop_over_data(desc="_matmat"):
+            weight = self._get_normalization_factor(X, y)
+            for r, p in zip(result, self._matmat_batch(X, y, M)):
+                r.add_(p, alpha=weight)
+        return result
+
+    def _matmat_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
+    ) -> List[Tensor]:
+        """Multiply the mini-batch matrix with a matrix in list format.
+
+        Args:
+            X: Input batch.
+            y: Label batch.
+            M: Matrix in list format, entries ``[*in_i, K]``.
+
+        Returns:
+            The product in list format, entries ``[*out_j, K]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat_batch.")
+
+    # ----------------------------------------------------------------- gradient & loss
+    def data_prediction_loss_gradient(
+        self, desc: str = "batch_prediction_loss_gradient"
+    ) -> Iterator[
+        Tuple[
+            Tuple[Union[Tensor, MutableMapping], Tensor],
+            Tensor,
+            Optional[Tensor],
+            Optional[List[Tensor]],
+        ]
+    ]:
+        """Yield each batch with its prediction, normalised loss and gradient.
+
+        Args:
+            desc: Label of the progress bar.
+
+        Yields:
+            ``((X, y), prediction, loss, gradient)`` with ``loss`` = ``w_b * loss_b``
+            (detached) and ``gradient`` its detached gradient shaped like ``params``; both
+            ``None`` without a loss function.
+        """
+        f = make_functional_model(self._model_func, self._params)
+        for X, y in self._loop_over_data(desc=desc):
+            if self._loss_func is None:
+                with torch.no_grad():
+                    prediction = f(self._params, X)
+                yield (X, y), prediction, None, None
+                continue
+            with second_order_context():
+                leaves = detached_leaves(self._params)
+                prediction = f(leaves, X)
+                loss = self._loss_func(prediction, y) * self._get_normalization_factor(X, y)
+                gradient = torch.autograd.grad(
+                    loss, leaves, allow_unused=True, materialize_grads=True
+                )
+            yield (
+                (X, y),
+                prediction.detach(),
+                loss.detach(),
+                [g.detach() for g in gradient],
+            )
+
+    def gradient_and_loss(self) -> Tuple[List[Tensor], Tensor]:
+        """Evaluate the empirical risk and its gradient over all data.
+
+        Returns:
+            The gradient (shaped like ``params``) and the loss (0-d tensor).
+
+        Raises:
+            ValueError: If there is no loss function.
+        """
+        if self._loss_func is None:
+            raise ValueError("gradient_and_loss needs a loss function, got None.")
+        total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        total_grad = [torch.zeros_like(p) for p in self._params]
+        for _, _, loss, gradient in self.data_prediction_loss_gradient(desc="gradient_and_loss"):
+            total_loss.add_(loss)
+            for t, g in zip(total_grad, gradient):
+                t.add_(g)
+        return total_grad, total_loss
+
+    # ----------------------------------------------------------------- determinism
+    def _check_deterministic(self):
+        """Check that two passes over the data and two products agree.
+
+        Compares (per batch for ``FIXED_DATA_ORDER``) inputs, labels, predictions, losses and
+        gradients of two simultaneous passes, then the accumulated losses and gradients, then
+        two products with the same random vector.
+
+        Raises:
+            RuntimeError: If anything differs, naming what.
+        """
+        rtol, atol = 5e-5, 1e-6
+
+        def fail(what: str):
+            raise RuntimeError(
+                f"Non-deterministic {what} detected (two passes over the data gave different "
+                "results). Use model.eval() to disable dropout and batch-norm statistics "
+                "updates, use a data loader without shuffling or augmentation, or pass "
+                "check_deterministic=False if this is intended."
+            )
+
+        def close(a, b) -> bool:
+            return a.shape == b.shape and allclose_report(a, b, rtol=rtol, atol=atol)
+
+        passes = zip_longest(
+            self.data_prediction_loss_gradient(desc="_check_deterministic"),
+            self.data_prediction_loss_gradient(desc="_check_deterministic"),
+        )
+        loss1 = loss2 = None
+        grad1 = grad2 = None
+        for batch1, batch2 in passes:
+            if batch1 is None or batch2 is None:
+                fail("number of batches")
+            (X1, y1), pred1, l1, g1 = batch1
+            (X2, y2), pred2, l2, g2 = batch2
+            if self.FIXED_DATA_ORDER:
+                if not _same_inputs(X1, X2, close):
+                    fail("input X")
+                if not close(y1, y2):
+                    fail("label y")
+                if not close(pred1, pred2):
+                    fail("prediction")
+                if l1 is not None and not close(l1, l2):
+                    fail("loss")
+                if g1 is not None and not all(close(a, b) for a, b in zip(g1, g2)):
+                    fail("gradient")
+            if l1 is not None:
+                loss1 = l1 if loss1 is None else loss1 + l1
+                loss2 = l2 if loss2 is None else loss2 + l2
+                grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
+                grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
+        if loss1 is not None:
+            if not close(loss1, loss2):
+                fail("loss")
+            if not all(close(a, b) for a, b in zip(grad1, grad2)):
+                fail("gradient")
+
+        v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
+        if not close(self @ v, self @ v):
+            fail("matrix-vector product")
+
+
+def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:
+    """Compare two inputs: tensors, or the tensor values of dict-like inputs."""
+    if isinstance(X1, MutableMapping):
+        if not isinstance(X2, MutableMapping) or X1.keys() != X2.keys():
+            return False
+        return all(
+            close(X1[k], X2[k])
+            for k in X1
+            if isinstance(X1[k], Tensor) and isinstance(X2[k], Tensor)
+        )
+    return close(X1, X2)

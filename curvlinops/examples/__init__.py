@@ -1,0 +1,124 @@
+r"""Small linear operators for examples, tests and composition with curvature operators.
+
+- :class:`TensorLinearOperator` wraps a dense matrix :math:`\mathbf{A}`.
+- :class:`IdentityLinearOperator` is :math:`\mathbf{I}` on a tensor-product space (e.g. the
+  parameter space), so ``GGN + delta * Identity`` is a damped GGN.
+- :class:`OuterProductLinearOperator` is :math:`\sum_i c_i \mathbf{a}_i \mathbf{a}_i^\top`.
+"""
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from curvlinops._torch_base import PyTorchLinearOperator
+
+__all__ = [
+    "PyTorchLinearOperator",
+    "TensorLinearOperator",
+    "IdentityLinearOperator",
+    "OuterProductLinearOperator",
+]
+
+
+class TensorLinearOperator(PyTorchLinearOperator):
+    """Linear operator wrapping a dense matrix ``A`` of shape ``[M, N]``."""
+
+    def __init__(self, A: Tensor):
+        """Wrap a matrix.
+
+        Args:
+            A: A 2-d tensor.
+
+        Raises:
+            ValueError: If ``A`` is not 2-d.
+        """
+        if not isinstance(A, Tensor) or A.ndim != 2:
+            raise ValueError(f"Expected a 2-d tensor, got {getattr(A, 'shape', type(A).__name__)}.")
+        super().__init__([(A.shape[1],)], [(A.shape[0],)])
+        self._A = A
+        self.SELF_ADJOINT = A.shape[0] == A.shape[1] and torch.allclose(A, A.mH)
+
+    @property
+    def device(self) -> torch.device:
+        """The matrix's device."""
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The matrix's dtype."""
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return [self._A @ X[0]]
+
+    def _adjoint(self) -> "TensorLinearOperator":
+        return TensorLinearOperator(self._A.mH)
+
+
+class IdentityLinearOperator(PyTorchLinearOperator):
+    """The identity on a tensor-product space, e.g. ``[p.shape for p in params]``."""
+
+    SELF_ADJOINT: bool = True
+
+    def __init__(self, shape: List[Tuple[int, ...]], device: torch.device, dtype: torch.dtype):
+        """Set up the identity.
+
+        Args:
+            shape: Shapes of the tensors forming the space.
+            device: Device of the operator.
+            dtype: Data type of the operator.
+        """
+        super().__init__(shape, shape)
+        self._device = torch.device(device)
+        self._dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The operator's device."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The operator's dtype."""
+        return self._dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return X
+
+
+class OuterProductLinearOperator(PyTorchLinearOperator):
+    """The matrix ``sum_i c_i a_i a_i^T`` (weights ``c`` ``[K]``, columns ``A`` ``[D, K]``)."""
+
+    SELF_ADJOINT: bool = True
+
+    def __init__(self, c: Tensor, A: Tensor):
+        """Set up the operator.
+
+        Args:
+            c: Weights of the outer products, shape ``[K]``.
+            A: The vectors ``a_i`` as columns, shape ``[D, K]``.
+
+        Raises:
+            ValueError: If the shapes do not fit.
+        """
+        if A.ndim != 2 or c.ndim != 1 or c.shape[0] != A.shape[1]:
+            raise ValueError(
+                f"Expected c of shape [K] and A of shape [D, K], got {list(c.shape)} and "
+                f"{list(A.shape)}."
+            )
+        super().__init__([(A.shape[0],)], [(A.shape[0],)])
+        self._c, self._A = c, A
+
+    @property
+    def device(self) -> torch.device:
+        """The device of ``A``."""
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of ``A``."""
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        return [self._A @ (self._c.unsqueeze(-1) * (self._A.mT @ X[0]))]

@@ -1,0 +1,200 @@
+r"""Monte-Carlo approximation of the type-I Fisher information matrix.
+
+With each batch output viewed as :math:`R_b` rows of :math:`C` entries (flattened 2-d view,
+see ``curvlinops._losses``), :math:`M` = ``mc_samples`` and sampled output gradients
+:math:`\hat{\mathbf{g}}_{rm}` of the sum-reduced row losses, the operator represents
+
+.. math::
+    \mathbf{F}_{\mathrm{MC}} = \sum_b \frac{w_b}{M c_b} \sum_{r \in b} \sum_{m=1}^{M}
+    \mathbf{J}_r^\top \hat{\mathbf{g}}_{rm} \hat{\mathbf{g}}_{rm}^\top \mathbf{J}_r\,,
+
+with :math:`w_b = 1` (sum) or :math:`B_b/N` (mean) and :math:`c_b = 1` (sum), :math:`R_b`
+(cross-entropy, mean) or :math:`R_b C` (MSE/BCE, mean). The samples are
+
+- MSE: :math:`\hat{\mathbf{g}} \sim \mathcal{N}(\mathbf{0}, 2\mathbf{I}_C)`;
+- cross-entropy: :math:`\hat{\mathbf{g}} = \mathrm{softmax}(\mathbf{f}_r) -
+  \mathrm{onehot}(\tilde{y})`, :math:`\tilde{y} \sim \mathrm{Categorical}(\mathrm{softmax}(
+  \mathbf{f}_r))`;
+- BCE: :math:`\hat{\mathbf{g}} = \sigma(\mathbf{f}_r) - \tilde{\mathbf{y}}`,
+  :math:`\tilde{\mathbf{y}} \sim \mathrm{Bernoulli}(\sigma(\mathbf{f}_r))`.
+
+Since :math:`\mathbb{E}[\hat{\mathbf{g}}\hat{\mathbf{g}}^\top]` is the Hessian of the row loss
+w.r.t. the row output, :math:`\mathbb{E}[\mathbf{F}_{\mathrm{MC}}]` equals the GGN.
+
+**Reproducibility.** A generator on the operator's device is seeded with ``_seed`` at the start
+of every pass over the data and batches are sampled in data order, so repeated products are
+identical, multiplying columns together or one by one gives the same result, and changing
+``_seed`` (e.g. ``op._seed += 1``) draws fresh samples. The labels come from the same routine as
+KFAC's ``draw_label``, so with ``mc_samples=1`` both see the same samples for the same seed.
+"""
+
+from collections.abc import Callable, MutableMapping
+from functools import cached_property
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Generator, Tensor, nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+
+from curvlinops._losses import (
+    check_binary_targets,
+    check_sampling_options,
+    check_supported_loss,
+    num_terms_normalization,
+    sample_grad_outputs,
+)
+from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops.gradient_moments import make_batch_gradient_moment_product
+
+
+def make_grad_output_sampler(
+    loss_func: Union[MSELoss, CrossEntropyLoss, BCEWithLogitsLoss],
+) -> Callable[[Tensor, int, Tensor, Optional[Generator]], Tensor]:
+    """Build a sampler of output gradients whose outer products average to the loss Hessian.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+
+    Returns:
+        ``sampler(output, num_samples, y, generator)`` returning ``[num_samples,
+        *output.shape]`` gradients of the sum-reduced row losses for a 2-d ``output``.
+
+    Raises:
+        NotImplementedError: For unsupported losses (also raised by the sampler for a
+            non-2-d output, or BCE with non-binary targets ``y``).
+    """
+    check_supported_loss(loss_func, "make_grad_output_sampler")
+
+    def sampler(
+        output: Tensor, num_samples: int, y: Tensor, generator: Optional[Generator]
+    ) -> Tensor:
+        if output.ndim != 2:
+            raise NotImplementedError(
+                f"Expected a 2-d output [rows, classes], got {list(output.shape)}. "
+                "Flatten sequence outputs into rows first."
+            )
+        if isinstance(loss_func, BCEWithLogitsLoss):
+            check_binary_targets(y, "FisherMCLinearOperator")
+        return sample_grad_outputs(loss_func, output.detach(), num_samples, generator)
+
+    return sampler
+
+
+def make_batch_fmc_matrix_product(
+    model_func: nn.Module, loss_func, params: Tuple[Tensor, ...]
+) -> Callable[..., Tuple[Tensor, ...]]:
+    """Build the product of the mini-batch Monte-Carlo Fisher with a matrix.
+
+    Args:
+        model_func: The neural network.
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        params: The parameters.
+
+    Returns:
+        ``fmc_matrix_product(X, y, mc_samples, generator, *M)`` in list format (entries
+        ``[*p.shape, K]``). One draw of ``mc_samples`` samples per call serves all columns.
+    """
+    sampler = make_grad_output_sampler(loss_func)
+    product = make_batch_gradient_moment_product(model_func, loss_func, params)
+
+    def fmc_matrix_product(
+        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor
+    ) -> Tuple[Tensor, ...]:
+        def sampled_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
+            grads = sampler(output_flat, mc_samples, y_flat, generator)
+            scale = (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5
+            return scale * grads
+
+        return product(X, y, sampled_gradients, *M)
+
+    return fmc_matrix_product
+
+
+class FisherMCLinearOperator(CurvatureLinearOperator):
+    r"""Linear operator for a Monte-Carlo approximation of the type-I Fisher.
+
+    .. math::
+        \mathbf{F}_{\mathrm{MC}} = \sum_b \frac{w_b}{M c_b} \sum_{r \in b} \sum_{m=1}^{M}
+        \mathbf{J}_r^\top \hat{\mathbf{g}}_{rm} \hat{\mathbf{g}}_{rm}^\top \mathbf{J}_r
+
+    (see the module docstring for the samples and normalisation). Its expectation is the
+    GGN. The samples are reproducible: they depend only on ``_seed`` and the data.
+
+    Attributes:
+        SELF_ADJOINT: ``True``.
+        FIXED_DATA_ORDER: ``True`` (samples are drawn in data order).
+        supported_losses: The supported loss classes.
+    """
+
+    SELF_ADJOINT: bool = True
+    FIXED_DATA_ORDER: bool = True
+    supported_losses = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+
+    def __init__(
+        self,
+        model_func: nn.Module,
+        loss_func: Union[MSELoss, CrossEntropyLoss, BCEWithLogitsLoss],
+        params: List[nn.Parameter],
+        data,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        seed: int = 2147483647,
+        mc_samples: int = 1,
+        num_data: Optional[int] = None,
+        batch_size_fn: Optional[Callable[[Union[Tensor, MutableMapping]], int]] = None,
+    ):
+        """Set up the Monte-Carlo Fisher.
+
+        Args:
+            model_func: The neural network.
+            loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+            params: The parameters defining the operator's space.
+            data: Re-iterable source of batches ``(X, y)`` in a fixed order.
+            progressbar: Show a progress bar over batches.
+            check_deterministic: Check determinism at construction.
+            seed: Seed of the generator, re-applied at the start of every product.
+            mc_samples: Number of Monte-Carlo samples per loss term.
+            num_data: Total number of data points (computed if ``None``).
+            batch_size_fn: Number of data points of a batch input (required for dict ``X``).
+
+        Raises:
+            NotImplementedError: If the loss is unsupported or has options (class weights,
+                ``ignore_index``, label smoothing, ``pos_weight``) that sampling ignores.
+            ValueError: If ``mc_samples`` is not a positive integer.
+        """
+        if not isinstance(loss_func, self.supported_losses):
+            check_supported_loss(loss_func, type(self).__name__)
+        check_sampling_options(loss_func, type(self).__name__)
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
+        self._seed = seed
+        self._mc_samples = mc_samples
+        self._generator: Optional[Generator] = None
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+
+    @cached_property
+    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product, built once."""
+        return make_batch_fmc_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+
+    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
+        """Seed the generator with ``_seed``, then make one pass over the data."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self._seed)
+        return super()._matmat_one_pass(M)
+
+    def _matmat_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
+    ) -> List[Tensor]:
+        """Multiply the mini-batch Monte-Carlo Fisher with ``M``."""
+        return list(self._batch_product(X, y, self._mc_samples, self._generator, *M))

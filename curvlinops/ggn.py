@@ -1,0 +1,158 @@
+r"""Generalized Gauss-Newton (GGN) matrix.
+
+For the empirical risk :math:`\mathcal{L}(\boldsymbol{\theta}) = \sum_b w_b\,
+\ell(f_{\boldsymbol{\theta}}(\mathbf{X}_b), \mathbf{y}_b)` (:math:`w_b = 1` for
+``reduction='sum'``, :math:`B_b/N` for ``'mean'``) the GGN is
+
+.. math::
+    \mathbf{G}(\boldsymbol{\theta}) = \sum_b w_b\, \mathbf{J}_b^\top
+    \left(\nabla^2_{\mathbf{f}_b} \ell(\mathbf{f}_b, \mathbf{y}_b)\right) \mathbf{J}_b\,,
+    \qquad \mathbf{J}_b = \frac{\partial \mathbf{f}_b}{\partial \boldsymbol{\theta}}\,,
+
+with the loss Hessian taken w.r.t. *all* entries of the batch output
+:math:`\mathbf{f}_b = f_{\boldsymbol{\theta}}(\mathbf{X}_b)`, so outputs of any shape (sequences,
+images) are exact. It is the Hessian of the risk of the model linearised at
+:math:`\boldsymbol{\theta}`, and positive semi-definite for convex losses.
+
+Products use one forward pass per batch: :math:`\mathbf{J}_b \mathbf{V}` by the double-vjp trick,
+the loss Hessian by double backward through the loss alone, and :math:`\mathbf{J}_b^\top` by one
+backward pass, each for all columns at once. The same pattern with a different middle factor
+gives the empirical and Monte-Carlo Fisher (:func:`make_batch_ggn_type_product`).
+"""
+
+from collections.abc import Callable, MutableMapping
+from functools import cached_property
+from typing import List, Tuple, Union
+
+from torch import Tensor, nn
+
+from curvlinops._autodiff import (
+    columns_first,
+    columns_last,
+    detached_leaves,
+    jvp_double_vjp,
+    make_functional_model,
+    output_hessian_product,
+    second_order_context,
+    vjp,
+)
+from curvlinops._torch_base import CurvatureLinearOperator
+
+# ``middle(output, y, JV, batched) -> T``: the output-space factor applied to ``J V``.
+MiddleFactor = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+
+
+def make_batch_ggn_type_product(
+    model_func: nn.Module, params: Tuple[Tensor, ...]
+) -> Callable[..., Tuple[Tensor, ...]]:
+    r"""Build ``(X, y, middle, *M) -> J^T middle(J M)`` with one forward pass per batch.
+
+    Args:
+        model_func: The neural network.
+        params: The parameters defining :math:`\mathbf{J}`.
+
+    Returns:
+        The batch product in list format (entries ``[*p.shape, K]``). ``middle(output, y,
+        JM, batched)`` is the output-space factor, applied to :math:`\mathbf{J}\mathbf{M}`
+        (which has a leading column axis if ``batched``).
+    """
+    f = make_functional_model(model_func, params)
+
+    def ggn_type_product(
+        X: Union[Tensor, MutableMapping], y: Tensor, middle: MiddleFactor, *M: Tensor
+    ) -> Tuple[Tensor, ...]:
+        M_cols, batched = columns_first(M)
+        with second_order_context():
+            leaves = detached_leaves(params)
+            output = f(leaves, X)
+            JM = jvp_double_vjp(output, leaves, M_cols, batched)
+            result = vjp([output], leaves, [middle(output, y, JM, batched)], batched)
+        return tuple(columns_last([r.detach() for r in result], batched))
+
+    return ggn_type_product
+
+
+def make_batch_ggn_matrix_product(
+    model_func: nn.Module,
+    loss_func: Callable[[Tensor, Tensor], Tensor],
+    params: Tuple[Tensor, ...],
+) -> Callable[..., Tuple[Tensor, ...]]:
+    """Build the product of the mini-batch GGN with a matrix in list format.
+
+    Args:
+        model_func: The neural network.
+        loss_func: The loss function (any, with its own reduction).
+        params: The parameters.
+
+    Returns:
+        ``ggn_matrix_product(X, y, *M)`` returning ``G_b M`` (entries ``[*p.shape, K]``).
+    """
+    product = make_batch_ggn_type_product(model_func, params)
+
+    def loss_hessian(output: Tensor, y: Tensor, JM: Tensor, batched: bool) -> Tensor:
+        return output_hessian_product(loss_func, output, y, JM, batched)
+
+    def ggn_matrix_product(X, y, *M: Tensor) -> Tuple[Tensor, ...]:
+        return product(X, y, loss_hessian, *M)
+
+    return ggn_matrix_product
+
+
+def make_ggn_vector_product(
+    f: Callable[..., Tensor], c: Callable[..., Tensor], num_c_extra_args: int = 0
+) -> Callable[..., Tuple[Tensor, ...]]:
+    """Build a GGN-vector product for a functional model and criterion.
+
+    Args:
+        f: Functional model ``f(*params, X) -> prediction``.
+        c: Criterion ``c(prediction, y, *c_args) -> loss``.
+        num_c_extra_args: Number of extra arguments ``c_args`` of the criterion.
+
+    Returns:
+        ``ggn_vector_product(params, X, y, *c_args, *v)`` returning ``J^T H J v`` as a tuple
+        shaped like ``params``, with ``H`` the Hessian of ``c`` w.r.t. the prediction.
+    """
+
+    def ggn_vector_product(params, X, y, *args) -> Tuple[Tensor, ...]:
+        c_args, v = args[:num_c_extra_args], args[num_c_extra_args:]
+        with second_order_context():
+            leaves = detached_leaves(params)
+            output = f(*leaves, X)
+            Jv = jvp_double_vjp(output, leaves, v, batched=False)
+            HJv = output_hessian_product(
+                lambda pred, y_: c(pred, y_, *c_args), output, y, Jv, batched=False
+            )
+            result = vjp([output], leaves, [HJv], batched=False)
+        return tuple(r.detach() for r in result)
+
+    return ggn_vector_product
+
+
+class GGNLinearOperator(CurvatureLinearOperator):
+    r"""Linear operator for the generalized Gauss-Newton matrix of an empirical risk.
+
+    .. math::
+        \mathbf{G}(\boldsymbol{\theta}) = \sum_b w_b\, \mathbf{J}_b^\top
+        \left(\nabla^2_{\mathbf{f}_b} \ell(\mathbf{f}_b, \mathbf{y}_b)\right) \mathbf{J}_b
+
+    with :math:`w_b = 1` (``reduction='sum'``) or :math:`B_b/N` (``'mean'``), the loss
+    Hessian w.r.t. all entries of the batch output, and :math:`\mathbf{J}_b` the Jacobian of
+    the batch output w.r.t. the parameters. Any loss with ``reduction`` ``'mean'`` or
+    ``'sum'`` works.
+
+    Attributes:
+        SELF_ADJOINT: ``True``.
+    """
+
+    SELF_ADJOINT: bool = True
+
+    @cached_property
+    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product, built once."""
+        return make_batch_ggn_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+
+    def _matmat_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
+    ) -> List[Tensor]:
+        """Multiply the mini-batch GGN with ``M``."""
+        return list(self._batch_product(X, y, *M))

@@ -1,0 +1,333 @@
+r"""General utilities: list splitting, comparisons, argument checks, functional models.
+
+The functional helpers turn an ``nn.Module`` into a pure function of (some of) its
+parameters, which is what ``torch.func`` transforms need. Given parameters
+:math:`\boldsymbol{\theta}` and an input :math:`\mathbf{X}`,
+:func:`make_functional_model_and_loss` returns
+:math:`f(\boldsymbol{\theta}, \mathbf{X})` and :math:`c(f, \mathbf{y})`, and
+:func:`make_functional_flattened_model_and_loss` returns the same functions acting on
+the *flattened 2-d view* of the output: for ``CrossEntropyLoss`` an output of shape
+:math:`[B, C, S_1, \dots, S_k]` is rearranged to :math:`[B \prod_i S_i, C]` (batch axis
+outermost, positions row-major), for ``MSELoss`` / ``BCEWithLogitsLoss`` an output
+:math:`[B, S_1, \dots, S_k, C]` is reshaped to :math:`[B \prod_i S_i, C]`. Labels are
+flattened consistently, so the loss value is unchanged.
+"""
+
+from collections.abc import Callable
+from typing import List, Tuple, Union
+
+import numpy
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import CrossEntropyLoss
+
+
+def split_list(x: Union[list, tuple], sizes: List[int]) -> List[list]:
+    """Split a list into consecutive chunks of the given sizes.
+
+    Args:
+        x: The list (or tuple) to split.
+        sizes: Lengths of the chunks. Must sum to ``len(x)``.
+
+    Returns:
+        The chunks, each a list, in order.
+
+    Raises:
+        ValueError: If the sizes do not sum to the length of ``x``.
+    """
+    if len(x) != sum(sizes):
+        raise ValueError(f"Sum of sizes ({sum(sizes)}) does not match the list length ({len(x)}).")
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(list(x[start : start + size]))
+        start += size
+    return chunks
+
+
+def _as_tensor(x: Union[Tensor, numpy.ndarray]) -> Tensor:
+    """Convert a NumPy array (or scalar) to a tensor; tensors are returned unchanged.
+
+    Args:
+        x: Tensor or NumPy array.
+
+    Returns:
+        A tensor with the same values.
+    """
+    return x if isinstance(x, Tensor) else torch.as_tensor(numpy.asarray(x))
+
+
+def allclose_report(
+    tensor1: Union[Tensor, numpy.ndarray],
+    tensor2: Union[Tensor, numpy.ndarray],
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+) -> bool:
+    r"""Compare two tensors like ``torch.allclose`` and report mismatches.
+
+    Two entries :math:`a, b` are close if
+    :math:`|a - b| \le \mathrm{atol} + \mathrm{rtol}\,|b|`. If the inputs are not close,
+    every mismatching entry is printed (index, both values and their ratio), followed by
+    the largest and smallest absolute values of each input, the number of mismatches out
+    of the total number of entries, and the tolerances.
+
+    Args:
+        tensor1: First tensor (or NumPy array).
+        tensor2: Second tensor (or NumPy array). Moved to the device of ``tensor1``.
+            If the dtypes differ, both are compared in the promoted dtype.
+        rtol: Relative tolerance. Default: ``1e-5``.
+        atol: Absolute tolerance. Default: ``1e-8``.
+
+    Returns:
+        Whether the two inputs are close.
+    """
+    tensor1 = _as_tensor(tensor1)
+    tensor2 = _as_tensor(tensor2).to(tensor1.device)
+    if tensor1.dtype != tensor2.dtype:  # compare in the promoted dtype
+        dtype = torch.promote_types(tensor1.dtype, tensor2.dtype)
+        tensor1, tensor2 = tensor1.to(dtype), tensor2.to(dtype)
+    close = torch.allclose(tensor1, tensor2, rtol=rtol, atol=atol)
+    if not close:
+        is_close = torch.isclose(tensor1, tensor2, rtol=rtol, atol=atol)
+        mismatches = torch.nonzero(~is_close)
+        for idx in mismatches:
+            index = tuple(idx.tolist())
+            a, b = tensor1[index], tensor2[index]
+            print(f"at index {index}: {a:.5e}, {b:.5e}, ratio: {a / b:.5e}")
+        for name, t in (("tensor1", tensor1), ("tensor2", tensor2)):
+            t_abs = t.abs()
+            print(
+                f"{name}: abs max {t_abs.max():.5e}, abs min {t_abs.min():.5e}"
+                if t.numel() > 0
+                else f"{name}: empty"
+            )
+        num_mismatch = (~is_close).sum().item()
+        print(f"Mismatches: {num_mismatch} / {is_close.numel()}")
+        print(f"rtol = {rtol}, atol = {atol}")
+    return close
+
+
+def assert_is_square(A) -> int:
+    """Check that an object with a ``shape`` attribute is a square matrix.
+
+    Args:
+        A: Matrix or linear operator (anything with a ``.shape``).
+
+    Returns:
+        The matrix dimension.
+
+    Raises:
+        ValueError: If ``A`` is not 2-d or not square.
+    """
+    if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"Expected a square matrix. Got shape {tuple(A.shape)}.")
+    return A.shape[0]
+
+
+def assert_matvecs_subseed_dim(A, num_matvecs: int):
+    """Check that the number of matrix-vector products is smaller than every dimension.
+
+    Randomised estimators only make sense if they use fewer products than it would take
+    to compute the matrix exactly.
+
+    Args:
+        A: Matrix or linear operator (anything with a ``.shape``).
+        num_matvecs: Number of matrix-vector products.
+
+    Raises:
+        ValueError: If ``num_matvecs`` is greater than or equal to any dimension of
+            ``A``.
+    """
+    if any(num_matvecs >= d for d in A.shape):
+        raise ValueError(
+            f"num_matvecs ({num_matvecs}) must be less than every dimension of A "
+            f"(shape {tuple(A.shape)})."
+        )
+
+
+def assert_divisible_by(num: int, divisor: int, name: str):
+    """Check that a number is divisible by a divisor.
+
+    Args:
+        num: The number to check.
+        divisor: The divisor.
+        name: Name of the number, used in the error message.
+
+    Raises:
+        ValueError: If ``num`` is not divisible by ``divisor``.
+    """
+    if num % divisor != 0:
+        raise ValueError(f"{name} ({num}) must be divisible by {divisor}.")
+
+
+def make_functional_call(module: nn.Module, free_param_names: List[str]) -> Callable:
+    """Create a function that evaluates a module with some parameters substituted.
+
+    Args:
+        module: The module to evaluate.
+        free_param_names: Names (as in ``module.named_parameters()``) of the parameters
+            that become arguments of the returned function.
+
+    Returns:
+        A function ``fn(*free_params, *inputs)`` that evaluates ``module(*inputs)`` with
+        the first ``len(free_param_names)`` arguments used for the named parameters. All
+        other parameters and buffers are taken from the module (the tensors present at
+        creation time).
+    """
+    free_param_names = list(free_param_names)
+    num_free = len(free_param_names)
+    free = set(free_param_names)
+    frozen = {name: p for name, p in module.named_parameters() if name not in free} | dict(
+        module.named_buffers()
+    )
+
+    def fn(*args):
+        """Evaluate the module with substituted parameters.
+
+        Args:
+            *args: The free parameters followed by the module inputs.
+
+        Returns:
+            The module output.
+        """
+        params_and_buffers = dict(frozen)
+        params_and_buffers.update(zip(free_param_names, args[:num_free]))
+        return functional_call(module, params_and_buffers, tuple(args[num_free:]))
+
+    return fn
+
+
+def _param_names(model_func: nn.Module, params: List[Tensor]) -> List[str]:
+    """Look up the names of parameters by identity.
+
+    Args:
+        model_func: The model.
+        params: Parameters of ``model_func``.
+
+    Returns:
+        The names of the parameters in ``model_func.named_parameters()``, in ``params``
+        order.
+
+    Raises:
+        ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
+    """
+    id_to_name = {id(p): name for name, p in model_func.named_parameters()}
+    names = []
+    for i, p in enumerate(params):
+        if id(p) not in id_to_name:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of "
+                "model_func (parameters are identified by identity)."
+            )
+        names.append(id_to_name[id(p)])
+    return names
+
+
+def make_functional_model_and_loss(
+    model_func: nn.Module, loss_func: nn.Module, params: List[Tensor]
+) -> Tuple[Callable, Callable]:
+    """Create functional versions of a model and a loss.
+
+    Args:
+        model_func: The model.
+        loss_func: The loss module.
+        params: Parameters of ``model_func`` (identified by identity) that become
+            arguments.
+
+    Returns:
+        ``(f, c)`` with ``f(*params, X)`` the prediction and ``c(prediction, y)`` the
+        loss.
+
+    Raises:
+        ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
+    """
+    names = _param_names(model_func, params)
+    f = make_functional_call(model_func, names)
+    c = make_functional_call(loss_func, [])
+    return f, c
+
+
+def _flatten_output(output: Tensor, loss_func: nn.Module) -> Tensor:
+    """Rearrange a model output into its flattened 2-d view.
+
+    Args:
+        output: Model output with batch axis first.
+        loss_func: The loss module (determines which axis holds the classes/features).
+
+    Returns:
+        The output of shape ``[rows, C]``.
+    """
+    if isinstance(loss_func, CrossEntropyLoss):
+        if output.ndim > 2:
+            output = output.movedim(1, -1)
+        return output.reshape(-1, output.shape[-1])
+    return output.reshape(-1, output.shape[-1])
+
+
+def _flatten_target(y: Tensor, loss_func: nn.Module) -> Tensor:
+    """Flatten labels consistently with :func:`_flatten_output`.
+
+    Args:
+        y: Labels with batch axis first.
+        loss_func: The loss module.
+
+    Returns:
+        Labels of shape ``[rows]`` (CE class indices) or ``[rows, C]`` (CE
+        probabilities, MSE, BCE).
+    """
+    if isinstance(loss_func, CrossEntropyLoss):
+        if y.is_floating_point() and y.ndim >= 2:  # class probabilities [B, C, *S]
+            return _flatten_output(y, loss_func)
+        return y.reshape(-1)
+    return y.reshape(-1, y.shape[-1])
+
+
+def make_functional_flattened_model_and_loss(
+    model_func: nn.Module, loss_func: nn.Module, params: List[Tensor]
+) -> Tuple[Callable, Callable]:
+    """Create functional versions of a model and a loss on the flattened 2-d view.
+
+    For ``CrossEntropyLoss`` the class axis (axis 1) is moved last and the remaining
+    axes are flattened (batch outermost); for ``MSELoss`` and ``BCEWithLogitsLoss`` all
+    axes but the last are flattened. Labels are flattened in the same way, so
+    ``c_flat(f_flat(*params, X), y)`` equals ``loss_func(model_func(X), y)``.
+
+    Args:
+        model_func: The model.
+        loss_func: The loss module.
+        params: Parameters of ``model_func`` (identified by identity) that become
+            arguments.
+
+    Returns:
+        ``(f_flat, c_flat)`` with ``f_flat(*params, X)`` the flattened prediction
+        ``[rows, C]`` and ``c_flat(output_flat, y)`` the loss.
+
+    Raises:
+        ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
+    """
+    f, c = make_functional_model_and_loss(model_func, loss_func, params)
+
+    def f_flat(*params_and_X):
+        """Evaluate the model and flatten its output.
+
+        Args:
+            *params_and_X: The parameters followed by the input.
+
+        Returns:
+            The flattened output of shape ``[rows, C]``.
+        """
+        return _flatten_output(f(*params_and_X), loss_func)
+
+    def c_flat(output_flat: Tensor, y: Tensor) -> Tensor:
+        """Evaluate the loss on a flattened output with flattened labels.
+
+        Args:
+            output_flat: Flattened output ``[rows, C]``.
+            y: Labels (un-flattened, batch axis first).
+
+        Returns:
+            The loss.
+        """
+        return c(output_flat, _flatten_target(y, loss_func))
+
+    return f_flat, c_flat
