@@ -147,6 +147,21 @@ def from_rows(loss_func, rows: Tensor, shape: torch.Size, num_leading: int = 0) 
     return rows.reshape(moved_shape).movedim(-1, axis)
 
 
+def flatten_labels(loss_func, y: Tensor) -> Tensor:
+    """Flatten labels like :func:`to_rows` flattens outputs.
+
+    Args:
+        loss_func: The loss function.
+        y: Labels with leading batch axis.
+
+    Returns:
+        ``[R]`` class indices (cross-entropy) or ``[R, C]`` (class probabilities, MSE, BCE).
+    """
+    if isinstance(loss_func, CrossEntropyLoss) and not y.is_floating_point():
+        return y.reshape(-1)
+    return to_rows(loss_func, y)
+
+
 def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     """Flatten a batch's output and labels into the 2-d view of loss terms.
 
@@ -158,10 +173,7 @@ def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Ten
     Returns:
         Output ``[R, C]`` and labels ``[R]`` (class indices) or ``[R, C]``.
     """
-    output_flat = to_rows(loss_func, output)
-    if isinstance(loss_func, CrossEntropyLoss) and y.shape != output.shape:
-        return output_flat, y.reshape(-1)
-    return output_flat, to_rows(loss_func, y)
+    return to_rows(loss_func, output), flatten_labels(loss_func, y)
 
 
 def num_terms_normalization(loss_func, output_flat: Tensor) -> float:

@@ -20,7 +20,9 @@ import numpy
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn import CrossEntropyLoss
+
+from curvlinops._autodiff import parameter_names
+from curvlinops._losses import flatten_labels, to_rows
 
 
 def split_list(x: Union[list, tuple], sizes: List[int]) -> List[list]:
@@ -197,32 +199,6 @@ def make_functional_call(module: nn.Module, free_param_names: List[str]) -> Call
     return fn
 
 
-def _param_names(model_func: nn.Module, params: List[Tensor]) -> List[str]:
-    """Look up the names of parameters by identity.
-
-    Args:
-        model_func: The model.
-        params: Parameters of ``model_func``.
-
-    Returns:
-        The names of the parameters in ``model_func.named_parameters()``, in ``params``
-        order.
-
-    Raises:
-        ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
-    """
-    id_to_name = {id(p): name for name, p in model_func.named_parameters()}
-    names = []
-    for i, p in enumerate(params):
-        if id(p) not in id_to_name:
-            raise ValueError(
-                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of "
-                "model_func (parameters are identified by identity)."
-            )
-        names.append(id_to_name[id(p)])
-    return names
-
-
 def make_functional_model_and_loss(
     model_func: nn.Module, loss_func: nn.Module, params: List[Tensor]
 ) -> Tuple[Callable, Callable]:
@@ -241,45 +217,10 @@ def make_functional_model_and_loss(
     Raises:
         ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
     """
-    names = _param_names(model_func, params)
+    names = parameter_names(model_func, params)
     f = make_functional_call(model_func, names)
     c = make_functional_call(loss_func, [])
     return f, c
-
-
-def _flatten_output(output: Tensor, loss_func: nn.Module) -> Tensor:
-    """Rearrange a model output into its flattened 2-d view.
-
-    Args:
-        output: Model output with batch axis first.
-        loss_func: The loss module (determines which axis holds the classes/features).
-
-    Returns:
-        The output of shape ``[rows, C]``.
-    """
-    if isinstance(loss_func, CrossEntropyLoss):
-        if output.ndim > 2:
-            output = output.movedim(1, -1)
-        return output.reshape(-1, output.shape[-1])
-    return output.reshape(-1, output.shape[-1])
-
-
-def _flatten_target(y: Tensor, loss_func: nn.Module) -> Tensor:
-    """Flatten labels consistently with :func:`_flatten_output`.
-
-    Args:
-        y: Labels with batch axis first.
-        loss_func: The loss module.
-
-    Returns:
-        Labels of shape ``[rows]`` (CE class indices) or ``[rows, C]`` (CE
-        probabilities, MSE, BCE).
-    """
-    if isinstance(loss_func, CrossEntropyLoss):
-        if y.is_floating_point() and y.ndim >= 2:  # class probabilities [B, C, *S]
-            return _flatten_output(y, loss_func)
-        return y.reshape(-1)
-    return y.reshape(-1, y.shape[-1])
 
 
 def make_functional_flattened_model_and_loss(
@@ -316,7 +257,7 @@ def make_functional_flattened_model_and_loss(
         Returns:
             The flattened output of shape ``[rows, C]``.
         """
-        return _flatten_output(f(*params_and_X), loss_func)
+        return to_rows(loss_func, f(*params_and_X))
 
     def c_flat(output_flat: Tensor, y: Tensor) -> Tensor:
         """Evaluate the loss on a flattened output with flattened labels.
@@ -328,6 +269,6 @@ def make_functional_flattened_model_and_loss(
         Returns:
             The loss.
         """
-        return c(output_flat, _flatten_target(y, loss_func))
+        return c(output_flat, flatten_labels(loss_func, y))
 
     return f_flat, c_flat
