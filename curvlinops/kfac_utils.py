@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops._losses import check_binary_targets, check_reduction
+
 
 def loss_hessian_matrix_sqrt(
     output_one_datum: Tensor,
@@ -76,8 +78,7 @@ def loss_hessian_matrix_sqrt(
             f"Loss function {loss_func.__class__.__name__} is not supported. Supported: "
             "MSELoss, CrossEntropyLoss, BCEWithLogitsLoss."
         )
-    if loss_func.reduction not in ("mean", "sum"):
-        raise ValueError(f"Unsupported reduction {loss_func.reduction!r}. Use 'mean' or 'sum'.")
+    check_reduction(loss_func)
 
     output = output_one_datum.detach()
     C = output.shape[1]
@@ -95,9 +96,6 @@ def loss_hessian_matrix_sqrt(
 
     # BCEWithLogitsLoss
     target = target_one_datum.detach()
-    if not torch.logical_or(target == 0, target == 1).all():
-        raise NotImplementedError(
-            "BCEWithLogitsLoss is only supported with binary targets (0 or 1)."
-        )
+    check_binary_targets(target, "loss_hessian_matrix_sqrt")
     sigma = output.squeeze(0).sigmoid()
     return (c * sigma * (1.0 - sigma)).sqrt().diag()
