@@ -25,3 +25,12 @@ format:
 
 demo: install
 	$(PYTHON) docs/examples/demo_quickstart.py
+
+.PHONY: bench bench-quick
+
+# Product costs relative to a gradient (see benchmarks/README.md); writes benchmarks/results/.
+bench: install
+	$(PYTHON) benchmarks/bench_products.py
+
+bench-quick: install
+	$(PYTHON) benchmarks/bench_products.py --quick

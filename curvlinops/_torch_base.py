@@ -109,7 +109,9 @@ class PyTorchLinearOperator:
             AX = self._matmat(X_list)
         self._check_output(AX, num_columns)
         if as_tensor:
-            flat = torch.cat([t.reshape(-1, num_columns) for t in AX])
+            flat = AX[0].new_empty(self.shape[0], num_columns)
+            for block, t in zip(flat.split(self._out_shape_flat), AX):
+                block.view(t.shape).copy_(t)
             return flat.squeeze(-1) if is_vector else flat
         return [t.squeeze(-1) for t in AX] if is_vector else list(AX)
 
@@ -560,14 +562,15 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
         """Multiply with a few columns in one pass over the data: ``sum_b w_b A_b M``."""
-        result = [
-            torch.zeros((*s, M[0].shape[-1]), dtype=M[0].dtype, device=M[0].device)
-            for s in self._out_shape
-        ]
+        result = None
         for X, y in self._loop_over_data(desc="_matmat"):
             weight = self._get_normalization_factor(X, y)
-            for r, p in zip(result, self._matmat_batch(X, y, M)):
-                r.add_(p, alpha=weight)
+            batch_result = self._matmat_batch(X, y, M)
+            if result is None:  # out of place: batch results may alias their inputs
+                result = [b * weight for b in batch_result]
+            else:
+                for r, b in zip(result, batch_result):
+                    r.add_(b, alpha=weight)
         return result
 
     def _matmat_batch(

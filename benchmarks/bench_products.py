@@ -1,0 +1,350 @@
+"""Cost of curvlinops' matrix products relative to a gradient, and to plain-PyTorch floors.
+
+Two deterministic synthetic problems in float32 on one CPU thread:
+
+- ``mlp``: a 784-128-64-10 ReLU MLP on one batch of 128 MNIST-sized inputs,
+- ``cnn``: a two-layer CNN (conv 3->16, conv 16->32, max-pooling, linear) on one batch of 64
+  CIFAR-sized inputs,
+
+both with a mean cross-entropy loss. For each problem the reference is the median time of one
+loss and gradient by plain autograd; every other time is reported as a ratio to it:
+
+- curvlinops' Hessian, GGN, empirical Fisher (EF) and Monte-Carlo Fisher products with 1 and
+  16 columns (operators built once with ``check_deterministic=False`` on the single batch);
+- "floors", the same products written here directly in PyTorch: the Hessian by double
+  backward (16 columns with ``is_grads_batched``) and by ``torch.func`` vmap-of-jvp-of-grad;
+  the GGN by the double-vjp trick with plain autograd and by ``torch.func`` vmap-of-jvp plus
+  vmap-of-vjp, both with the closed-form cross-entropy Hessian in the middle;
+- operator construction with the default determinism check.
+
+Each floor is checked against the corresponding curvlinops product. All timings are medians
+over repeats after warm-up, measured in one process with the measurements interleaved (one call
+of each method per round), so that drifts of a shared machine's speed affect all alike. Results
+are printed as a table and written to ``benchmarks/results/products.json``.
+
+Usage: ``python benchmarks/bench_products.py [--quick]`` (``make bench`` / ``make bench-quick``).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+import curvlinops
+from curvlinops import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "products.json"
+NUM_COLUMNS = (1, 16)
+
+
+# ----------------------------------------------------------------------------- problems
+def make_mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    """784-128-64-10 ReLU MLP and one batch of 128 MNIST-sized inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+    X = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,))
+    return model, X, y
+
+
+def make_cnn() -> tuple[nn.Module, Tensor, Tensor]:
+    """Small CNN and one batch of 64 CIFAR-sized inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
+    X = torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    return model, X, y
+
+
+PROBLEMS = {"mlp": make_mlp, "cnn": make_cnn}
+
+
+# ----------------------------------------------------------------------------- timing
+def time_round_robin(fns: list, repeats: list, warmup: int) -> list:
+    """Wall times of every ``fns[i]()`` over ``repeats[i]`` calls, interleaved.
+
+    Every callable is warmed up ``warmup`` times, then the callables are timed in turns (one call
+    each per round), so that slow drifts of the machine's speed affect all of them alike.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list = [[] for _ in fns]
+    for round_ in range(max(repeats)):
+        for fn, rep, t in zip(fns, repeats, times):
+            if round_ < rep:
+                start = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------- floors
+def ce_output_hessian(probs: Tensor, U: Tensor) -> Tensor:
+    """Closed-form Hessian of the mean cross-entropy w.r.t. the logits, applied to ``U``.
+
+    ``U`` has the logits' shape ``[B, C]``, optionally with a leading column axis.
+    """
+    PU = probs * U
+    return (PU - probs * PU.sum(-1, keepdim=True)) / probs.shape[0]
+
+
+def make_floors(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor) -> dict:
+    """Plain-PyTorch Hessian and GGN products ``name -> fn(V) -> list of tensors``.
+
+    ``V`` is a list shaped like the parameters, with a leading column axis of size ``K`` if
+    ``K > 1`` (then the result has it too). Unlike curvlinops, which takes and returns ``[D, K]``
+    with the columns last, the floors keep the columns first and skip that conversion.
+    """
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    param_dict = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(p: dict) -> Tensor:
+        return functional_call(model, p, (X,))
+
+    def loss_of(p: dict) -> Tensor:
+        return loss_func(f(p), y)
+
+    def hessian_double_backward(V: list) -> list:
+        batched = V[0].shape != params[0].shape
+        loss = loss_func(model(X), y)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return list(torch.autograd.grad(g, params, V, is_grads_batched=batched))
+
+    grad_fn = grad(loss_of)
+
+    def hessian_func(V: list) -> list:
+        batched = V[0].shape != params[0].shape
+
+        def hvp(v: list) -> list:
+            tangent = dict(zip(names, v))
+            out = jvp(grad_fn, (param_dict,), (tangent,))[1]
+            return [out[n] for n in names]
+
+        return vmap(hvp)(V) if batched else hvp(V)
+
+    def ggn_double_vjp(V: list) -> list:
+        batched = V[0].shape != params[0].shape
+        out = model(X)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        Jt_dummy = torch.autograd.grad(out, params, dummy, create_graph=True)
+        (JV,) = torch.autograd.grad(Jt_dummy, dummy, V, is_grads_batched=batched)
+        HJV = ce_output_hessian(out.detach().softmax(-1), JV)
+        return list(torch.autograd.grad(out, params, HJV, is_grads_batched=batched))
+
+    def ggn_func(V: list) -> list:
+        batched = V[0].shape != params[0].shape
+        out, vjp_fn = vjp(f, param_dict)
+
+        def jvp_one(v: list) -> Tensor:
+            return jvp(f, (param_dict,), (dict(zip(names, v)),))[1]
+
+        JV = vmap(jvp_one)(V) if batched else jvp_one(V)
+        HJV = ce_output_hessian(out.softmax(-1), JV)
+        result = vmap(vjp_fn)(HJV)[0] if batched else vjp_fn(HJV)[0]
+        return [result[n] for n in names]
+
+    return {
+        "hessian": {
+            "double backward": hessian_double_backward,
+            "torch.func vmap(jvp(grad))": hessian_func,
+        },
+        "ggn": {
+            "double-vjp, autograd": ggn_double_vjp,
+            "torch.func vmap(jvp)+vmap(vjp)": ggn_func,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- benchmark
+OPERATORS = {
+    "hessian": HessianLinearOperator,
+    "ggn": GGNLinearOperator,
+    "ef": EFLinearOperator,
+    "mc_fisher": FisherMCLinearOperator,
+}
+
+
+def relative_error(a: list, b: list) -> float:
+    """Relative Euclidean distance of two lists of tensors."""
+    diff = sum((x - z).square().sum() for x, z in zip(a, b)).sqrt()
+    return (diff / sum(z.square().sum() for z in b).sqrt()).item()
+
+
+def bench_problem(name: str, repeats: int, warmup: int, log: Callable[[str], None]) -> dict:
+    """Time everything for one problem (interleaved); return the JSON-ready results."""
+    model, X, y = PROBLEMS[name]()
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    data = [(X, y)]
+    D = sum(p.numel() for p in params)
+    log(f"{name}: {D} parameters, batch {X.shape[0]}, input {tuple(X.shape[1:])}")
+    result = {"num_params": D, "batch_size": X.shape[0], "input_shape": list(X.shape[1:])}
+    entries = result["timings"] = []
+    fns, reps = [], []
+
+    def add(kind: str, method: str, K, fn: Callable[[], object], rep: int = repeats):
+        entries.append({"kind": kind, "method": method, "K": K})
+        fns.append(fn)
+        reps.append(rep)
+
+    def loss_and_gradient():
+        loss = loss_func(model(X), y)
+        return torch.autograd.grad(loss, params)
+
+    add("gradient", "plain autograd", "-", loss_and_gradient)
+
+    torch.manual_seed(1)
+    columns = {K: torch.randn(D, K) for K in NUM_COLUMNS}
+    operators = {
+        kind: cls(model, loss_func, params, data, check_deterministic=False)
+        for kind, cls in OPERATORS.items()
+    }
+    products = {}
+    for kind, op in operators.items():
+        for K in NUM_COLUMNS:
+            V = columns[K].squeeze(-1) if K == 1 else columns[K]
+            products[kind, K] = op @ V
+            add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
+
+    floors = make_floors(model, loss_func, X, y)
+    errors = result["floor_relative_errors"] = {}
+    for kind, methods in floors.items():
+        for method, fn in methods.items():
+            for K in NUM_COLUMNS:
+                blocks = columns[K].split([p.numel() for p in params])
+                if K == 1:
+                    V = [b.reshape(p.shape) for b, p in zip(blocks, params)]
+                else:
+                    V = [b.T.reshape(K, *p.shape) for b, p in zip(blocks, params)]
+                out = fn(V)
+                flat = torch.cat([o.reshape(K, -1) for o in out], dim=1).T.squeeze(-1)
+                errors[f"{kind} | {method} | K={K}"] = relative_error([flat], [products[kind, K]])
+                add(kind, method, K, lambda fn=fn, V=V: fn(V))
+
+    for kind, cls in OPERATORS.items():
+        add(
+            kind,
+            "construction (determinism check)",
+            "-",
+            lambda cls=cls: cls(model, loss_func, params, data),
+            rep=max(3, repeats // 3),
+        )
+
+    for entry, times in zip(entries, time_round_robin(fns, reps, warmup)):
+        entry["median_s"] = statistics.median(times)
+        entry["times_s"] = times
+    reference = entries[0]["median_s"]
+    for entry in entries:
+        entry["ratio_to_gradient"] = entry["median_s"] / reference
+    return result
+
+
+def format_table(results: dict) -> str:
+    """Ratios to the gradient, one row per (kind, method), columns K=1 and K=16."""
+    lines = []
+    for name, result in results.items():
+        entries = result["timings"]
+        reference = entries[0]["median_s"]
+        lines.append(
+            f"\n{name}: {result['num_params']} parameters, batch {result['batch_size']}; "
+            f"loss + gradient (plain autograd) = {1e3 * reference:.2f} ms = 1.0"
+        )
+        header = f"  {'product':10s} {'method':34s} {'K=1':>8s} {'K=16':>8s} {'K=16/col':>9s}"
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        rows: dict = {}
+        for entry in entries[1:]:
+            rows.setdefault((entry["kind"], entry["method"]), {})[entry["K"]] = entry
+        for (kind, method), by_K in rows.items():
+            if "-" in by_K:
+                ratio = by_K["-"]["ratio_to_gradient"]
+                lines.append(f"  {kind:10s} {method:34s} {ratio:8.2f} {'':>8s} {'':>9s}")
+                continue
+            r1, r16 = by_K[1]["ratio_to_gradient"], by_K[16]["ratio_to_gradient"]
+            lines.append(f"  {kind:10s} {method:34s} {r1:8.2f} {r16:8.2f} {r16 / 16:9.2f}")
+        worst = max(result["floor_relative_errors"].values())
+        lines.append(f"  (largest relative difference floor vs. curvlinops: {worst:.1e})")
+    return "\n".join(lines)
+
+
+def main():
+    """Run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (under a minute)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per product")
+    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 15)
+    warmup = 1 if args.quick else 2
+
+    torch.set_num_threads(1)
+    print(
+        f"curvlinops {curvlinops.__version__}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, 1 thread, float32, "
+        f"median of {repeats} runs after {warmup} warm-up run(s)"
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Raised by torch.func.jvp (forward-AD decompositions) in the floors, not by curvlinops.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+        results = {name: bench_problem(name, repeats, warmup, log=print) for name in args.problems}
+    print(format_table(results))
+    messages = sorted(
+        {f"{w.category.__name__} ({Path(w.filename).name}:{w.lineno}): {w.message}" for w in caught}
+    )
+    if messages:
+        print("\nWarnings raised while benchmarking:")
+        for message in messages:
+            print(f"  {message}")
+    elapsed = time.perf_counter() - start
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "curvlinops": curvlinops.__version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "quick": args.quick,
+        "repeats": repeats,
+        "warmup": warmup,
+        "wall_time_s": elapsed,
+        "warnings": messages,
+    }
+    RESULTS.write_text(json.dumps({"meta": meta, "problems": results}, indent=2))
+    print(f"\nWrote {RESULTS} ({elapsed:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
