@@ -33,6 +33,10 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch
     sdpa_kernel = None
 
+#: Default for the most columns multiplied at once after a forward pass (see
+#: :func:`in_column_chunks`): bounds peak memory at that of 16 simultaneous products.
+MAX_COLUMNS_PER_CHUNK = 16
+
 
 @contextmanager
 def second_order_context() -> Iterator[None]:
@@ -124,23 +128,22 @@ def vjp(
         One tensor per input (with the leading column axis if ``batched``). Inputs that the
         outputs do not depend on get zeros.
     """
+    leading = cotangents[0].shape[:1] if batched else ()
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not pairs:  # the outputs are constant in the inputs
-        leading = cotangents[0].shape[:1] if batched else ()
         return [x.new_zeros((*leading, *x.shape)) for x in inputs]
     outs, cots = zip(*pairs)
-    return list(
-        torch.autograd.grad(
-            outs,
-            inputs,
-            cots,
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-            materialize_grads=True,
-            is_grads_batched=batched,
-        )
+    grads = torch.autograd.grad(
+        outs,
+        inputs,
+        cots,
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        is_grads_batched=batched,
     )
+    # Unused inputs get zeros (``materialize_grads`` would drop the column axis).
+    return [x.new_zeros((*leading, *x.shape)) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def columns_first(M: Sequence[Tensor]) -> Tuple[List[Tensor], bool]:
@@ -166,47 +169,74 @@ def columns_last(M: Sequence[Tensor], batched: bool) -> List[Tensor]:
     return [m.unsqueeze(-1) for m in M]
 
 
-def jvp_double_vjp(
-    output: Tensor, inputs: Sequence[Tensor], tangents: Sequence[Tensor], batched: bool
-) -> Tensor:
+def linearize(output: Tensor, inputs: Sequence[Tensor]) -> Callable[..., Tensor]:
     r"""Jacobian-vector products :math:`\mathbf{J}\mathbf{v}` by the double-vjp trick.
+
+    Records :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` once; every call of the
+    returned function is one backward pass through that record.
 
     Args:
         output: A tensor computed from ``inputs`` with a recorded graph.
         inputs: The tensors to differentiate with respect to.
-        tangents: One per input (leading column axis if ``batched``).
-        batched: Whether the tangents have a leading column axis.
 
     Returns:
-        ``J v`` shaped like ``output`` (with the leading column axis if ``batched``).
+        ``jvp(tangents, batched)`` returning ``J v`` shaped like ``output`` (with the
+        tangents' leading column axis if ``batched``).
     """
     dummy = torch.zeros_like(output, requires_grad=True)
     Jt_dummy = vjp([output], inputs, [dummy], batched=False, create_graph=True)
-    return vjp(Jt_dummy, [dummy], tangents, batched=batched)[0]
+
+    def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
+        return vjp(Jt_dummy, [dummy], tangents, batched=batched)[0]
+
+    return jvp
 
 
-def output_hessian_product(
-    loss_func: Callable[[Tensor, Tensor], Tensor],
-    output: Tensor,
-    y: Tensor,
-    V: Tensor,
-    batched: bool,
-) -> Tensor:
-    r"""Multiply the Hessian of the loss w.r.t. the model output onto ``V``.
+def in_column_chunks(
+    multiply: Callable[[List[Tensor]], List[Tensor]], M: Sequence[Tensor], max_columns: int
+) -> List[Tensor]:
+    """Apply a product to chunks of at most ``max_columns`` columns and join the results.
+
+    Used after a batch's forward pass, so that all chunks share it while peak memory stays
+    that of ``max_columns`` simultaneous products.
+
+    Args:
+        multiply: Maps a matrix in list format (trailing column axis) to its product.
+        M: Matrix in list format.
+        max_columns: Most columns per chunk.
+
+    Returns:
+        The product of all columns in list format.
+    """
+    if M[0].shape[-1] <= max_columns:
+        return list(multiply(list(M)))
+    chunks = zip(*(m.split(max_columns, dim=-1) for m in M))
+    results = [multiply(list(chunk)) for chunk in chunks]
+    return [torch.cat(parts, dim=-1) for parts in zip(*results)]
+
+
+def make_output_hessian_product(
+    loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor
+) -> Callable[[Tensor, bool], Tensor]:
+    r"""Products with the Hessian of the loss w.r.t. the model output.
 
     Computes :math:`\nabla^2_{\mathbf{f}} \ell(\mathbf{f}, \mathbf{y}) \mathbf{V}` by double
-    backward through the loss only (not through the network), so any loss works.
+    backward through the loss only (not through the network), so any loss works. The
+    loss's gradient is recorded once and reused by every call.
 
     Args:
         loss_func: The loss function.
         output: The model output (its graph is not used).
         y: The labels.
-        V: Tensor shaped like ``output`` (leading column axis if ``batched``).
-        batched: Whether ``V`` has a leading column axis.
 
     Returns:
-        The product, shaped like ``V``.
+        ``hessian_product(V, batched)`` for ``V`` shaped like ``output`` (leading column
+        axis if ``batched``).
     """
     f = output.detach().requires_grad_()
     (grad_f,) = torch.autograd.grad(loss_func(f, y), f, create_graph=True)
-    return vjp([grad_f], [f], [V], batched=batched)[0]
+
+    def hessian_product(V: Tensor, batched: bool) -> Tensor:
+        return vjp([grad_f], [f], [V], batched=batched)[0]
+
+    return hessian_product

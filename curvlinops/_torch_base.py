@@ -18,9 +18,10 @@ risk's normalisation
     \qquad w_b = 1 \text{ (sum)}, \quad w_b = B_b / N \text{ (mean)},
 
 where :math:`\ell_b` is the loss of batch :math:`b` with the loss's own reduction, block
-structure, the determinism check, memory-bounded multiplication (columns are processed in chunks
-of at most :attr:`CurvatureLinearOperator.MAX_COLUMNS_PER_CHUNK`, each chunk one pass over the
-data, so peak memory does not grow with the number of columns), and gradient/loss evaluation. A
+structure, the determinism check, and gradient/loss evaluation. Products are memory-bounded:
+after a batch's forward pass, the columns are multiplied in chunks of at most
+:attr:`CurvatureLinearOperator.MAX_COLUMNS_PER_CHUNK`, so all chunks share one forward pass while
+peak memory does not grow with the number of columns. A
 subclass implements only the product of its mini-batch matrix with a matrix in list format
 (:meth:`CurvatureLinearOperator._matmat_batch`).
 """
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from curvlinops._autodiff import (
+    MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
     make_functional_model,
     parameter_names,
@@ -397,15 +399,15 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         SUPPORTS_BLOCKS: Whether ``block_sizes`` (block-diagonal approximation) is supported.
         FIXED_DATA_ORDER: Whether every pass over the data must give identical batches in
             identical order (checked batch by batch in the determinism check).
-        MAX_COLUMNS_PER_CHUNK: Most columns multiplied in one pass over the data. More columns
-            are split into chunks, each a separate pass, so peak memory stays that of
-            ``MAX_COLUMNS_PER_CHUNK`` simultaneous products. May be set per instance.
+        MAX_COLUMNS_PER_CHUNK: Most columns multiplied at once. After each batch's forward
+            pass, more columns are processed in chunks of this size, so peak memory stays that
+            of ``MAX_COLUMNS_PER_CHUNK`` simultaneous products. May be set per instance.
     """
 
     SELF_ADJOINT: bool = False
     SUPPORTS_BLOCKS: bool = False
     FIXED_DATA_ORDER: bool = False
-    MAX_COLUMNS_PER_CHUNK: int = 16
+    MAX_COLUMNS_PER_CHUNK: int = MAX_COLUMNS_PER_CHUNK
 
     def __init__(
         self,
@@ -552,16 +554,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     # ----------------------------------------------------------------- products
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a matrix in list format, a chunk of columns per data pass."""
-        num_columns = M[0].shape[-1]
-        if num_columns <= self.MAX_COLUMNS_PER_CHUNK:
-            return self._matmat_one_pass(M)
-        chunks = zip(*(m.split(self.MAX_COLUMNS_PER_CHUNK, dim=-1) for m in M))
-        results = [self._matmat_one_pass(list(chunk)) for chunk in chunks]
-        return [torch.cat(parts, dim=-1) for parts in zip(*results)]
-
-    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a few columns in one pass over the data: ``sum_b w_b A_b M``."""
+        """Multiply with a matrix in list format in one pass: ``sum_b w_b A_b M``."""
         result = None
         for X, y in self._loop_over_data(desc="_matmat"):
             weight = self._get_normalization_factor(X, y)

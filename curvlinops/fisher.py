@@ -91,21 +91,22 @@ def make_batch_fmc_matrix_product(
         params: The parameters.
 
     Returns:
-        ``fmc_matrix_product(X, y, mc_samples, generator, *M)`` in list format (entries
-        ``[*p.shape, K]``). One draw of ``mc_samples`` samples per call serves all columns.
+        ``fmc_matrix_product(X, y, mc_samples, generator, *M, max_columns=16)`` in list
+        format (entries ``[*p.shape, K]``). One draw of ``mc_samples`` samples per call
+        serves all columns.
     """
     sampler = make_grad_output_sampler(loss_func)
     product = make_batch_gradient_moment_product(model_func, loss_func, params)
 
     def fmc_matrix_product(
-        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor
+        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor, **kwargs
     ) -> Tuple[Tensor, ...]:
         def sampled_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
             grads = sampler(output_flat, mc_samples, y_flat, generator)
             scale = (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5
             return scale * grads
 
-        return product(X, y, sampled_gradients, *M)
+        return product(X, y, sampled_gradients, *M, **kwargs)
 
     return fmc_matrix_product
 
@@ -186,12 +187,12 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         """The mini-batch product, built once."""
         return make_batch_fmc_matrix_product(self._model_func, self._loss_func, tuple(self._params))
 
-    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Seed the generator with ``_seed``, then make one pass over the data."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(self._seed)
-        return super()._matmat_one_pass(M)
+        return super()._matmat(M)
 
     def _matmat_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]

@@ -27,47 +27,62 @@ from typing import List, Tuple, Union
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
+    MAX_COLUMNS_PER_CHUNK,
     columns_first,
     columns_last,
     detached_leaves,
-    jvp_double_vjp,
+    in_column_chunks,
+    linearize,
     make_functional_model,
-    output_hessian_product,
+    make_output_hessian_product,
     second_order_context,
     vjp,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 
-# ``middle(output, y, JV, batched) -> T``: the output-space factor applied to ``J V``.
-MiddleFactor = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+# ``make_middle(output, y) -> middle``, called once per batch; ``middle(JM, batched) -> T`` is
+# the output-space factor applied to ``J M`` (leading column axis if ``batched``), per chunk.
+MiddleFactor = Callable[[Tensor, bool], Tensor]
+MakeMiddleFactor = Callable[[Tensor, Tensor], MiddleFactor]
 
 
 def make_batch_ggn_type_product(
     model_func: nn.Module, params: Tuple[Tensor, ...]
 ) -> Callable[..., Tuple[Tensor, ...]]:
-    r"""Build ``(X, y, middle, *M) -> J^T middle(J M)`` with one forward pass per batch.
+    r"""Build ``(X, y, make_middle, *M) -> J^T middle(J M)`` with one forward pass per batch.
 
     Args:
         model_func: The neural network.
         params: The parameters defining :math:`\mathbf{J}`.
 
     Returns:
-        The batch product in list format (entries ``[*p.shape, K]``). ``middle(output, y,
-        JM, batched)`` is the output-space factor, applied to :math:`\mathbf{J}\mathbf{M}`
-        (which has a leading column axis if ``batched``).
+        The batch product in list format (entries ``[*p.shape, K]``), with a keyword
+        ``max_columns`` (columns per chunk). ``make_middle(output, y)`` is called once per
+        batch (e.g. to draw samples) and returns the output-space factor ``middle(JM,
+        batched)``, which is applied to every chunk's :math:`\mathbf{J}\mathbf{M}`.
     """
     f = make_functional_model(model_func, params)
 
     def ggn_type_product(
-        X: Union[Tensor, MutableMapping], y: Tensor, middle: MiddleFactor, *M: Tensor
+        X: Union[Tensor, MutableMapping],
+        y: Tensor,
+        make_middle: MakeMiddleFactor,
+        *M: Tensor,
+        max_columns: int = MAX_COLUMNS_PER_CHUNK,
     ) -> Tuple[Tensor, ...]:
-        M_cols, batched = columns_first(M)
         with second_order_context():
             leaves = detached_leaves(params)
             output = f(leaves, X)
-            JM = jvp_double_vjp(output, leaves, M_cols, batched)
-            result = vjp([output], leaves, [middle(output, y, JM, batched)], batched)
-        return tuple(columns_last([r.detach() for r in result], batched))
+            jvp = linearize(output, leaves)
+            middle = make_middle(output.detach(), y)
+
+            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+                M_cols, batched = columns_first(M_chunk)
+                T = middle(jvp(M_cols, batched), batched)
+                result = vjp([output], leaves, [T], batched)
+                return columns_last([r.detach() for r in result], batched)
+
+            return tuple(in_column_chunks(multiply, M, max_columns))
 
     return ggn_type_product
 
@@ -85,15 +100,16 @@ def make_batch_ggn_matrix_product(
         params: The parameters.
 
     Returns:
-        ``ggn_matrix_product(X, y, *M)`` returning ``G_b M`` (entries ``[*p.shape, K]``).
+        ``ggn_matrix_product(X, y, *M, max_columns=16)`` returning ``G_b M`` (entries
+        ``[*p.shape, K]``), multiplying at most ``max_columns`` columns at once.
     """
     product = make_batch_ggn_type_product(model_func, params)
 
-    def loss_hessian(output: Tensor, y: Tensor, JM: Tensor, batched: bool) -> Tensor:
-        return output_hessian_product(loss_func, output, y, JM, batched)
+    def loss_hessian(output: Tensor, y: Tensor) -> MiddleFactor:
+        return make_output_hessian_product(loss_func, output, y)
 
-    def ggn_matrix_product(X, y, *M: Tensor) -> Tuple[Tensor, ...]:
-        return product(X, y, loss_hessian, *M)
+    def ggn_matrix_product(X, y, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
+        return product(X, y, loss_hessian, *M, **kwargs)
 
     return ggn_matrix_product
 
@@ -118,9 +134,9 @@ def make_ggn_vector_product(
         with second_order_context():
             leaves = detached_leaves(params)
             output = f(*leaves, X)
-            Jv = jvp_double_vjp(output, leaves, v, batched=False)
-            HJv = output_hessian_product(
-                lambda pred, y_: c(pred, y_, *c_args), output, y, Jv, batched=False
+            Jv = linearize(output, leaves)(v, batched=False)
+            HJv = make_output_hessian_product(lambda pred, y_: c(pred, y_, *c_args), output, y)(
+                Jv, batched=False
             )
             result = vjp([output], leaves, [HJv], batched=False)
         return tuple(r.detach() for r in result)
@@ -155,4 +171,4 @@ class GGNLinearOperator(CurvatureLinearOperator):
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
     ) -> List[Tensor]:
         """Multiply the mini-batch GGN with ``M``."""
-        return list(self._batch_product(X, y, *M))
+        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))

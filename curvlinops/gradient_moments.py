@@ -57,23 +57,28 @@ def make_batch_gradient_moment_product(
         params: The parameters.
 
     Returns:
-        The batch product in list format (entries ``[*p.shape, K]``).
+        The batch product in list format (entries ``[*p.shape, K]``), with a keyword
+        ``max_columns``. ``output_grads`` is called once per batch.
     """
     product = make_batch_ggn_type_product(model_func, params)
 
     def gradient_moment_product(
-        X, y: Tensor, output_grads: OutputGradients, *M: Tensor
+        X, y: Tensor, output_grads: OutputGradients, *M: Tensor, **kwargs
     ) -> Tuple[Tensor, ...]:
-        def middle(output: Tensor, y: Tensor, JM: Tensor, batched: bool) -> Tensor:
-            grads = output_grads(*flatten_output_and_labels(loss_func, output.detach(), y))
-            JM = JM if batched else JM.unsqueeze(0)
-            JM_rows = to_rows(loss_func, JM, num_leading=1)  # [K, R, C]
-            coefficients = torch.einsum("mrc,krc->kmr", grads, JM_rows)
-            T_rows = torch.einsum("kmr,mrc->krc", coefficients, grads)
-            T = from_rows(loss_func, T_rows, JM.shape, num_leading=1)
-            return T if batched else T.squeeze(0)
+        def make_middle(output: Tensor, y: Tensor) -> Callable[[Tensor, bool], Tensor]:
+            grads = output_grads(*flatten_output_and_labels(loss_func, output, y))  # once
 
-        return product(X, y, middle, *M)
+            def middle(JM: Tensor, batched: bool) -> Tensor:
+                JM = JM if batched else JM.unsqueeze(0)
+                JM_rows = to_rows(loss_func, JM, num_leading=1)  # [K, R, C]
+                coefficients = torch.einsum("mrc,krc->kmr", grads, JM_rows)
+                T_rows = torch.einsum("kmr,mrc->krc", coefficients, grads)
+                T = from_rows(loss_func, T_rows, JM.shape, num_leading=1)
+                return T if batched else T.squeeze(0)
+
+            return middle
+
+        return product(X, y, make_middle, *M, **kwargs)
 
     return gradient_moment_product
 
@@ -89,7 +94,8 @@ def make_batch_ef_matrix_product(
         params: The parameters.
 
     Returns:
-        ``ef_matrix_product(X, y, *M)`` in list format (entries ``[*p.shape, K]``).
+        ``ef_matrix_product(X, y, *M, max_columns=16)`` in list format (entries
+        ``[*p.shape, K]``).
     """
     check_supported_loss(loss_func, "EFLinearOperator")
     product = make_batch_gradient_moment_product(model_func, loss_func, params)
@@ -99,8 +105,8 @@ def make_batch_ef_matrix_product(
         scale = num_terms_normalization(loss_func, output_flat) ** -0.5
         return (scale * grads).unsqueeze(0)
 
-    def ef_matrix_product(X, y: Tensor, *M: Tensor) -> Tuple[Tensor, ...]:
-        return product(X, y, loss_gradients, *M)
+    def ef_matrix_product(X, y: Tensor, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
+        return product(X, y, loss_gradients, *M, **kwargs)
 
     return ef_matrix_product
 
@@ -134,4 +140,4 @@ class EFLinearOperator(CurvatureLinearOperator):
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
     ) -> List[Tensor]:
         """Multiply the mini-batch empirical Fisher with ``M``."""
-        return list(self._batch_product(X, y, *M))
+        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))

@@ -26,9 +26,11 @@ from typing import List, Optional, Tuple, Union
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
+    MAX_COLUMNS_PER_CHUNK,
     columns_first,
     columns_last,
     detached_leaves,
+    in_column_chunks,
     make_functional_model,
     second_order_context,
     vjp,
@@ -51,8 +53,10 @@ def make_batch_hessian_matrix_product(
         block_sizes: Sizes of consecutive parameter groups; ``None`` for the full Hessian.
 
     Returns:
-        ``hessian_matrix_product(X, y, *M)`` returning ``H_b M`` in list format (entries
-        ``[*p.shape, K]``), with ``H_b`` the Hessian of ``loss_func(model_func(X), y)``.
+        ``hessian_matrix_product(X, y, *M, max_columns=16)`` returning ``H_b M`` in list
+        format (entries ``[*p.shape, K]``), with ``H_b`` the Hessian of
+        ``loss_func(model_func(X), y)``. Columns are multiplied in chunks of at most
+        ``max_columns`` after one forward and one (recorded) backward pass.
     """
     f = make_functional_model(model_func, params)
     sizes = [len(params)] if block_sizes is None else list(block_sizes)
@@ -60,24 +64,31 @@ def make_batch_hessian_matrix_product(
     groups = [range(start, start + size) for start, size in zip(starts, sizes)]
 
     def hessian_matrix_product(
-        X: Union[Tensor, MutableMapping], y: Tensor, *M: Tensor
+        X: Union[Tensor, MutableMapping],
+        y: Tensor,
+        *M: Tensor,
+        max_columns: int = MAX_COLUMNS_PER_CHUNK,
     ) -> Tuple[Tensor, ...]:
-        M_cols, batched = columns_first(M)
         with second_order_context():
             leaves = detached_leaves(params)
             loss = loss_func(f(leaves, X), y)
             grad = vjp([loss], leaves, [loss.new_ones(())], batched=False, create_graph=True)
-            HM = [None] * len(params)
-            for group in groups:
-                products = vjp(
-                    [grad[i] for i in group],
-                    [leaves[i] for i in group],
-                    [M_cols[i] for i in group],
-                    batched=batched,
-                )
-                for i, product in zip(group, products):
-                    HM[i] = product.detach()
-        return tuple(columns_last(HM, batched))
+
+            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+                M_cols, batched = columns_first(M_chunk)
+                HM = [None] * len(params)
+                for group in groups:
+                    products = vjp(
+                        [grad[i] for i in group],
+                        [leaves[i] for i in group],
+                        [M_cols[i] for i in group],
+                        batched=batched,
+                    )
+                    for i, product in zip(group, products):
+                        HM[i] = product.detach()
+                return columns_last(HM, batched)
+
+            return tuple(in_column_chunks(multiply, M, max_columns))
 
     return hessian_matrix_product
 
@@ -114,4 +125,4 @@ class HessianLinearOperator(CurvatureLinearOperator):
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
     ) -> List[Tensor]:
         """Multiply the mini-batch Hessian (or its block diagonal) with ``M``."""
-        return list(self._batch_product(X, y, *M))
+        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
+    MAX_COLUMNS_PER_CHUNK,
     columns_first,
     columns_last,
     detached_leaves,
-    jvp_double_vjp,
+    in_column_chunks,
+    linearize,
     make_functional_model,
     second_order_context,
     vjp,
@@ -42,16 +44,23 @@ def make_batch_jacobian_matrix_product(
         params: The parameters.
 
     Returns:
-        ``jacobian_matrix_product(X, *M)`` returning ``[B, *S, K]`` for ``M`` in list format.
+        ``jacobian_matrix_product(X, *M, max_columns=16)`` returning ``[B, *S, K]`` for
+        ``M`` in list format.
     """
     f = make_functional_model(model_func, params)
 
-    def jacobian_matrix_product(X: Union[Tensor, MutableMapping], *M: Tensor) -> Tensor:
-        M_cols, batched = columns_first(M)
+    def jacobian_matrix_product(
+        X: Union[Tensor, MutableMapping], *M: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK
+    ) -> Tensor:
         with second_order_context():
             leaves = detached_leaves(params)
-            JM = jvp_double_vjp(f(leaves, X), leaves, M_cols, batched)
-        return columns_last([JM.detach()], batched)[0]
+            jvp = linearize(f(leaves, X), leaves)
+
+            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+                M_cols, batched = columns_first(M_chunk)
+                return columns_last([jvp(M_cols, batched).detach()], batched)
+
+            return in_column_chunks(multiply, M, max_columns)[0]
 
     return jacobian_matrix_product
 
@@ -66,19 +75,24 @@ def make_batch_transposed_jacobian_matrix_product(
         params: The parameters.
 
     Returns:
-        ``transposed_jacobian_matrix_product(X, V)`` for ``V`` ``[B, *S, K]``, returning a
-        tuple of ``[*p.shape, K]``.
+        ``transposed_jacobian_matrix_product(X, V, max_columns=16)`` for ``V``
+        ``[B, *S, K]``, returning a tuple of ``[*p.shape, K]``.
     """
     f = make_functional_model(model_func, params)
 
     def transposed_jacobian_matrix_product(
-        X: Union[Tensor, MutableMapping], V: Tensor
+        X: Union[Tensor, MutableMapping], V: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK
     ) -> Tuple[Tensor, ...]:
-        (V_cols,), batched = columns_first([V])
         with second_order_context():
             leaves = detached_leaves(params)
-            JtV = vjp([f(leaves, X)], leaves, [V_cols], batched)
-        return tuple(columns_last([t.detach() for t in JtV], batched))
+            output = f(leaves, X)
+
+            def multiply(V_chunk: List[Tensor]) -> List[Tensor]:
+                V_cols, batched = columns_first(V_chunk)
+                JtV = vjp([output], leaves, V_cols, batched)
+                return columns_last([t.detach() for t in JtV], batched)
+
+            return tuple(in_column_chunks(multiply, [V], max_columns))
 
     return transposed_jacobian_matrix_product
 
@@ -159,9 +173,14 @@ class JacobianLinearOperator(_JacobianBase):
     def _batch_product(self) -> Callable[..., Tensor]:
         return make_batch_jacobian_matrix_product(self._model_func, tuple(self._params))
 
-    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Stack the batches' Jacobian-matrix products along the data axis."""
-        return [torch.cat([self._batch_product(X, *M) for X, _ in self._loop_over_data("_matmat")])]
+        max_columns = self.MAX_COLUMNS_PER_CHUNK
+        products = [
+            self._batch_product(X, *M, max_columns=max_columns)
+            for X, _ in self._loop_over_data(desc="_matmat")
+        ]
+        return [torch.cat(products)]
 
     def _adjoint(self) -> PyTorchLinearOperator:
         return TransposedJacobianLinearOperator(**self._adjoint_kwargs())
@@ -185,7 +204,7 @@ class TransposedJacobianLinearOperator(_JacobianBase):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         return make_batch_transposed_jacobian_matrix_product(self._model_func, tuple(self._params))
 
-    def _matmat_one_pass(self, M: List[Tensor]) -> List[Tensor]:
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Sum the batches' products with consecutive row blocks of ``M``."""
         (V,) = M
         result = [
@@ -195,7 +214,10 @@ class TransposedJacobianLinearOperator(_JacobianBase):
         start = 0
         for X, _ in self._loop_over_data(desc="_matmat"):
             end = start + self._batch_size_fn(X)
-            for r, p in zip(result, self._batch_product(X, V[start:end])):
+            batch_result = self._batch_product(
+                X, V[start:end], max_columns=self.MAX_COLUMNS_PER_CHUNK
+            )
+            for r, p in zip(result, batch_result):
                 r.add_(p)
             start = end
         return result
