@@ -1,4 +1,4 @@
-"""Test configuration: one thread per pytest worker (``make test`` runs two workers on two cores)."""
+"""Test configuration: one torch thread per pytest worker (make test runs two workers)."""
 
 import torch
 
