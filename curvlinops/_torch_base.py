@@ -312,7 +312,23 @@ def _check_same_spaces(A: PyTorchLinearOperator, B: PyTorchLinearOperator, in_B_
         raise ValueError(f"Operators have different dtypes: {A.dtype}, {B.dtype}.")
 
 
-class _SumLinearOperator(PyTorchLinearOperator):
+class _CompositeLinearOperator(PyTorchLinearOperator):
+    """A lazy composite that reports the device and dtype of its first operand ``_A``."""
+
+    _A: PyTorchLinearOperator
+
+    @property
+    def device(self) -> torch.device:
+        """The first operand's device."""
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The first operand's dtype."""
+        return self._A.dtype
+
+
+class _SumLinearOperator(_CompositeLinearOperator):
     """Lazy sum ``A + B``."""
 
     def __init__(self, A: PyTorchLinearOperator, B: PyTorchLinearOperator):
@@ -321,14 +337,6 @@ class _SumLinearOperator(PyTorchLinearOperator):
         self._A, self._B = A, B
         self.SELF_ADJOINT = A.SELF_ADJOINT and B.SELF_ADJOINT
 
-    @property
-    def device(self) -> torch.device:
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._A.dtype
-
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return [a + b for a, b in zip(self._A._matmat(X), self._B._matmat(X))]
 
@@ -336,21 +344,13 @@ class _SumLinearOperator(PyTorchLinearOperator):
         return _SumLinearOperator(self._A.adjoint(), self._B.adjoint())
 
 
-class _ScaledLinearOperator(PyTorchLinearOperator):
+class _ScaledLinearOperator(_CompositeLinearOperator):
     """Lazy scaling ``s * A``."""
 
     def __init__(self, A: PyTorchLinearOperator, scalar: float):
         super().__init__(A._in_shape, A._out_shape)
         self._A, self._scalar = A, scalar
         self.SELF_ADJOINT = A.SELF_ADJOINT
-
-    @property
-    def device(self) -> torch.device:
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._A.dtype
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return [self._scalar * t for t in self._A._matmat(X)]
@@ -359,21 +359,13 @@ class _ScaledLinearOperator(PyTorchLinearOperator):
         return _ScaledLinearOperator(self._A.adjoint(), self._scalar)
 
 
-class _ProductLinearOperator(PyTorchLinearOperator):
+class _ProductLinearOperator(_CompositeLinearOperator):
     """Lazy product ``A @ B``."""
 
     def __init__(self, A: PyTorchLinearOperator, B: PyTorchLinearOperator):
         _check_same_spaces(A, B, in_B_from_out=True)
         super().__init__(B._in_shape, A._out_shape)
         self._A, self._B = A, B
-
-    @property
-    def device(self) -> torch.device:
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._A.dtype
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return self._A._matmat(self._B._matmat(X))
@@ -571,6 +563,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     ) -> List[Tensor]:
         """Multiply the mini-batch matrix with a matrix in list format.
 
+        The default calls :attr:`_batch_product` with ``max_columns``
+        = ``MAX_COLUMNS_PER_CHUNK``.
+
         Args:
             X: Input batch.
             y: Label batch.
@@ -579,7 +574,15 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Returns:
             The product in list format, entries ``[*out_j, K]``.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat_batch.")
+        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))
+
+    @property
+    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """``(X, y, *M, max_columns) -> tuple``: the mini-batch product (subclasses)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither _matmat_batch nor _batch_product, "
+            "so it cannot multiply."
+        )
 
     # ----------------------------------------------------------------- gradient & loss
     def data_prediction_loss_gradient(

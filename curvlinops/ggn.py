@@ -166,9 +166,3 @@ class GGNLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_ggn_matrix_product(self._model_func, self._loss_func, tuple(self._params))
-
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch GGN with ``M``."""
-        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))

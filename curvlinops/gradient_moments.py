@@ -19,9 +19,9 @@ Jacobian-vector product, a row-wise rank-one middle factor, and a vector-Jacobia
 no per-example gradients are materialised.
 """
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from functools import cached_property
-from typing import List, Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -135,9 +135,3 @@ class EFLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_ef_matrix_product(self._model_func, self._loss_func, tuple(self._params))
-
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch empirical Fisher with ``M``."""
-        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))

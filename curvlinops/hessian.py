@@ -120,9 +120,3 @@ class HessianLinearOperator(CurvatureLinearOperator):
         return make_batch_hessian_matrix_product(
             self._model_func, self._loss_func, tuple(self._params), self._block_sizes
         )
-
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch Hessian (or its block diagonal) with ``M``."""
-        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))
