@@ -111,9 +111,14 @@ class PyTorchLinearOperator:
             AX = self._matmat(X_list)
         self._check_output(AX, num_columns)
         if as_tensor:
-            flat = AX[0].new_empty(self.shape[0], num_columns)
-            for block, t in zip(flat.split(self._out_shape_flat), AX):
-                block.view(t.shape).copy_(t)
+            flat = self._flat_view(AX, num_columns)
+            shares_input = flat is not None and (
+                flat.untyped_storage().data_ptr() == X.untyped_storage().data_ptr()
+            )
+            if flat is None or shares_input:  # never hand the caller's tensor back
+                flat = AX[0].new_empty(self.shape[0], num_columns)
+                for block, t in zip(flat.split(self._out_shape_flat), AX):
+                    block.view(t.shape).copy_(t)
             return flat.squeeze(-1) if is_vector else flat
         return [t.squeeze(-1) for t in AX] if is_vector else list(AX)
 
@@ -179,6 +184,36 @@ class PyTorchLinearOperator:
                 f"got {[x.shape[-1] for x in X]}."
             )
         return list(X), False, False
+
+    def _new_output(self, num_columns: int, like: Tensor) -> List[Tensor]:
+        """Uninitialised output in list format, as views of one flat ``[M, K]`` tensor.
+
+        Products written into these views can be returned as a flat tensor without a copy
+        (see :meth:`_flat_view`).
+        """
+        flat = like.new_empty(self.shape[0], num_columns)
+        return [
+            block.view(*shape, num_columns)
+            for block, shape in zip(flat.split(self._out_shape_flat), self._out_shape)
+        ]
+
+    def _flat_view(self, AX: List[Tensor], num_columns: int) -> Optional[Tensor]:
+        """The flat ``[M, K]`` tensor that ``AX`` are consecutive views of, if any."""
+        flat = AX[0]._base
+        if (
+            flat is None
+            or flat.shape != (self.shape[0], num_columns)
+            or not flat.is_contiguous()
+            or any(t._base is not flat for t in AX)
+        ):
+            return None
+        offsets = [0]
+        for numel in self._out_shape_flat[:-1]:
+            offsets.append(offsets[-1] + numel * num_columns * flat.element_size())
+        start = flat.data_ptr()
+        if any(t.data_ptr() != start + o or not t.is_contiguous() for t, o in zip(AX, offsets)):
+            return None
+        return flat
 
     def _check_dtype_and_device(self, X: List[Tensor]):
         """Raise a ``ValueError`` if the input's dtype or device differs from the operator's."""
@@ -552,7 +587,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             weight = self._get_normalization_factor(X, y)
             batch_result = self._matmat_batch(X, y, M)
             if result is None:  # out of place: batch results may alias their inputs
-                result = [b * weight for b in batch_result]
+                result = self._new_output(M[0].shape[-1], like=batch_result[0])
+                for r, b in zip(result, batch_result):
+                    torch.mul(b, weight, out=r)
             else:
                 for r, b in zip(result, batch_result):
                     r.add_(b, alpha=weight)
