@@ -704,7 +704,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             )
 
         def close(a, b) -> bool:
-            return a.shape == b.shape and allclose_report(a, b, rtol=rtol, atol=atol)
+            return a.shape == b.shape and allclose_report(
+                a, b, rtol=rtol, atol=atol, max_mismatches_printed=10
+            )
 
         passes = zip_longest(
             self.data_prediction_loss_gradient(desc="_check_deterministic"),

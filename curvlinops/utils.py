@@ -14,7 +14,7 @@ flattened consistently, so the loss value is unchanged.
 """
 
 from collections.abc import Callable
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy
 import torch
@@ -64,6 +64,7 @@ def allclose_report(
     tensor2: Union[Tensor, numpy.ndarray],
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    max_mismatches_printed: Optional[int] = None,
 ) -> bool:
     r"""Compare two tensors like ``torch.allclose`` and report mismatches.
 
@@ -79,6 +80,8 @@ def allclose_report(
             If the dtypes differ, both are compared in the promoted dtype.
         rtol: Relative tolerance. Default: ``1e-5``.
         atol: Absolute tolerance. Default: ``1e-8``.
+        max_mismatches_printed: Print at most this many mismatching entries (all if
+            ``None``), so that a large non-deterministic tensor does not flood the output.
 
     Returns:
         Whether the two inputs are close.
@@ -92,6 +95,8 @@ def allclose_report(
     if not close:
         is_close = torch.isclose(tensor1, tensor2, rtol=rtol, atol=atol)
         mismatches = torch.nonzero(~is_close)
+        if max_mismatches_printed is not None:
+            mismatches = mismatches[:max_mismatches_printed]
         for idx in mismatches:
             index = tuple(idx.tolist())
             a, b = tensor1[index], tensor2[index]

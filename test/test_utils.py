@@ -207,3 +207,12 @@ def test_flattened_last_axis_features(loss_cls, reduction):
     assert torch.allclose(c_flat(out_flat, y), loss_func(out, y))
     with pytest.raises(ValueError, match="not a parameter"):
         make_functional_flattened_model_and_loss(model, loss_func, [torch.zeros(1)])
+
+
+def test_allclose_report_caps_printed_mismatches(capsys):
+    a = torch.zeros(100, dtype=torch.float64)
+    b = torch.ones(100, dtype=torch.float64)
+    assert not allclose_report(a, b, max_mismatches_printed=3)
+    out = capsys.readouterr().out
+    assert out.count("at index") == 3
+    assert "Mismatches: 100 / 100" in out
