@@ -567,7 +567,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             label = f"{type(self).__name__}.{desc}"
             if add_device_to_desc:
                 label += f" (on {self.device})"
-            data_iter = tqdm(data_iter, desc=label)
+            total = len(self._data) if hasattr(self._data, "__len__") else None
+            data_iter = tqdm(data_iter, desc=label, total=total)
         device = self.device
         for X, y in data_iter:
             if isinstance(X, Tensor):
