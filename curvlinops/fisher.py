@@ -163,8 +163,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
                 ``ignore_index``, label smoothing, ``pos_weight``) that sampling ignores.
             ValueError: If ``mc_samples`` is not a positive integer.
         """
-        if not isinstance(loss_func, self.supported_losses):
-            check_supported_loss(loss_func, type(self).__name__)
+        check_supported_loss(loss_func, type(self).__name__)
         check_sampling_options(loss_func, type(self).__name__)
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")

@@ -259,6 +259,16 @@ def unflatten(vec: Tensor, shapes, trailing: Optional[int] = None) -> List[Tenso
     return out
 
 
+def apply_batch_product(fn, shapes, M: Tensor, *args) -> Tensor:
+    """Call a ``make_batch_*`` helper's function as ``fn(*args, *M_list)`` on a flat ``[D, K]``
+    matrix, check that it returns a tuple of ``[*p.shape, K]`` tensors, and flatten it back."""
+    K = M.shape[1]
+    out = fn(*args, *unflatten(M, shapes, trailing=K))
+    assert isinstance(out, tuple)
+    assert [t.shape for t in out] == [torch.Size((*s, K)) for s in shapes]
+    return torch.cat([t.reshape(-1, K) for t in out])
+
+
 def densify(op) -> Tensor:
     """op @ I (the idiom of the contract, section 15)."""
     return op @ torch.eye(op.shape[1], dtype=op.dtype, device=op.device)

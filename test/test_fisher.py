@@ -4,6 +4,7 @@ import pytest
 import torch
 from cases import HARD_CASES, REDUCTIONS, make_case
 from reference import (
+    apply_batch_product,
     assert_close,
     cached_reference,
     densify,
@@ -246,9 +247,6 @@ def test_make_batch_fmc_matrix_product():
     K = c.dim
     M = torch.eye(K, dtype=DT)
     fn = make_batch_fmc_matrix_product(c.model, c.loss_func, tuple(c.params))
-    out = fn(X, y, 4000, torch.Generator().manual_seed(0), *unflatten(M, shapes, trailing=K))
-    assert isinstance(out, tuple)
-    assert [t.shape for t in out] == [torch.Size((*s, K)) for s in shapes]
-    F_batch = torch.cat([t.reshape(-1, K) for t in out])
+    F_batch = apply_batch_product(fn, shapes, M, X, y, 4000, torch.Generator().manual_seed(0))
     G_batch = ggn(c.model, c.loss_func, c.params, [(X, y)])
     assert rel_fro_error(F_batch, G_batch) < 0.1

@@ -3,7 +3,15 @@
 import pytest
 import torch
 from cases import ALL_CASES, REDUCTIONS, make_case
-from reference import assert_close, cached_reference, densify, ggn, hessian, unflatten
+from reference import (
+    apply_batch_product,
+    assert_close,
+    cached_reference,
+    densify,
+    ggn,
+    hessian,
+    unflatten,
+)
 from torch import nn
 
 import curvlinops
@@ -66,11 +74,8 @@ def test_make_batch_ggn_matrix_product():
     K = 2
     M = torch.randn(c.dim, K, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     fn = make_batch_ggn_matrix_product(c.model, c.loss_func, tuple(c.params))
-    out = fn(X, y, *unflatten(M, shapes, trailing=K))
-    assert isinstance(out, tuple)
-    assert [t.shape for t in out] == [torch.Size((*s, K)) for s in shapes]
-    G_batch = ggn(c.model, c.loss_func, c.params, [(X, y)])
-    assert_close(torch.cat([t.reshape(-1, K) for t in out]), G_batch @ M)
+    result = apply_batch_product(fn, shapes, M, X, y)
+    assert_close(result, ggn(c.model, c.loss_func, c.params, [(X, y)]) @ M)
 
 
 def test_make_ggn_vector_product():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from cases import ALL_CASES, REDUCTIONS, make_case
-from reference import assert_close, cached_reference, densify, empirical_fisher, unflatten
+from reference import apply_batch_product, assert_close, cached_reference, densify, empirical_fisher
 from torch import nn
 
 import curvlinops
@@ -79,8 +79,5 @@ def test_make_batch_ef_matrix_product(name):
     K = 2
     M = torch.randn(c.dim, K, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     fn = make_batch_ef_matrix_product(c.model, c.loss_func, tuple(c.params))
-    out = fn(X, y, *unflatten(M, shapes, trailing=K))
-    assert isinstance(out, tuple)
-    assert [t.shape for t in out] == [torch.Size((*s, K)) for s in shapes]
-    E_batch = empirical_fisher(c.model, c.loss_func, c.params, [(X, y)])
-    assert_close(torch.cat([t.reshape(-1, K) for t in out]), E_batch @ M)
+    result = apply_batch_product(fn, shapes, M, X, y)
+    assert_close(result, empirical_fisher(c.model, c.loss_func, c.params, [(X, y)]) @ M)

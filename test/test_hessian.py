@@ -4,6 +4,7 @@ import pytest
 import torch
 from cases import ALL_CASES, REDUCTIONS, make_case
 from reference import (
+    apply_batch_product,
     assert_close,
     block_diagonal,
     cached_reference,
@@ -11,7 +12,6 @@ from reference import (
     finite_difference_hessian,
     hessian,
     rel_fro_error,
-    unflatten,
 )
 from torch import nn
 
@@ -151,13 +151,10 @@ def test_make_batch_hessian_matrix_product(block_sizes):
     fn = make_batch_hessian_matrix_product(
         c.model, c.loss_func, tuple(c.params), block_sizes=block_sizes
     )
-    out = fn(X, y, *unflatten(M, shapes, trailing=K))
-    assert isinstance(out, tuple)
-    assert [t.shape for t in out] == [torch.Size((*s, K)) for s in shapes]
+    result = apply_batch_product(fn, shapes, M, X, y)
     H_batch = hessian(c.model, c.loss_func, c.params, [(X, y)])
     if block_sizes is not None:
         H_batch = block_diagonal(H_batch, c.params, block_sizes)
-    result = torch.cat([t.reshape(-1, K) for t in out])
     assert_close(result, H_batch @ M)
 
 
