@@ -4,10 +4,16 @@ from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient_moments import EFLinearOperator
 from curvlinops.hessian import HessianLinearOperator
+from curvlinops.inverse import (
+    CGInverseLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+)
 from curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from curvlinops.submatrix import SubmatrixLinearOperator
 
 __version__ = "3.0.1.post1"
 
@@ -18,4 +24,8 @@ __all__ = [
     "FisherMCLinearOperator",
     "JacobianLinearOperator",
     "TransposedJacobianLinearOperator",
+    "CGInverseLinearOperator",
+    "LSMRInverseLinearOperator",
+    "NeumannInverseLinearOperator",
+    "SubmatrixLinearOperator",
 ]
