@@ -1,5 +1,7 @@
 """curvlinops: PyTorch linear operators for curvature matrices of neural networks."""
 
+from curvlinops.diagonal.epperly2024xtrace import xdiag
+from curvlinops.diagonal.hutchinson import hutchinson_diag
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient_moments import EFLinearOperator
@@ -13,7 +15,11 @@ from curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from curvlinops.norm.hutchinson import hutchinson_squared_fro
 from curvlinops.submatrix import SubmatrixLinearOperator
+from curvlinops.trace.epperly2024xtrace import xtrace
+from curvlinops.trace.hutchinson import hutchinson_trace
+from curvlinops.trace.meyer2020hutch import hutchpp_trace
 
 __version__ = "3.0.1.post1"
 
@@ -28,4 +34,10 @@ __all__ = [
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "hutchinson_diag",
+    "xdiag",
+    "hutchinson_squared_fro",
 ]

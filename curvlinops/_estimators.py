@@ -1,0 +1,78 @@
+r"""Shared pieces of the randomised estimators (trace, diagonal, Frobenius norm).
+
+Test vectors are drawn one column at a time with :func:`curvlinops.sampling.random_vector`
+and stacked as columns, so an estimator gives the same numbers as a plain implementation of
+its algorithm run under the same ``torch.manual_seed`` (or the same ``generator``). All
+products with :math:`\mathbf{A}` are multi-column products.
+"""
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops.sampling import random_vector
+from curvlinops.utils import assert_divisible_by, assert_is_square, assert_matvecs_subseed_dim
+
+Operand = Union[Tensor, PyTorchLinearOperator]
+
+
+def check_square(A: Operand, num_matvecs: int, divisor: int = 1) -> int:
+    """Validate in the contract's order: square, ``num_matvecs < dim``, divisibility.
+
+    Args:
+        A: The matrix or operator.
+        num_matvecs: Number of matrix-vector products the estimator may use.
+        divisor: Required divisor of ``num_matvecs``.
+
+    Returns:
+        The dimension of ``A``.
+    """
+    dim = assert_is_square(A)
+    assert_matvecs_subseed_dim(A, num_matvecs)
+    if divisor > 1:
+        assert_divisible_by(num_matvecs, divisor, "num_matvecs")
+    if num_matvecs < divisor:
+        raise ValueError(f"num_matvecs must be at least {divisor}, got {num_matvecs}.")
+    return dim
+
+
+def draw(
+    A: Operand,
+    dim: int,
+    num_vectors: int,
+    distribution: str,
+    generator: Optional[torch.Generator],
+) -> Tensor:
+    """Draw ``num_vectors`` random vectors of length ``dim`` as the columns of a matrix."""
+    columns = [
+        random_vector(dim, distribution, A.device, A.dtype, generator=generator)
+        for _ in range(num_vectors)
+    ]
+    return torch.stack(columns, dim=1)
+
+
+def adjoint(A: Operand) -> Operand:
+    """The adjoint of a matrix or operator."""
+    return A.mH if isinstance(A, Tensor) else A.adjoint()
+
+
+def leave_one_out_basis(Y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""QR of the sketch and the vectors that remove one basis direction at a time.
+
+    With :math:`\mathbf{Y} = \mathbf{Q}\mathbf{R}`, the span of all sketch columns but the
+    :math:`i`-th has the projector :math:`\mathbf{Q}(\mathbf{I} - \mathbf{s}_i
+    \mathbf{s}_i^\top)\mathbf{Q}^\top` where :math:`\mathbf{s}_i` is the normalised
+    :math:`i`-th column of :math:`(\mathbf{R}^\top)^{-1}` (Epperly, Tropp & Webber, 2024).
+
+    Args:
+        Y: The sketch :math:`\mathbf{A}\mathbf{\Omega}` ``[D, k]``.
+
+    Returns:
+        ``Q`` ``[D, k]``, ``R`` ``[k, k]`` and ``S`` ``[k, k]`` (columns :math:`\mathbf{s}_i`).
+    """
+    Q, R = torch.linalg.qr(Y)
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    S = torch.linalg.solve_triangular(R, eye, upper=True).mT  # (R^T)^{-1} = (R^{-1})^T
+    return Q, R, S / S.norm(dim=0, keepdim=True)
