@@ -16,6 +16,12 @@ from curvlinops.jacobian import (
     TransposedJacobianLinearOperator,
 )
 from curvlinops.norm.hutchinson import hutchinson_squared_fro
+from curvlinops.papyan2020traces.spectrum import (
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
+)
 from curvlinops.submatrix import SubmatrixLinearOperator
 from curvlinops.trace.epperly2024xtrace import xtrace
 from curvlinops.trace.hutchinson import hutchinson_trace
@@ -34,6 +40,10 @@ __all__ = [
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
+    "lanczos_approximate_spectrum",
+    "lanczos_approximate_log_spectrum",
+    "LanczosApproximateSpectrumCached",
+    "LanczosApproximateLogSpectrumCached",
     "hutchinson_trace",
     "hutchpp_trace",
     "xtrace",

@@ -1,0 +1,1 @@
+"""Spectral density estimation following Papyan (2020)."""

@@ -1,0 +1,440 @@
+r"""Spectral densities of symmetric operators by Lanczos quadrature (Papyan, 2020).
+
+A Lanczos run of :math:`n` steps (``ncv``) from a random unit vector
+:math:`\mathbf{v}` gives a tridiagonal :math:`\mathbf{T} = \mathbf{V}^\top \mathbf{A} \mathbf{V}`
+with eigenpairs :math:`(\theta_i, \mathbf{u}_i)`. The nodes :math:`\theta_i` and weights
+:math:`\tau_i^2 = (\mathbf{u}_i)_1^2` form a Gauss quadrature of the spectral measure
+:math:`\mathbf{v}^\top \delta(\lambda - \mathbf{A}) \mathbf{v}`, whose expectation over
+:math:`\mathbf{v}` is the spectral density :math:`\frac{1}{D}\sum_j \delta(\lambda -
+\lambda_j)`. Papyan smooths each node with a Gaussian on the spectrum rescaled to
+:math:`[-1, 1]`:
+
+.. math::
+    \phi(t) = \sum_i \tau_i^2\, \mathcal{N}(t; t_i, \sigma^2),\quad
+    \sigma = \frac{2}{(n - 1)\sqrt{8 \ln \kappa}},
+
+where :math:`\kappa > 1` controls the width. Densities are returned on a grid in the original
+units and integrate to one. The log-spectrum variant does the same for
+:math:`\log(|\lambda| + \epsilon)` and returns the density of :math:`|\lambda| + \epsilon`
+(grid in those units, log-spaced).
+
+Lanczos runs without re-orthogonalisation, entirely on the operator's device and in its
+dtype; only the spectral boundaries come from SciPy's ``eigsh`` on ``A.to_scipy()``.
+"""
+
+from math import log, pi, sqrt
+from typing import List, Optional, Tuple
+
+import torch
+from scipy.linalg import eigh_tridiagonal
+from scipy.sparse.linalg import eigsh
+from torch import Tensor
+
+from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops.utils import assert_is_square
+
+Boundaries = Tuple[Optional[float], Optional[float]]
+
+
+def _check(A: PyTorchLinearOperator, ncv: int, kappa: Optional[float] = None):
+    assert_is_square(A)
+    if ncv < 2:
+        raise ValueError(f"ncv must be at least 2, got {ncv}.")
+    if ncv > A.shape[0]:
+        raise ValueError(f"ncv ({ncv}) must not exceed the dimension {A.shape[0]}.")
+    if kappa is not None and kappa <= 1:
+        raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+
+
+def fast_lanczos(
+    A: PyTorchLinearOperator,
+    ncv: int,
+    use_eigh_tridiagonal: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Lanczos iteration without re-orthogonalisation from a random unit vector.
+
+    Args:
+        A: A symmetric operator.
+        ncv: Number of Lanczos steps (size of the tridiagonal matrix).
+        use_eigh_tridiagonal: Decompose the tridiagonal matrix with SciPy's
+            ``eigh_tridiagonal`` instead of ``torch.linalg.eigh``.
+        generator: Optional random number generator for the start vector; the global one
+            if ``None``.
+
+    Returns:
+        Ritz values ``[ncv]`` (ascending) and the tridiagonal matrix's eigenvectors
+        ``[ncv, ncv]`` (column ``i`` belongs to value ``i``).
+
+    Raises:
+        ValueError: If ``A`` is not square or ``ncv`` is out of range.
+    """
+    _check(A, ncv)
+    dim = A.shape[0]
+    v = torch.randn(dim, device=A.device, dtype=A.dtype, generator=generator)
+    v = v / v.norm()
+    v_prev = torch.zeros_like(v)
+    beta = v.new_zeros(())
+    alphas, betas = [], []
+    tiny = torch.finfo(A.dtype).tiny
+    for step in range(ncv):
+        w = A @ v
+        alpha = w @ v
+        w = w - alpha * v - beta * v_prev
+        alphas.append(alpha)
+        if step < ncv - 1:
+            beta = w.norm()
+            betas.append(beta)
+            # No host synchronisation: a breakdown (beta = 0) gives zero vectors, not NaNs.
+            v_prev, v = v, w / beta.clamp_min(tiny)
+    alpha_t, beta_t = torch.stack(alphas), torch.stack(betas)
+    if use_eigh_tridiagonal:
+        evals, evecs = eigh_tridiagonal(
+            alpha_t.detach().cpu().double().numpy(), beta_t.detach().cpu().double().numpy()
+        )
+        to = {"device": A.device, "dtype": A.dtype}
+        return torch.as_tensor(evals).to(**to), torch.as_tensor(evecs).to(**to)
+    T = torch.diag(alpha_t) + torch.diag(beta_t, 1) + torch.diag(beta_t, -1)
+    return torch.linalg.eigh(T)
+
+
+def _extreme_eigenvalue(A: PyTorchLinearOperator, which: str, tol: float) -> float:
+    return float(eigsh(A.to_scipy(), k=1, which=which, tol=tol, return_eigenvectors=False)[0])
+
+
+def approximate_boundaries(
+    A: PyTorchLinearOperator, tol: float = 1e-2, boundaries: Optional[Boundaries] = None
+) -> Tuple[float, float]:
+    """Smallest and largest eigenvalue, computing only what ``boundaries`` leaves open.
+
+    Args:
+        A: A symmetric operator.
+        tol: Relative accuracy of SciPy's ``eigsh``.
+        boundaries: ``None``, or a pair whose ``None`` entries are computed.
+
+    Returns:
+        ``(lambda_min, lambda_max)``.
+    """
+    assert_is_square(A)
+    lower, upper = (None, None) if boundaries is None else boundaries
+    if lower is None and upper is None:
+        evals = eigsh(A.to_scipy(), k=2, which="BE", tol=tol, return_eigenvectors=False)
+        return float(min(evals)), float(max(evals))
+    if lower is None:
+        lower = _extreme_eigenvalue(A, "SA", tol)
+    if upper is None:
+        upper = _extreme_eigenvalue(A, "LA", tol)
+    return float(lower), float(upper)
+
+
+def approximate_boundaries_abs(
+    A: PyTorchLinearOperator, tol: float = 1e-2, boundaries: Optional[Boundaries] = None
+) -> Tuple[float, float]:
+    """Smallest and largest eigenvalue magnitude, computing what ``boundaries`` leaves open.
+
+    Args:
+        A: A symmetric operator.
+        tol: Relative accuracy of SciPy's ``eigsh``.
+        boundaries: ``None``, or a pair (of magnitudes) whose ``None`` entries are computed.
+
+    Returns:
+        ``(min |lambda|, max |lambda|)``.
+    """
+    assert_is_square(A)
+    lower, upper = (None, None) if boundaries is None else boundaries
+    if lower is None:
+        lower = _extreme_eigenvalue(A, "SM", tol)
+    if upper is None:
+        upper = _extreme_eigenvalue(A, "LM", tol)
+    return abs(float(lower)), abs(float(upper))
+
+
+def _sigma(ncv: int, kappa: float) -> float:
+    return 2 / (ncv - 1) / sqrt(8 * log(kappa))
+
+
+def _gaussian_mixture(t: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
+    """Evaluate sum_i weights_i N(t; nodes_i, sigma^2) on the grid ``t``."""
+    z = (t.unsqueeze(1) - nodes.unsqueeze(0)) / sigma
+    return (torch.exp(-0.5 * z**2) * weights).sum(1) / (sigma * sqrt(2 * pi))
+
+
+def _widen(lower: float, upper: float, margin: float) -> Tuple[float, float]:
+    width = upper - lower
+    return lower - margin * width, upper + margin * width
+
+
+def lanczos_approximate_spectrum_from_iter(
+    lanczos_iter: Tuple[Tensor, Tensor],
+    boundaries: Tuple[float, float],
+    num_points: int,
+    kappa: float,
+    margin: float,
+) -> Tuple[Tensor, Tensor]:
+    """Smoothed spectral density from one Lanczos run.
+
+    Args:
+        lanczos_iter: Ritz values ``[ncv]`` and tridiagonal eigenvectors ``[ncv, ncv]``.
+        boundaries: ``(lambda_min, lambda_max)`` of the spectrum.
+        num_points: Number of grid points.
+        kappa: Width parameter (> 1); larger gives narrower Gaussians.
+        margin: Relative widening of the interval on both sides.
+
+    Returns:
+        The grid ``[num_points]`` and the density on it.
+
+    Raises:
+        ValueError: If ``kappa <= 1``.
+    """
+    if kappa <= 1:
+        raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+    evals, evecs = lanczos_iter
+    lower, upper = _widen(*boundaries, margin)
+    center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
+    nodes = (evals - center) / half_width
+    weights = evecs[0, :] ** 2 / half_width
+    t = torch.linspace(-1, 1, num_points, device=evals.device, dtype=evals.dtype)
+    density = _gaussian_mixture(t, nodes, weights, _sigma(evals.numel(), kappa))
+    grid = torch.linspace(lower, upper, num_points, device=evals.device, dtype=evals.dtype)
+    return grid, density
+
+
+def lanczos_approximate_log_spectrum_from_iter(
+    lanczos_iter: Tuple[Tensor, Tensor],
+    boundaries: Tuple[float, float],
+    num_points: int,
+    kappa: float,
+    margin: float,
+    epsilon: float,
+) -> Tuple[Tensor, Tensor]:
+    """Smoothed density of ``|lambda| + epsilon`` from one Lanczos run, on a log-spaced grid.
+
+    Args:
+        lanczos_iter: Ritz values ``[ncv]`` and tridiagonal eigenvectors ``[ncv, ncv]``.
+        boundaries: ``(min |lambda|, max |lambda|)``.
+        num_points: Number of grid points.
+        kappa: Width parameter (> 1).
+        margin: Relative widening of the log interval on both sides.
+        epsilon: Shift that keeps the logarithm finite.
+
+    Returns:
+        The grid ``[num_points]`` (in units of ``|lambda| + epsilon``) and the density.
+
+    Raises:
+        ValueError: If ``kappa <= 1``.
+    """
+    if kappa <= 1:
+        raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+    evals, evecs = lanczos_iter
+    lower, upper = _widen(log(boundaries[0] + epsilon), log(boundaries[1] + epsilon), margin)
+    center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
+    nodes = (torch.log(evals.abs() + epsilon) - center) / half_width
+    t = torch.linspace(-1, 1, num_points, device=evals.device, dtype=evals.dtype)
+    density = _gaussian_mixture(t, nodes, evecs[0, :] ** 2, _sigma(evals.numel(), kappa))
+    grid = torch.exp(t * half_width + center)
+    return grid, density / (half_width * grid)
+
+
+def lanczos_approximate_spectrum(
+    A: PyTorchLinearOperator,
+    ncv: int,
+    num_points: int = 1024,
+    num_repeats: int = 1,
+    kappa: float = 3.0,
+    boundaries: Optional[Boundaries] = None,
+    margin: float = 0.05,
+    boundaries_tol: float = 1e-2,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Spectral density of a symmetric operator, averaged over Lanczos runs.
+
+    Args:
+        A: A symmetric operator.
+        ncv: Lanczos steps per run.
+        num_points: Number of grid points.
+        num_repeats: Number of independent runs to average.
+        kappa: Width parameter (> 1).
+        boundaries: Known ``(lambda_min, lambda_max)``; ``None`` entries are estimated.
+        margin: Relative widening of the interval.
+        boundaries_tol: Relative accuracy of the boundary estimation.
+        generator: Optional random number generator for the start vectors.
+
+    Returns:
+        The grid and the density.
+    """
+    _check(A, ncv, kappa)
+    bounds = approximate_boundaries(A, tol=boundaries_tol, boundaries=boundaries)
+    densities = []
+    for _ in range(num_repeats):
+        run = fast_lanczos(A, ncv, generator=generator)
+        grid, density = lanczos_approximate_spectrum_from_iter(
+            run, bounds, num_points, kappa, margin
+        )
+        densities.append(density)
+    return grid, torch.stack(densities).mean(0)
+
+
+def lanczos_approximate_log_spectrum(
+    A: PyTorchLinearOperator,
+    ncv: int,
+    num_points: int = 1024,
+    num_repeats: int = 1,
+    kappa: float = 1.04,
+    boundaries: Optional[Boundaries] = None,
+    margin: float = 0.05,
+    boundaries_tol: float = 1e-2,
+    epsilon: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Density of ``|lambda| + epsilon`` on a log-spaced grid, averaged over Lanczos runs.
+
+    Args:
+        A: A symmetric operator.
+        ncv: Lanczos steps per run.
+        num_points: Number of grid points.
+        num_repeats: Number of independent runs to average.
+        kappa: Width parameter (> 1).
+        boundaries: Known ``(min |lambda|, max |lambda|)``; ``None`` entries are estimated.
+        margin: Relative widening of the log interval.
+        boundaries_tol: Relative accuracy of the boundary estimation.
+        epsilon: Shift that keeps the logarithm finite.
+        generator: Optional random number generator for the start vectors.
+
+    Returns:
+        The grid and the density.
+    """
+    _check(A, ncv, kappa)
+    bounds = approximate_boundaries_abs(A, tol=boundaries_tol, boundaries=boundaries)
+    densities = []
+    for _ in range(num_repeats):
+        run = fast_lanczos(A, ncv, generator=generator)
+        grid, density = lanczos_approximate_log_spectrum_from_iter(
+            run, bounds, num_points, kappa, margin, epsilon
+        )
+        densities.append(density)
+    return grid, torch.stack(densities).mean(0)
+
+
+class _LanczosCache:
+    """Boundaries estimated once and Lanczos runs kept for reuse."""
+
+    def __init__(
+        self,
+        A: PyTorchLinearOperator,
+        ncv: int,
+        boundaries: Tuple[float, float],
+        generator: Optional[torch.Generator],
+    ):
+        self._A, self._ncv, self._boundaries = A, ncv, boundaries
+        self._generator = generator
+        self._runs: List[Tuple[Tensor, Tensor]] = []
+
+    def _runs_for(self, num_repeats: int) -> List[Tuple[Tensor, Tensor]]:
+        if num_repeats < 1:
+            raise ValueError(f"num_repeats must be positive, got {num_repeats}.")
+        while len(self._runs) < num_repeats:
+            self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
+        return self._runs[:num_repeats]
+
+
+class LanczosApproximateSpectrumCached(_LanczosCache):
+    """Spectral density with cached boundaries and Lanczos runs (for trying parameters)."""
+
+    def __init__(
+        self,
+        A: PyTorchLinearOperator,
+        ncv: int,
+        boundaries: Optional[Boundaries] = None,
+        boundaries_tol: float = 1e-2,
+        generator: Optional[torch.Generator] = None,
+    ):
+        """Estimate the boundaries.
+
+        Args:
+            A: A symmetric operator.
+            ncv: Lanczos steps per run.
+            boundaries: Known ``(lambda_min, lambda_max)``; ``None`` entries are estimated.
+            boundaries_tol: Relative accuracy of the boundary estimation.
+            generator: Optional random number generator for the start vectors.
+        """
+        _check(A, ncv)
+        bounds = approximate_boundaries(A, tol=boundaries_tol, boundaries=boundaries)
+        super().__init__(A, ncv, bounds, generator)
+
+    def approximate_spectrum(
+        self,
+        num_repeats: int = 1,
+        num_points: int = 1024,
+        kappa: float = 3.0,
+        margin: float = 0.05,
+    ) -> Tuple[Tensor, Tensor]:
+        """Density averaged over the first ``num_repeats`` cached runs (run more if needed).
+
+        Args:
+            num_repeats: Number of runs to average.
+            num_points: Number of grid points.
+            kappa: Width parameter (> 1).
+            margin: Relative widening of the interval.
+
+        Returns:
+            The grid (of the first run) and the mean density.
+        """
+        results = [
+            lanczos_approximate_spectrum_from_iter(run, self._boundaries, num_points, kappa, margin)
+            for run in self._runs_for(num_repeats)
+        ]
+        return results[0][0], torch.stack([d for _, d in results]).mean(0)
+
+
+class LanczosApproximateLogSpectrumCached(_LanczosCache):
+    """Log-spectral density with cached boundaries and Lanczos runs."""
+
+    def __init__(
+        self,
+        A: PyTorchLinearOperator,
+        ncv: int,
+        boundaries: Optional[Boundaries] = None,
+        boundaries_tol: float = 1e-2,
+        generator: Optional[torch.Generator] = None,
+    ):
+        """Estimate the boundaries of ``|A|``.
+
+        Args:
+            A: A symmetric operator.
+            ncv: Lanczos steps per run.
+            boundaries: Known ``(min |lambda|, max |lambda|)``; ``None`` entries are
+                estimated.
+            boundaries_tol: Relative accuracy of the boundary estimation.
+            generator: Optional random number generator for the start vectors.
+        """
+        _check(A, ncv)
+        bounds = approximate_boundaries_abs(A, tol=boundaries_tol, boundaries=boundaries)
+        super().__init__(A, ncv, bounds, generator)
+
+    def approximate_log_spectrum(
+        self,
+        num_repeats: int = 1,
+        num_points: int = 1024,
+        kappa: float = 3.0,
+        margin: float = 0.05,
+        epsilon: float = 1e-5,
+    ) -> Tuple[Tensor, Tensor]:
+        """Log-density averaged over the first ``num_repeats`` cached runs.
+
+        Args:
+            num_repeats: Number of runs to average.
+            num_points: Number of grid points.
+            kappa: Width parameter (> 1).
+            margin: Relative widening of the log interval.
+            epsilon: Shift that keeps the logarithm finite.
+
+        Returns:
+            The grid (of the first run) and the mean density.
+        """
+        results = [
+            lanczos_approximate_log_spectrum_from_iter(
+                run, self._boundaries, num_points, kappa, margin, epsilon
+            )
+            for run in self._runs_for(num_repeats)
+        ]
+        return results[0][0], torch.stack([d for _, d in results]).mean(0)
