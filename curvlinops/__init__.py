@@ -2,12 +2,14 @@
 
 from curvlinops.diagonal.epperly2024xtrace import xdiag
 from curvlinops.diagonal.hutchinson import hutchinson_diag
+from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient_moments import EFLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.inverse import (
     CGInverseLinearOperator,
+    KFACInverseLinearOperator,
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
@@ -15,6 +17,7 @@ from curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
 from curvlinops.norm.hutchinson import hutchinson_squared_fro
 from curvlinops.papyan2020traces.spectrum import (
     LanczosApproximateLogSpectrumCached,
@@ -34,11 +37,16 @@ __all__ = [
     "GGNLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",
+    "KFACLinearOperator",
+    "EKFACLinearOperator",
     "JacobianLinearOperator",
     "TransposedJacobianLinearOperator",
+    "FisherType",
+    "KFACType",
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
+    "KFACInverseLinearOperator",
     "SubmatrixLinearOperator",
     "lanczos_approximate_spectrum",
     "lanczos_approximate_log_spectrum",

@@ -15,7 +15,7 @@ of inverse of :math:`\mathbf{A}^\top` with the same hyper-parameters.
 """
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
@@ -24,11 +24,13 @@ from torch import Tensor
 
 from curvlinops._inverse_base import _InversePyTorchLinearOperator
 from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops.kfac_inverse import KFACInverseLinearOperator
 
 __all__ = [
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
+    "KFACInverseLinearOperator",
 ]
 
 
@@ -276,16 +278,3 @@ class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
         return NeumannInverseLinearOperator(
             self._A.adjoint(), self._num_terms, self._scale, self._check_nan
         )
-
-
-def _kfac_inverse_class() -> Optional[type]:
-    """Import the KFAC inverse lazily (it depends on the KFAC operators)."""
-    from curvlinops.kfac_inverse import KFACInverseLinearOperator
-
-    return KFACInverseLinearOperator
-
-
-def __getattr__(name: str):
-    if name == "KFACInverseLinearOperator":
-        return _kfac_inverse_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,251 @@
+r"""Eigenvalue-corrected KFAC (EKFAC; George et al., 2018).
+
+KFAC's block :math:`\mathbf{G} \otimes \mathbf{A}` has the eigenbasis :math:`\mathbf{Q}_G
+\otimes \mathbf{Q}_A` and eigenvalues :math:`\lambda_G \lambda_A^\top`. EKFAC keeps the basis
+and replaces the eigenvalues by the second moments of the per-example gradients rotated into
+it, the Frobenius-optimal diagonal in that basis:
+
+.. math::
+    \boldsymbol{\Lambda} = \kappa \sum_n \big(\mathbf{Q}_G^\top \boldsymbol{\Gamma}_n
+    \mathbf{Q}_A\big)^{\odot 2},\qquad
+    \mathbf{V} \mapsto \mathbf{Q}_G \big((\mathbf{Q}_G^\top \mathbf{V} \mathbf{Q}_A) \odot
+    \boldsymbol{\Lambda}\big) \mathbf{Q}_A^\top,
+
+with per-example gradients :math:`\boldsymbol{\Gamma}_n = \sum_s \mathbf{g}_{n,s}
+\mathbf{a}_{n,s}^\top` built from the same backpropagated vectors (and scaling
+:math:`\kappa`) as KFAC's :math:`\mathbf{G}`; biases use :math:`\mathbf{Q}_G^\top \sum_s
+\mathbf{g}_{n,s}`. Same-sized factors are decomposed in one batched ``eigh`` call (with a
+float64 and then a damped fallback), and the correction takes one further pass over the data.
+Only 2-d model outputs (one loss term per datum) are supported.
+"""
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from curvlinops._ekfac_correction import (
+    batched_eigh,
+    compute_eigenvalue_correction_linear_weight_sharing,
+)
+from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+
+__all__ = [
+    "EKFACLinearOperator",
+    "compute_eigenvalue_correction_linear_weight_sharing",
+    "FisherType",
+    "KFACType",
+    "KFACLinearOperator",
+]
+
+
+class EKFACLinearOperator(KFACLinearOperator):
+    r"""Eigenvalue-corrected Kronecker-factored approximation of the Fisher/GGN.
+
+    Same constructor as :class:`~curvlinops.KFACLinearOperator` (``FisherType.FORWARD_ONLY``
+    excluded). After the computation the eigenvectors live in
+    ``_input_covariances_eigenvectors`` / ``_gradient_covariances_eigenvectors`` and the
+    corrected eigenvalues in ``_corrected_eigenvalues`` (per module: a ``[d_out, d_in + 1]``
+    tensor for a joint weight and bias, else ``{param_position: tensor}``); the raw factors
+    are dropped to save memory.
+
+    Attributes:
+        SELF_ADJOINT: ``True``.
+    """
+
+    _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
+
+    def _initialize_storage(self):
+        """KFAC's storage plus eigenvectors, corrected eigenvalues and cached activations."""
+        super()._initialize_storage()
+        self._input_covariances_eigenvectors: Dict[str, Tensor] = {}
+        self._gradient_covariances_eigenvectors: Dict[str, Tensor] = {}
+        self._corrected_eigenvalues: Dict[str, Union[Tensor, Dict[int, Tensor]]] = {}
+        self._cached_activations: Dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- computation
+    def _output_gradients(self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]):
+        if output.ndim != 2 or y.ndim not in (1, 2):
+            raise ValueError(
+                "EKFACLinearOperator supports 2-d model outputs with 1-d or 2-d labels only, "
+                f"got output {list(output.shape)} and labels {list(y.shape)}. Flatten sequence "
+                "outputs inside the model, or use KFACLinearOperator."
+            )
+        return super()._output_gradients(X, y, output, outputs)
+
+    def compute_kronecker_factors(self):
+        """Compute KFAC's factors; the eigenbases and corrections are recomputed lazily."""
+        self._input_covariances_eigenvectors.clear()
+        self._gradient_covariances_eigenvectors.clear()
+        self._corrected_eigenvalues.clear()
+        super().compute_kronecker_factors()
+
+    def _compute_eigenbases(self):
+        """Decompose all factors (same sizes batched) and drop the raw factors."""
+        self._maybe_compute_kronecker_factors()
+        matrices = {("A", k): v for k, v in self._input_covariances.items()}
+        matrices.update({("G", k): v for k, v in self._gradient_covariances.items()})
+        decompositions = batched_eigh(matrices)
+        for (side, name), (_, evecs) in decompositions.items():
+            target = (
+                self._input_covariances_eigenvectors
+                if side == "A"
+                else self._gradient_covariances_eigenvectors
+            )
+            target[name] = evecs
+        self._input_covariances.clear()
+        self._gradient_covariances.clear()
+
+    def compute_eigenvalue_correction(self):
+        """Compute the corrected eigenvalues with one pass over the data."""
+        self._reset_properties()
+        if not self._gradient_covariances_eigenvectors:
+            self._compute_eigenbases()
+        self._corrected_eigenvalues.clear()
+        input_names = [n for n, e in self._mapping.items() if "weight" in e]
+        totals: Dict[Tuple[str, str], Tensor] = {}
+        for inputs, grads in self._layer_quantities(
+            input_names, reduce_inputs=False, desc="compute_eigenvalue_correction"
+        ):
+            self._cached_activations = inputs
+            for name, kind, _ in self._blocks():
+                g = grads[name]
+                g = g.reshape(-1, *g.shape[2:])  # [V * B, S, d_out]
+                Q_G = self._gradient_covariances_eigenvectors[name]
+                if kind == "bias":
+                    value = compute_eigenvalue_correction_linear_weight_sharing(g, Q_G, None, None)
+                else:
+                    a = inputs[name]
+                    num_vectors = grads[name].shape[0]
+                    a = a.unsqueeze(0).expand(num_vectors, *a.shape).reshape(-1, *a.shape[1:])
+                    value = compute_eigenvalue_correction_linear_weight_sharing(
+                        g, Q_G, a, self._input_covariances_eigenvectors[name]
+                    )
+                key = (name, kind)
+                totals[key] = value if key not in totals else totals[key] + value
+            self._cached_activations = {}
+        for name, kind, positions in self._blocks():
+            value = totals[(name, kind)]
+            if kind == "joint":
+                self._corrected_eigenvalues[name] = value
+            else:
+                self._corrected_eigenvalues.setdefault(name, {})[positions[0]] = value
+
+    def _maybe_compute_ekfac(self):
+        """Compute eigenbases and corrected eigenvalues if missing."""
+        if not self._corrected_eigenvalues:
+            self.compute_eigenvalue_correction()
+
+    def _block_eigenvalues(self, name: str, kind: str, positions: Tuple[int, ...]) -> Tensor:
+        """Corrected eigenvalues of a block as ``[d_out, n]`` (``n = 1`` for a bias)."""
+        stored = self._corrected_eigenvalues[name]
+        value = stored if kind == "joint" else stored[positions[0]]
+        return value.unsqueeze(-1) if kind == "bias" else value
+
+    # ----------------------------------------------------------------- products
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+        self._maybe_compute_ekfac()
+        positions_of = {(n, k): p for n, k, p in self._blocks()}
+
+        def apply(name: str, kind: str, V: Tensor) -> Tensor:
+            Q_G = self._gradient_covariances_eigenvectors[name]
+            Q_A: Optional[Tensor] = (
+                None if kind == "bias" else self._input_covariances_eigenvectors[name]
+            )
+            rotated = Q_G.T @ V
+            if Q_A is not None:
+                rotated = rotated @ Q_A
+            rotated = rotated * self._block_eigenvalues(name, kind, positions_of[(name, kind)])
+            out = Q_G @ rotated
+            return out if Q_A is None else out @ Q_A.T
+
+        return self._apply_blocks(M, apply)
+
+    # ----------------------------------------------------------------- properties
+    def _all_eigenvalues(self) -> List[Tensor]:
+        self._maybe_compute_ekfac()
+        return [self._block_eigenvalues(n, k, p) for n, k, p in self._blocks()]
+
+    @property
+    def trace(self) -> Tensor:
+        """Trace, the sum of the corrected eigenvalues."""
+        if self._trace is None:
+            self._trace = sum(lam.sum() for lam in self._all_eigenvalues())
+        return self._trace
+
+    @property
+    def det(self) -> Tensor:
+        """Determinant, the product of the corrected eigenvalues."""
+        if self._det is None:
+            det = torch.ones((), dtype=self.dtype, device=self.device)
+            for lam in self._all_eigenvalues():
+                det = det * lam.prod()
+            self._det = det
+        return self._det
+
+    @property
+    def logdet(self) -> Tensor:
+        """Log-determinant, the sum of the logarithms of the corrected eigenvalues."""
+        if self._logdet is None:
+            self._logdet = sum(lam.log().sum() for lam in self._all_eigenvalues())
+        return self._logdet
+
+    @property
+    def frobenius_norm(self) -> Tensor:
+        """Frobenius norm, the root of the sum of squared corrected eigenvalues."""
+        if self._frobenius_norm is None:
+            self._frobenius_norm = torch.as_tensor(
+                sum((lam**2).sum() for lam in self._all_eigenvalues())
+            ).sqrt()
+        return self._frobenius_norm
+
+    # ----------------------------------------------------------------- determinism
+    def _factor_snapshot(self) -> Dict[str, Tensor]:
+        self._maybe_compute_ekfac()
+        return {
+            f"corrected eigenvalues {n} ({k})": self._block_eigenvalues(n, k, p).clone()
+            for n, k, p in self._blocks()
+        }
+
+    def _recompute(self):
+        self.compute_kronecker_factors()
+        self._maybe_compute_ekfac()
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict:
+        """KFAC's state dict plus eigenvectors, cached activations and eigenvalues.
+
+        Returns:
+            The state dict.
+        """
+        state = super().state_dict()
+        state.update(
+            {
+                "input_covariances_eigenvectors": self._input_covariances_eigenvectors,
+                "gradient_covariances_eigenvectors": self._gradient_covariances_eigenvectors,
+                "cached_activations": self._cached_activations,
+                "corrected_eigenvalues": self._corrected_eigenvalues,
+            }
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict):
+        """Restore a checkpoint (overwrites the model's parameters).
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: If loss, reduction or factor keys do not match this operator.
+        """
+        super().load_state_dict(state_dict)
+        self._check_keys(state_dict["input_covariances_eigenvectors"], "input eigenvectors", True)
+        self._check_keys(
+            state_dict["gradient_covariances_eigenvectors"], "gradient eigenvectors", False
+        )
+        self._input_covariances_eigenvectors = dict(state_dict["input_covariances_eigenvectors"])
+        self._gradient_covariances_eigenvectors = dict(
+            state_dict["gradient_covariances_eigenvectors"]
+        )
+        self._cached_activations = dict(state_dict["cached_activations"])
+        self._corrected_eigenvalues = dict(state_dict["corrected_eigenvalues"])

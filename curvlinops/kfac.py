@@ -1,0 +1,790 @@
+r"""Kronecker-factored approximate curvature (KFAC).
+
+For a layer with weight :math:`\mathbf{W} \in \mathbb{R}^{d_\text{out} \times d_\text{in}}`
+(convolution weights flattened over their last axes), inputs :math:`\mathbf{x}` and output
+gradients :math:`\mathbf{g}`, KFAC approximates the layer's block of the Fisher/GGN by
+
+.. math::
+    \mathbf{G} \otimes \mathbf{A},\quad
+    \mathbf{A} = \frac{1}{N s} \sum_{n, t} \hat{\mathbf{x}}_{n,t} \hat{\mathbf{x}}_{n,t}^\top,
+    \quad
+    \mathbf{G} = \sum_{n, t, v} \hat{\mathbf{g}}_{n,t,v} \hat{\mathbf{g}}_{n,t,v}^\top,
+
+in the row-major flattening of :math:`\mathbf{W}` (so :math:`\mathbf{V} \mapsto \mathbf{G}
+\mathbf{V} \mathbf{A}`). :math:`t` runs over the :math:`s` positions that share the weight
+(sequence positions of a ``Linear``, output locations of a convolution whose inputs are
+unfolded into patches). ``KFACType.EXPAND`` treats every position as an example;
+``KFACType.REDUCE`` averages the inputs and sums the output gradients over the positions first
+(:math:`s = 1`). Biases use :math:`\mathbf{G}` alone, or join the weight when
+``separate_weight_and_bias=False`` (a constant 1 is appended to every input).
+
+The output gradients :math:`\hat{\mathbf{g}}` are backpropagated from the flattened output
+``[R, C]`` (rows = loss terms) with the vectors :math:`v` that define the curvature:
+
+- ``TYPE2``: the :math:`C` columns of a square root of the loss Hessian per row (exact GGN
+  for linear networks);
+- ``MC``: ``mc_samples`` sampled gradients whose outer products average to the loss Hessian
+  (the same samples as :class:`~curvlinops.FisherMCLinearOperator` with the same seed);
+- ``EMPIRICAL``: the gradients at the true labels;
+- ``FORWARD_ONLY``: no backward pass, :math:`\mathbf{G} = \mathbf{I}`.
+
+They are scaled so that the sum above equals :math:`\kappa \sum \mathbf{g}\mathbf{g}^\top`
+with :math:`\kappa = 1/M` for ``reduction='sum'`` and :math:`\kappa = (BR)^2 / (NMR)` for
+``'mean'`` applied to the gradients of the mean-reduced loss (:math:`R` loss terms per datum,
+:math:`M` samples, and the :math:`\sqrt{C}` correction for mean MSE/BCE).
+
+**How the factors are computed.** One forward pass per batch with hooks: a forward pre-hook
+turns each layer's input into rows (patches for convolutions) right away, and a forward hook
+keeps the layer's output as a node of the graph and hands the next layer a copy, so in-place
+activations (``ReLU(inplace=True)``) cannot overwrite it. Then *one* call of
+``torch.autograd.grad`` from the flattened output to all kept layer outputs computes the
+output gradients of every layer, for all backpropagated vectors at once
+(``is_grads_batched``, in chunks of ``MAX_COLUMNS_PER_CHUNK``). Parameter ``.grad`` fields
+are never touched.
+"""
+
+import warnings
+from enum import Enum, EnumMeta
+from math import sqrt
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Generator, Tensor, nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+
+from curvlinops._losses import (
+    check_binary_targets,
+    check_sampling_options,
+    draw_labels,
+    flatten_labels,
+    num_terms_normalization,
+    row_loss_gradients,
+    sample_grad_outputs,
+    to_rows,
+)
+from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops.kfac_utils import _extract_averaged_patches_nd, _extract_patches_nd
+from curvlinops.utils import allclose_report
+
+FactorType = Optional[Tensor]
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Beyond the contract's _SUPPORTED_MODULES: 1-d and 3-d convolutions share the patch maths.
+_KFAC_MODULES = (nn.Linear, *_CONV_MODULES)
+
+
+class MetaEnum(EnumMeta):
+    """Enum metaclass whose ``in`` accepts members and member values and never raises."""
+
+    def __contains__(cls, item) -> bool:
+        try:
+            cls(item)
+        except Exception:  # noqa: BLE001 (membership must not raise for any input)
+            return False
+        return True
+
+
+class FisherType(str, Enum, metaclass=MetaEnum):
+    """Which curvature KFAC approximates (how output gradients are backpropagated)."""
+
+    TYPE2 = "type-2"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+    FORWARD_ONLY = "forward-only"
+
+
+class KFACType(str, Enum, metaclass=MetaEnum):
+    """How weight sharing is handled (Eschenhagen et al., 2023)."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+# A block of the block-diagonal approximation: (module name, kind, parameter positions) with
+# kind "weight", "bias" (G alone) or "joint" (weight and bias, ones appended to the inputs).
+Block = Tuple[str, str, Tuple[int, ...]]
+
+
+def _sym_sqrt_cotangents(loss_func, f_flat: Tensor) -> Tensor:
+    """Columns of a square root of each row's sum-reduced loss Hessian, ``[C, R, C]``."""
+    R, C = f_flat.shape
+    if isinstance(loss_func, MSELoss):
+        eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
+        return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
+    if isinstance(loss_func, CrossEntropyLoss):
+        p = f_flat.softmax(dim=1)
+        p_sqrt = p.sqrt()
+        # column c of diag(sqrt p) - p sqrt(p)^T: sqrt(p_c) (e_c - p)
+        eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
+        return p_sqrt.T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+    sigma = f_flat.sigmoid()
+    scale = (sigma * (1 - sigma)).sqrt()
+    eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
+    return eye.unsqueeze(1) * scale.unsqueeze(0)
+
+
+class KFACLinearOperator(CurvatureLinearOperator):
+    r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
+
+    See the module docstring for the mathematics. Each block maps a weight
+    :math:`\mathbf{V}` (``[d_out, d_in]``) to :math:`\mathbf{G}\mathbf{V}\mathbf{A}`, a bias
+    :math:`\mathbf{v}` to :math:`\mathbf{G}\mathbf{v}`; cross-layer blocks are zero.
+    Supports ``nn.Linear`` (any leading axes) and ``nn.Conv1d/2d/3d`` layers, ``MSELoss``,
+    ``CrossEntropyLoss`` and ``BCEWithLogitsLoss`` with mean or sum reduction, outputs with
+    extra (sequence) axes and dict inputs.
+
+    The factors live in ``_input_covariances`` (A, per module with a weight in ``params``) and
+    ``_gradient_covariances`` (G, per module), keyed by module name; products read them live.
+
+    Attributes:
+        SELF_ADJOINT: ``True``.
+    """
+
+    SELF_ADJOINT: bool = True
+    _SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+    _SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+    _SUPPORTED_FISHER_TYPE = FisherType
+    _SUPPORTED_KFAC_APPROX = KFACType
+
+    def __init__(
+        self,
+        model_func: nn.Module,
+        loss_func: Union[MSELoss, CrossEntropyLoss, BCEWithLogitsLoss],
+        params: List[Tensor],
+        data,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        seed: int = 2147483647,
+        fisher_type: str = FisherType.MC,
+        mc_samples: int = 1,
+        kfac_approx: str = KFACType.EXPAND,
+        num_per_example_loss_terms: Optional[int] = None,
+        separate_weight_and_bias: bool = True,
+        num_data: Optional[int] = None,
+        batch_size_fn: Optional[Callable] = None,
+    ):
+        """Set up the operator (the factors are computed lazily or by the check).
+
+        Args:
+            model_func: The network (an ``nn.Module``).
+            loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+            params: Weights and biases of supported layers (any subset, any order).
+            data: Re-iterable batches ``(X, y)``.
+            progressbar: Show progress bars.
+            check_deterministic: Check determinism at construction (computes the factors).
+            seed: Seed of the generator for Monte-Carlo samples.
+            fisher_type: A :class:`FisherType` (or its value).
+            mc_samples: Number of Monte-Carlo samples (only with ``FisherType.MC``).
+            kfac_approx: A :class:`KFACType` (or its value).
+            num_per_example_loss_terms: Loss terms (rows) per datum; inferred if ``None``.
+            separate_weight_and_bias: Treat weight and bias of a layer as separate blocks.
+            num_data: Number of data points; one pass over the data if ``None``.
+            batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+
+        Raises:
+            ValueError: For an unsupported loss, Fisher type or KFAC type, ``mc_samples != 1``
+                without ``FisherType.MC``, dict inputs without ``batch_size_fn``, or a
+                non-integer number of loss terms per datum.
+            NotImplementedError: If a parameter does not belong to a supported layer, or the
+                loss uses options that sampling ignores.
+        """
+        if not isinstance(loss_func, self._SUPPORTED_LOSSES):
+            raise ValueError(
+                f"Invalid loss {type(loss_func).__name__}; supported losses: "
+                f"{[c.__name__ for c in self._SUPPORTED_LOSSES]}."
+            )
+        if fisher_type not in self._SUPPORTED_FISHER_TYPE:
+            raise ValueError(
+                f"Invalid fisher_type {fisher_type!r}; supported: "
+                f"{[FisherType(t).value for t in self._SUPPORTED_FISHER_TYPE]}."
+            )
+        if mc_samples != 1 and fisher_type != FisherType.MC:
+            raise ValueError(
+                f"mc_samples={mc_samples} only makes sense with fisher_type='mc', got "
+                f"fisher_type={FisherType(fisher_type).value!r}. Leave mc_samples=1."
+            )
+        if kfac_approx not in self._SUPPORTED_KFAC_APPROX:
+            raise ValueError(
+                f"Invalid kfac_approx {kfac_approx!r}; supported: {[t.value for t in KFACType]}."
+            )
+        if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
+            check_sampling_options(loss_func, type(self).__name__)
+        self._mapping = self.compute_parameter_mapping(params, model_func)
+        self._modules = dict(model_func.named_modules())
+        self._seed = seed
+        self._generator: Optional[Generator] = None
+        self._fisher_type = fisher_type
+        self._mc_samples = mc_samples
+        self._kfac_approx = kfac_approx
+        self._separate_weight_and_bias = separate_weight_and_bias
+        self._initialize_storage()
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=False,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+        self._num_per_example_loss_terms = (
+            self._infer_num_per_example_loss_terms()
+            if num_per_example_loss_terms is None
+            else num_per_example_loss_terms
+        )
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ----------------------------------------------------------------- set-up
+    @classmethod
+    def compute_parameter_mapping(
+        cls, params: List[Tensor], model_func: nn.Module
+    ) -> Dict[str, Dict[str, int]]:
+        """Map supported layers to the positions of their weight/bias in ``params``.
+
+        Args:
+            params: The parameters.
+            model_func: The network.
+
+        Returns:
+            ``{module_name: {"weight": position, "bias": position}}`` (present entries only),
+            in the order of ``model_func.named_modules()``.
+
+        Raises:
+            NotImplementedError: If a parameter is not the weight or bias of a supported
+                layer (the message names the layer and its type).
+        """
+        positions = {p.data_ptr(): i for i, p in enumerate(params)}
+        mapping: Dict[str, Dict[str, int]] = {}
+        found = set()
+        for name, module in model_func.named_modules():
+            if not isinstance(module, _KFAC_MODULES):
+                continue
+            entry = {}
+            for kind in ("weight", "bias"):
+                p = getattr(module, kind, None)
+                if p is not None and p.data_ptr() in positions:
+                    entry[kind] = positions[p.data_ptr()]
+                    found.add(entry[kind])
+            if entry:
+                mapping[name] = entry
+        missing = [i for i in range(len(params)) if i not in found]
+        if missing:
+            owners = []
+            for name, module in model_func.named_modules():
+                for p_name, p in module.named_parameters(recurse=False):
+                    if p.data_ptr() in {params[i].data_ptr() for i in missing}:
+                        owners.append(f"{name}.{p_name} ({type(module).__name__})")
+            where = ", ".join(owners) if owners else f"positions {missing} (not in the model)"
+            raise NotImplementedError(
+                f"KFAC supports parameters of {[c.__name__ for c in _KFAC_MODULES]} only; "
+                f"unsupported: {where}. Remove these from params."
+            )
+        return mapping
+
+    def _initialize_storage(self):
+        """Empty factor dicts and property caches."""
+        self._input_covariances: Dict[str, Tensor] = {}
+        self._gradient_covariances: Dict[str, Tensor] = {}
+        self._reset_properties()
+
+    def _infer_num_per_example_loss_terms(self) -> int:
+        total = 0
+        for _, y in self._loop_over_data(desc="num_per_example_loss_terms"):
+            total += (
+                y.numel() if isinstance(self._loss_func, CrossEntropyLoss) else y.shape[:-1].numel()
+            )
+        if total % self._N_data != 0:
+            raise ValueError(
+                f"Cannot infer num_per_example_loss_terms: {total} loss terms over "
+                f"{self._N_data} data points is not an integer. Pass it explicitly."
+            )
+        return total // self._N_data
+
+    def _reset_properties(self):
+        self._trace: Optional[Tensor] = None
+        self._det: Optional[Tensor] = None
+        self._logdet: Optional[Tensor] = None
+        self._frobenius_norm: Optional[Tensor] = None
+
+    def _blocks(self) -> List[Block]:
+        """The diagonal blocks, in module order."""
+        blocks = []
+        for name, entry in self._mapping.items():
+            if "weight" in entry and "bias" in entry and not self._separate_weight_and_bias:
+                blocks.append((name, "joint", (entry["weight"], entry["bias"])))
+                continue
+            if "weight" in entry:
+                blocks.append((name, "weight", (entry["weight"],)))
+            if "bias" in entry:
+                blocks.append((name, "bias", (entry["bias"],)))
+        return blocks
+
+    def _joint(self, name: str) -> bool:
+        entry = self._mapping[name]
+        return "weight" in entry and "bias" in entry and not self._separate_weight_and_bias
+
+    # ----------------------------------------------------------------- sampling
+    def _reseed_generator(self):
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self._seed)
+
+    def draw_label(self, output: Tensor) -> Tensor:
+        """Sample labels from the likelihood the loss defines (operator's generator).
+
+        Args:
+            output: 2-d output ``[R, C]``.
+
+        Returns:
+            MSE: ``output + sqrt(0.5) * noise``; CE: class indices ``[R]``; BCE: 0/1 floats.
+
+        Raises:
+            ValueError: If ``output`` is not 2-d.
+            NotImplementedError: For unsupported losses.
+        """
+        if output.ndim != 2:
+            raise ValueError(f"Expected a 2-d output [R, C], got shape {list(output.shape)}.")
+        if self._generator is None:
+            self._reseed_generator()
+        return draw_labels(self._loss_func, output.detach(), 1, self._generator)[0]
+
+    # ----------------------------------------------------------------- data passes
+    def _cotangents(self, X, y: Tensor, f_flat: Tensor, y_flat: Tensor) -> Tensor:
+        """Vectors backpropagated from the flattened output, ``[V, R, C]``, scaled (see module)."""
+        fisher_type = FisherType(self._fisher_type)
+        loss_func = self._loss_func
+        f = f_flat.detach()
+        if fisher_type == FisherType.TYPE2:
+            if isinstance(loss_func, BCEWithLogitsLoss):
+                check_binary_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
+            vectors, num_samples = _sym_sqrt_cotangents(loss_func, f), 1
+        elif fisher_type == FisherType.MC:
+            vectors = sample_grad_outputs(loss_func, f, self._mc_samples, self._generator)
+            num_samples = self._mc_samples
+        else:
+            vectors, num_samples = row_loss_gradients(loss_func, f, y_flat).unsqueeze(0), 1
+        if loss_func.reduction == "sum":
+            return vectors / sqrt(num_samples)
+        B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
+        kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
+        # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
+        correction = 1.0 if isinstance(loss_func, CrossEntropyLoss) else sqrt(f.shape[1])
+        return vectors * (sqrt(kappa) * correction / num_terms_normalization(loss_func, f))
+
+    def _layer_rows(self, name: str, x: Tensor, reduce: bool) -> Tensor:
+        """A layer input as rows ``[B, S, d_in']`` (``S = 1`` if reduced; ones if joint)."""
+        module = self._modules[name]
+        if isinstance(module, _CONV_MODULES):
+            args = (
+                x,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+            )
+            if module.padding_mode != "zeros":
+                raise NotImplementedError(
+                    f"KFAC supports zero padding only; module {name!r} ({type(module).__name__}) "
+                    f"uses padding_mode={module.padding_mode!r}."
+                )
+            rows = (
+                _extract_averaged_patches_nd(*args).unsqueeze(1)
+                if reduce
+                else _extract_patches_nd(*args)
+            )
+        else:
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            if reduce:
+                rows = rows.mean(1, keepdim=True)
+        if self._joint(name):
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        return rows
+
+    @staticmethod
+    def _output_gradient_rows(module: nn.Module, g: Tensor) -> Tensor:
+        """Output gradients ``[V, B, *out]`` as rows ``[V, B, S, d_out]``."""
+        if isinstance(module, _CONV_MODULES):
+            g = g.movedim(2, -1)
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+    def _layer_quantities(
+        self, input_names: List[str], reduce_inputs: bool, desc: str
+    ) -> Iterator[Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]]:
+        """One pass over the data yielding, per batch, layer input rows and output gradients.
+
+        Args:
+            input_names: Modules whose input rows are needed.
+            reduce_inputs: Average the input rows over shared positions (``KFACType.REDUCE``).
+            desc: Progress bar label.
+
+        Yields:
+            ``(inputs, grads)``: ``inputs[name]`` ``[B, S, d_in']``; ``grads[name]``
+            ``[V, B, S, d_out]`` (unreduced, scaled as in the module docstring) for every
+            mapped module, or ``None`` for ``FisherType.FORWARD_ONLY``.
+        """
+        need_grads = FisherType(self._fisher_type) != FisherType.FORWARD_ONLY
+        if need_grads:
+            self._reseed_generator()
+        for X, y in self._loop_over_data(desc=desc):
+            inputs: Dict[str, Tensor] = {}
+            outputs: Dict[str, Tensor] = {}
+            handles = []
+
+            def store_input(name, inputs=inputs):
+                def hook(module, args):
+                    if len(args) != 1:
+                        raise ValueError(
+                            f"KFAC expects one positional input for module {name!r} "
+                            f"({type(module).__name__}), got {len(args)}."
+                        )
+                    inputs[name] = self._layer_rows(name, args[0].detach(), reduce_inputs)
+
+                return hook
+
+            def store_output(name, outputs=outputs):
+                def hook(module, args, layer_output):
+                    outputs[name] = layer_output
+                    # the next layer gets a copy, so in-place ops cannot overwrite the node
+                    return layer_output.clone()
+
+                return hook
+
+            try:
+                for name in input_names:
+                    handles.append(self._modules[name].register_forward_pre_hook(store_input(name)))
+                if need_grads:
+                    for name in self._mapping:
+                        handles.append(
+                            self._modules[name].register_forward_hook(store_output(name))
+                        )
+                with torch.set_grad_enabled(need_grads):
+                    output = self._model_func(X)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if not need_grads:
+                yield inputs, None
+                continue
+            yield inputs, self._output_gradients(X, y, output, outputs)
+
+    def _output_gradients(
+        self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]
+    ) -> Dict[str, Tensor]:
+        """Backpropagate the cotangents to all layer outputs at once, in column chunks."""
+        with torch.enable_grad():
+            f_flat = to_rows(self._loss_func, output)
+            y_flat = flatten_labels(self._loss_func, y)
+            cotangents = self._cotangents(X, y, f_flat, y_flat)
+            names = list(outputs)
+            chunks = []
+            for chunk in cotangents.split(self.MAX_COLUMNS_PER_CHUNK):
+                batched = chunk.shape[0] > 1
+                grads = torch.autograd.grad(
+                    f_flat,
+                    [outputs[n] for n in names],
+                    chunk if batched else chunk[0],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+                chunks.append(
+                    [
+                        torch.zeros_like(outputs[n]).expand(chunk.shape[0], *outputs[n].shape)
+                        if g is None
+                        else (g if batched else g.unsqueeze(0)).detach()
+                        for n, g in zip(names, grads)
+                    ]
+                )
+        return {
+            n: self._output_gradient_rows(self._modules[n], torch.cat(parts))
+            for n, parts in zip(names, zip(*chunks))
+        }
+
+    # ----------------------------------------------------------------- factors
+    def compute_kronecker_factors(self):
+        """Compute the Kronecker factors with one pass over the data (resets the properties)."""
+        self._reset_properties()
+        self._input_covariances.clear()
+        self._gradient_covariances.clear()
+        reduce = KFACType(self._kfac_approx) == KFACType.REDUCE
+        input_names = [n for n, e in self._mapping.items() if "weight" in e]
+        A, G = {}, {}
+        for inputs, grads in self._layer_quantities(
+            input_names, reduce, "compute_kronecker_factors"
+        ):
+            for name, rows in inputs.items():
+                flat = rows.reshape(-1, rows.shape[-1])
+                contribution = (flat.T @ flat) / (self._N_data * rows.shape[1])
+                A[name] = contribution if name not in A else A[name] + contribution
+            if grads is None:
+                continue
+            for name, g in grads.items():
+                if reduce:
+                    g = g.sum(2)
+                flat = g.reshape(-1, g.shape[-1])
+                contribution = flat.T @ flat
+                G[name] = contribution if name not in G else G[name] + contribution
+        if FisherType(self._fisher_type) == FisherType.FORWARD_ONLY:
+            for name, entry in self._mapping.items():
+                param = self._params[next(iter(entry.values()))]
+                G[name] = torch.eye(param.shape[0], dtype=self.dtype, device=self.device)
+        self._input_covariances.update(A)
+        self._gradient_covariances.update(G)
+
+    def _maybe_compute_kronecker_factors(self):
+        """Compute the factors if both factor dicts are empty."""
+        if not self._input_covariances and not self._gradient_covariances:
+            self.compute_kronecker_factors()
+
+    # ----------------------------------------------------------------- products
+    def _apply_blocks(
+        self,
+        M: List[Tensor],
+        apply: Callable[[str, str, Tensor], Tensor],
+    ) -> List[Tensor]:
+        """Apply a per-block map to a matrix in list format.
+
+        Each block's columns are gathered into ``V`` of shape ``[K, d_out, n]``: a weight
+        block has ``n = d_in'`` (conv weights flattened over their last axes), a bias block
+        ``n = 1``, a joint block ``n = d_in' + 1`` (bias as last column). ``apply(name, kind,
+        V)`` returns a tensor of the same shape, which is scattered back.
+
+        Args:
+            M: Matrix in list format (entries ``[*p.shape, K]``).
+            apply: The block map, e.g. ``V -> G @ V @ A`` for KFAC.
+
+        Returns:
+            The result in list format.
+        """
+        result: List[Optional[Tensor]] = [None] * len(M)
+        for name, kind, positions in self._blocks():
+            parts = [M[i].reshape(M[i].shape[0], -1, M[i].shape[-1]) for i in positions]
+            V = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).permute(2, 0, 1)
+            out = apply(name, kind, V).permute(1, 2, 0)
+            if kind == "joint":
+                w_out, b_out = out[:, :-1], out[:, -1]
+                result[positions[0]] = w_out.reshape(M[positions[0]].shape)
+                result[positions[1]] = b_out.reshape(M[positions[1]].shape)
+            else:
+                result[positions[0]] = out.reshape(M[positions[0]].shape)
+        return result
+
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+        self._maybe_compute_kronecker_factors()
+
+        def apply(name: str, kind: str, V: Tensor) -> Tensor:
+            out = self._gradient_covariances[name] @ V
+            return out if kind == "bias" else out @ self._input_covariances[name]
+
+        return self._apply_blocks(M, apply)
+
+    # ----------------------------------------------------------------- properties
+    def _factor_pairs(self) -> Iterator[Tuple[Optional[Tensor], Tensor]]:
+        """(A or None for bias blocks, G) per block."""
+        self._maybe_compute_kronecker_factors()
+        for name, kind, _ in self._blocks():
+            A = None if kind == "bias" else self._input_covariances[name]
+            yield A, self._gradient_covariances[name]
+
+    @property
+    def trace(self) -> Tensor:
+        r"""Trace, :math:`\sum \mathrm{tr}(\mathbf{A})\mathrm{tr}(\mathbf{G})` over blocks."""
+        if self._trace is None:
+            self._trace = sum(
+                G.trace() * (1.0 if A is None else A.trace()) for A, G in self._factor_pairs()
+            )
+        return self._trace
+
+    @property
+    def det(self) -> Tensor:
+        r"""Determinant, :math:`\prod \det(\mathbf{A})^m \det(\mathbf{G})^n` over blocks."""
+        if self._det is None:
+            det = torch.ones((), dtype=self.dtype, device=self.device)
+            for A, G in self._factor_pairs():
+                n = 1 if A is None else A.shape[0]
+                det = det * G.det() ** n
+                if A is not None:
+                    det = det * A.det() ** G.shape[0]
+            self._det = det
+        return self._det
+
+    @property
+    def logdet(self) -> Tensor:
+        r"""Log-determinant, :math:`\sum m \log\det\mathbf{A} + n \log\det\mathbf{G}`."""
+        if self._logdet is None:
+            logdet = torch.zeros((), dtype=self.dtype, device=self.device)
+            for A, G in self._factor_pairs():
+                n = 1 if A is None else A.shape[0]
+                logdet = logdet + n * G.logdet()
+                if A is not None:
+                    logdet = logdet + G.shape[0] * A.logdet()
+            self._logdet = logdet
+        return self._logdet
+
+    @property
+    def frobenius_norm(self) -> Tensor:
+        r"""Frobenius norm, :math:`\sqrt{\sum \|\mathbf{A}\|_F^2 \|\mathbf{G}\|_F^2}`."""
+        if self._frobenius_norm is None:
+            total = sum(
+                (G**2).sum() * (1.0 if A is None else (A**2).sum()) for A, G in self._factor_pairs()
+            )
+            self._frobenius_norm = torch.as_tensor(total).sqrt()
+        return self._frobenius_norm
+
+    # ----------------------------------------------------------------- determinism
+    def _check_deterministic(self):
+        """The base checks (which compute the factors), then a second factor computation.
+
+        Raises:
+            RuntimeError: If data, model, or the Kronecker factors are not deterministic.
+        """
+        super()._check_deterministic()
+        first = self._factor_snapshot()
+        self._recompute()
+        second = self._factor_snapshot()
+        for key in first:
+            if first[key].shape != second[key].shape or not allclose_report(
+                first[key], second[key], rtol=5e-5, atol=1e-6, max_mismatches_printed=10
+            ):
+                raise RuntimeError(
+                    f"Non-deterministic {key} detected (two computations differ). Use "
+                    "model.eval() and deterministic data, or pass check_deterministic=False."
+                )
+
+    def _factor_snapshot(self) -> Dict[str, Tensor]:
+        snapshot = {f"input covariance {k}": v.clone() for k, v in self._input_covariances.items()}
+        snapshot.update(
+            {f"gradient covariance {k}": v.clone() for k, v in self._gradient_covariances.items()}
+        )
+        return snapshot
+
+    def _recompute(self):
+        self.compute_kronecker_factors()
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict:
+        """Everything needed to restore the operator (model parameters included).
+
+        Returns:
+            The state dict (see the contract for its keys).
+        """
+        return {
+            "model_func_state_dict": self._model_func.state_dict(),
+            "loss_type": type(self._loss_func).__name__,
+            "loss_reduction": self._loss_func.reduction,
+            "progressbar": self._progressbar,
+            "seed": self._seed,
+            "fisher_type": self._fisher_type,
+            "mc_samples": self._mc_samples,
+            "kfac_approx": self._kfac_approx,
+            "num_per_example_loss_terms": self._num_per_example_loss_terms,
+            "separate_weight_and_bias": self._separate_weight_and_bias,
+            "num_data": self._N_data,
+            "input_covariances": self._input_covariances,
+            "gradient_covariances": self._gradient_covariances,
+            "trace": self._trace,
+            "det": self._det,
+            "logdet": self._logdet,
+            "frobenius_norm": self._frobenius_norm,
+        }
+
+    def _check_keys(self, factors: Dict, what: str, input_side: bool):
+        """Raise if a non-empty factor dict does not belong to this operator's layers."""
+        expected = {n for n, e in self._mapping.items() if "weight" in e or not input_side}
+        if factors and set(factors) != expected:
+            raise ValueError(
+                f"The checkpoint's {what} have keys {sorted(factors)}, but this operator "
+                f"expects {sorted(expected)}: the checkpoint is from another model or "
+                "parameter selection."
+            )
+
+    def load_state_dict(self, state_dict: Dict):
+        """Restore a checkpoint (overwrites the model's parameters).
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: If loss, reduction or factor keys do not match this operator.
+        """
+        warnings.warn(
+            "Loading a KFAC state dict will overwrite the parameters of the model.",
+            UserWarning,
+            stacklevel=2,
+        )
+        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+        if type(self._loss_func).__name__ != state_dict["loss_type"]:
+            raise ValueError(
+                f"The checkpoint's loss is {state_dict['loss_type']}, this operator's loss is "
+                f"{type(self._loss_func).__name__}."
+            )
+        if self._loss_func.reduction != state_dict["loss_reduction"]:
+            raise ValueError(
+                f"The checkpoint's loss reduction is {state_dict['loss_reduction']!r}, this "
+                f"operator's reduction is {self._loss_func.reduction!r}."
+            )
+        self._progressbar = state_dict["progressbar"]
+        self._seed = state_dict["seed"]
+        self._fisher_type = state_dict["fisher_type"]
+        self._mc_samples = state_dict["mc_samples"]
+        self._kfac_approx = state_dict["kfac_approx"]
+        self._num_per_example_loss_terms = state_dict["num_per_example_loss_terms"]
+        self._separate_weight_and_bias = state_dict["separate_weight_and_bias"]
+        self._N_data = state_dict["num_data"]
+        self._check_keys(state_dict["input_covariances"], "input covariances", True)
+        self._check_keys(state_dict["gradient_covariances"], "gradient covariances", False)
+        self._input_covariances = dict(state_dict["input_covariances"])
+        self._gradient_covariances = dict(state_dict["gradient_covariances"])
+        self._trace = state_dict["trace"]
+        self._det = state_dict["det"]
+        self._logdet = state_dict["logdet"]
+        self._frobenius_norm = state_dict["frobenius_norm"]
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Dict,
+        model_func: nn.Module,
+        params: List[Tensor],
+        data,
+        check_deterministic: bool = True,
+        batch_size_fn: Optional[Callable] = None,
+    ) -> "KFACLinearOperator":
+        """Build an operator from a checkpoint.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+            model_func: The network (its parameters are overwritten).
+            params: The parameters.
+            data: The data.
+            check_deterministic: Run the determinism check after loading.
+            batch_size_fn: Number of data points of a batch input.
+
+        Returns:
+            The restored operator (of class ``cls``).
+        """
+        loss_classes = {c.__name__: c for c in cls._SUPPORTED_LOSSES}
+        loss_func = loss_classes[state_dict["loss_type"]](reduction=state_dict["loss_reduction"])
+        op = cls(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=state_dict["progressbar"],
+            check_deterministic=False,
+            seed=state_dict["seed"],
+            fisher_type=state_dict["fisher_type"],
+            mc_samples=state_dict["mc_samples"],
+            kfac_approx=state_dict["kfac_approx"],
+            num_per_example_loss_terms=state_dict["num_per_example_loss_terms"],
+            separate_weight_and_bias=state_dict["separate_weight_and_bias"],
+            num_data=state_dict["num_data"],
+            batch_size_fn=batch_size_fn,
+        )
+        op.load_state_dict(state_dict)
+        if check_deterministic:
+            op._check_deterministic()
+        return op
