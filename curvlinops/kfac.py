@@ -715,6 +715,9 @@ class KFACLinearOperator(CurvatureLinearOperator):
             UserWarning,
             stacklevel=2,
         )
+        missing = sorted(set(self.state_dict()) - set(state_dict))
+        if missing:
+            raise ValueError(f"The checkpoint is missing the keys {missing}.")
         self._model_func.load_state_dict(state_dict["model_func_state_dict"])
         if type(self._loss_func).__name__ != state_dict["loss_type"]:
             raise ValueError(
