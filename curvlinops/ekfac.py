@@ -105,7 +105,9 @@ class EKFACLinearOperator(KFACLinearOperator):
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         totals: Dict[Tuple[str, str], Tensor] = {}
         for inputs, grads in self._layer_quantities(
-            input_names, reduce_inputs=False, desc="compute_eigenvalue_correction"
+            input_names,
+            lambda name, x: self._layer_rows(name, x, reduce=False),
+            "compute_eigenvalue_correction",
         ):
             self._cached_activations = inputs
             for name, kind, _ in self._blocks():

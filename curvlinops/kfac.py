@@ -51,6 +51,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.nn.functional import unfold
 
 from curvlinops._losses import (
     check_binary_targets,
@@ -63,7 +64,11 @@ from curvlinops._losses import (
     to_rows,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.kfac_utils import _extract_averaged_patches_nd, _extract_patches_nd
+from curvlinops.kfac_utils import (
+    _extract_averaged_patches_nd,
+    _extract_patches_nd,
+    _symmetric_padding,
+)
 from curvlinops.utils import allclose_report
 
 FactorType = Optional[Tensor]
@@ -373,7 +378,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
         correction = 1.0 if isinstance(loss_func, CrossEntropyLoss) else sqrt(f.shape[1])
         return vectors * (sqrt(kappa) * correction / num_terms_normalization(loss_func, f))
 
-    def _layer_rows(self, name: str, x: Tensor, reduce: bool) -> Tensor:
+    def _layer_rows(self, name: str, x: Tensor, reduce: bool, append_ones: bool = True) -> Tensor:
         """A layer input as rows ``[B, S, d_in']`` (``S = 1`` if reduced; ones if joint)."""
         module = self._modules[name]
         if isinstance(module, _CONV_MODULES):
@@ -399,9 +404,43 @@ class KFACLinearOperator(CurvatureLinearOperator):
             rows = x.reshape(x.shape[0], -1, x.shape[-1])
             if reduce:
                 rows = rows.mean(1, keepdim=True)
-        if self._joint(name):
+        if append_ones and self._joint(name):
             rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
+
+    def _input_factor(self, name: str, x: Tensor) -> Tensor:
+        """A batch's contribution to the input factor, from the layer input ``x``.
+
+        Computed from the rows without appending the bias ones (their block follows from the
+        row sums), and for ``Conv2d`` in the expand setting from ``F.unfold``'s
+        channels-first layout, which avoids a transposing copy of all patches.
+        """
+        module = self._modules[name]
+        reduce = KFACType(self._kfac_approx) == KFACType.REDUCE
+        if isinstance(module, nn.Conv2d) and not reduce and module.padding_mode == "zeros":
+            if module.groups > 1:
+                B, C = x.shape[:2]
+                x = x.reshape(B, module.groups, C // module.groups, *x.shape[2:]).mean(1)
+            padding = _symmetric_padding(module.padding, module.kernel_size, module.dilation)
+            U = unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+            d, num_rows = U.shape[1], U.shape[0] * U.shape[2]
+            rows_t = U.transpose(0, 1).reshape(d, num_rows)  # [d, B * L]
+            scale = 1.0 / (self._N_data * U.shape[2])
+        else:
+            rows = self._layer_rows(name, x, reduce, append_ones=False)
+            scale = 1.0 / (self._N_data * rows.shape[1])
+            rows_t = rows.reshape(-1, rows.shape[-1]).T
+            d, num_rows = rows_t.shape
+        # scale whichever is smaller, the rows or the factor
+        prescale = rows_t.numel() < d * d
+        if prescale:
+            rows_t = rows_t * sqrt(scale)
+        core = rows_t @ rows_t.T
+        if self._joint(name):
+            sums = rows_t.sum(1, keepdim=True) * (sqrt(scale) if prescale else 1.0)
+            count = sums.new_full((1, 1), num_rows * (scale if prescale else 1.0))
+            core = torch.cat([torch.cat([core, sums], 1), torch.cat([sums.T, count], 1)], 0)
+        return core if prescale else core.mul_(scale)
 
     @staticmethod
     def _output_gradient_rows(module: nn.Module, g: Tensor) -> Tensor:
@@ -411,17 +450,18 @@ class KFACLinearOperator(CurvatureLinearOperator):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
     def _layer_quantities(
-        self, input_names: List[str], reduce_inputs: bool, desc: str
+        self, input_names: List[str], input_fn: Callable[[str, Tensor], Tensor], desc: str
     ) -> Iterator[Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]]:
-        """One pass over the data yielding, per batch, layer input rows and output gradients.
+        """One pass over the data yielding, per batch, layer input data and output gradients.
 
         Args:
-            input_names: Modules whose input rows are needed.
-            reduce_inputs: Average the input rows over shared positions (``KFACType.REDUCE``).
+            input_names: Modules whose inputs are needed.
+            input_fn: Maps a module name and its (detached) input to what is kept, e.g. the
+                rows ``[B, S, d_in']`` or the batch's input factor.
             desc: Progress bar label.
 
         Yields:
-            ``(inputs, grads)``: ``inputs[name]`` ``[B, S, d_in']``; ``grads[name]``
+            ``(inputs, grads)``: ``inputs[name]`` = ``input_fn(name, x)``; ``grads[name]``
             ``[V, B, S, d_out]`` (unreduced, scaled as in the module docstring) for every
             mapped module, or ``None`` for ``FisherType.FORWARD_ONLY``.
         """
@@ -440,7 +480,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
                             f"KFAC expects one positional input for module {name!r} "
                             f"({type(module).__name__}), got {len(args)}."
                         )
-                    inputs[name] = self._layer_rows(name, args[0].detach(), reduce_inputs)
+                    inputs[name] = input_fn(name, args[0].detach())
 
                 return hook
 
@@ -513,12 +553,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         A, G = {}, {}
         for inputs, grads in self._layer_quantities(
-            input_names, reduce, "compute_kronecker_factors"
+            input_names, self._input_factor, "compute_kronecker_factors"
         ):
-            for name, rows in inputs.items():
-                flat = rows.reshape(-1, rows.shape[-1])
-                contribution = (flat.T @ flat) / (self._N_data * rows.shape[1])
-                A[name] = contribution if name not in A else A[name] + contribution
+            for name, contribution in inputs.items():
+                A[name] = contribution if name not in A else A[name].add_(contribution)
             if grads is None:
                 continue
             for name, g in grads.items():
@@ -526,7 +564,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
                     g = g.sum(2)
                 flat = g.reshape(-1, g.shape[-1])
                 contribution = flat.T @ flat
-                G[name] = contribution if name not in G else G[name] + contribution
+                G[name] = contribution if name not in G else G[name].add_(contribution)
         if FisherType(self._fisher_type) == FisherType.FORWARD_ONLY:
             for name, entry in self._mapping.items():
                 param = self._params[next(iter(entry.values()))]
@@ -547,7 +585,8 @@ class KFACLinearOperator(CurvatureLinearOperator):
     ) -> List[Tensor]:
         """Apply a per-block map to a matrix in list format.
 
-        Each block's columns are gathered into ``V`` of shape ``[K, d_out, n]``: a weight
+        Each block's columns are gathered into ``V`` of shape ``[K, d_out, n]`` (``[d_out, n]``
+        for a single column): a weight
         block has ``n = d_in'`` (conv weights flattened over their last axes), a bias block
         ``n = 1``, a joint block ``n = d_in' + 1`` (bias as last column). ``apply(name, kind,
         V)`` returns a tensor of the same shape, which is scattered back.
@@ -560,10 +599,14 @@ class KFACLinearOperator(CurvatureLinearOperator):
             The result in list format.
         """
         result: List[Optional[Tensor]] = [None] * len(M)
+        single_column = M[0].shape[-1] == 1
         for name, kind, positions in self._blocks():
             parts = [M[i].reshape(M[i].shape[0], -1, M[i].shape[-1]) for i in positions]
-            V = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).permute(2, 0, 1)
-            out = apply(name, kind, V).permute(1, 2, 0)
+            V = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            if single_column:  # plain matrix products: no batch axis, no transposing copies
+                out = apply(name, kind, V.squeeze(-1)).unsqueeze(-1)
+            else:
+                out = apply(name, kind, V.permute(2, 0, 1)).permute(1, 2, 0)
             if kind == "joint":
                 w_out, b_out = out[:, :-1], out[:, -1]
                 result[positions[0]] = w_out.reshape(M[positions[0]].shape)

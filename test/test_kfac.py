@@ -281,8 +281,9 @@ def test_conv2d_factors(conv_kwargs, kfac_approx):
     assert_close(K._gradient_covariances["0"], G_ref)
 
 
+@pytest.mark.parametrize("separate", SEPARATE)
 @pytest.mark.parametrize("dims", [1, 3])
-def test_conv1d_conv3d_agree_with_conv2d(dims):
+def test_conv1d_conv3d_agree_with_conv2d(dims, separate):
     torch.manual_seed(0)
     conv2 = nn.Conv2d(2, 3, (1, 3), padding=(0, 1), stride=(1, 2)).to(DT)
     if dims == 1:
@@ -305,7 +306,14 @@ def test_conv1d_conv3d_agree_with_conv2d(dims):
     for c, d in ((conv2, data2), (conv, data)):
         model = nn.Sequential(c, nn.Tanh(), head)
         ops.append(
-            KFACLinearOperator(model, loss, list(model.parameters()), d, fisher_type="type-2")
+            KFACLinearOperator(
+                model,
+                loss,
+                list(model.parameters()),
+                d,
+                fisher_type="type-2",
+                separate_weight_and_bias=separate,
+            )
         )
     assert_close(densify(ops[0]), densify(ops[1]))
 
