@@ -132,3 +132,31 @@ def _robust_eigh(stacked: Tensor, keys: List[str]) -> Tuple[Tensor, Tensor]:
         stacklevel=3,
     )
     return (evals - damping[:, 0]).to(dtype), evecs.to(dtype)
+
+
+def eigenbasis_from_rows(rows: Tensor) -> Tensor:
+    r"""Eigenvectors of :math:`\mathbf{R}^\top\mathbf{R}` from the small Gram matrix.
+
+    For a factor :math:`\mathbf{A} = \mathbf{R}^\top\mathbf{R}` with :math:`r` rows
+    :math:`\ll d` columns, :math:`\mathbf{R}\mathbf{R}^\top = \mathbf{U}\boldsymbol{\Lambda}
+    \mathbf{U}^\top` gives the eigenvectors :math:`\mathbf{R}^\top\mathbf{U}
+    \boldsymbol{\Lambda}^{-1/2}` of the non-zero eigenvalues; a complete QR factorisation adds
+    an orthonormal basis of the null space (eigenvalue zero, so any basis is valid). Costs
+    :math:`O(r^3 + d^2 r)` instead of :math:`O(d^3)`.
+
+    Args:
+        rows: :math:`\mathbf{R}` of shape ``[r, d]``.
+
+    Returns:
+        An orthonormal eigenbasis ``[d, d]`` of :math:`\mathbf{R}^\top\mathbf{R}`, with the
+        range first.
+    """
+    evals, U = torch.linalg.eigh(rows @ rows.T)
+    tolerance = evals.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps
+    keep = evals > tolerance
+    thin = (rows.T @ U[:, keep]) / evals[keep].sqrt()
+    Q, R = torch.linalg.qr(thin, mode="complete")
+    # align the first columns with the range eigenvectors (QR fixes them up to sign)
+    signs = torch.sign(torch.diagonal(R)).masked_fill(torch.diagonal(R) == 0, 1.0)
+    Q[:, : signs.numel()] *= signs
+    return Q

@@ -19,16 +19,25 @@ float64 and then a damped fallback), and the correction takes one further pass o
 Only 2-d model outputs (one loss term per datum) are supported.
 """
 
+from math import sqrt
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlinops._ekfac_correction import (
     batched_eigh,
     compute_eigenvalue_correction_linear_weight_sharing,
+    eigenbasis_from_rows,
 )
-from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from curvlinops.kfac import (
+    FisherType,
+    KFACLinearOperator,
+    KFACType,
+    block_left,
+    block_right,
+    block_scale,
+)
 
 __all__ = [
     "EKFACLinearOperator",
@@ -62,6 +71,8 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._gradient_covariances_eigenvectors: Dict[str, Tensor] = {}
         self._corrected_eigenvalues: Dict[str, Union[Tensor, Dict[int, Tensor]]] = {}
         self._cached_activations: Dict[str, Tensor] = {}
+        # scaled input rows of Linear layers whose factor rank is limited by the data
+        self._rank_limited_rows: Dict[str, List[Tensor]] = {}
 
     # ----------------------------------------------------------------- computation
     def _output_gradients(self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]):
@@ -78,12 +89,39 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._input_covariances_eigenvectors.clear()
         self._gradient_covariances_eigenvectors.clear()
         self._corrected_eigenvalues.clear()
+        self._rank_limited_rows = {
+            name: []
+            for name, entry in self._mapping.items()
+            if "weight" in entry and isinstance(self._modules[name], nn.Linear)
+        }
         super().compute_kronecker_factors()
+
+    def _input_factor(self, name: str, x: Tensor) -> Tensor:
+        """KFAC's input factor; also keeps the rows while fewer than half the dimension."""
+        stash = self._rank_limited_rows.get(name)
+        if stash is not None:
+            reduce = KFACType(self._kfac_approx) == KFACType.REDUCE
+            rows = self._layer_rows(name, x, reduce)
+            flat = rows.reshape(-1, rows.shape[-1]) * sqrt(1.0 / (self._N_data * rows.shape[1]))
+            if sum(r.shape[0] for r in stash) + flat.shape[0] <= flat.shape[1] // 2:
+                stash.append(flat)
+            else:
+                del self._rank_limited_rows[name]
+        return super()._input_factor(name, x)
 
     def _compute_eigenbases(self):
         """Decompose all factors (same sizes batched) and drop the raw factors."""
         self._maybe_compute_kronecker_factors()
-        matrices = {("A", k): v for k, v in self._input_covariances.items()}
+        # A factor of rank <= half its size (few data): its eigenbasis from the Gram matrix
+        low_rank = {
+            name: torch.cat(rows)
+            for name, rows in self._rank_limited_rows.items()
+            if rows and name in self._input_covariances
+        }
+        self._rank_limited_rows = {}
+        for name, rows in low_rank.items():
+            self._input_covariances_eigenvectors[name] = eigenbasis_from_rows(rows)
+        matrices = {("A", k): v for k, v in self._input_covariances.items() if k not in low_rank}
         matrices.update({("G", k): v for k, v in self._gradient_covariances.items()})
         decompositions = batched_eigh(matrices)
         for (side, name), (_, evecs) in decompositions.items():
@@ -154,12 +192,12 @@ class EKFACLinearOperator(KFACLinearOperator):
             Q_A: Optional[Tensor] = (
                 None if kind == "bias" else self._input_covariances_eigenvectors[name]
             )
-            rotated = Q_G.T @ V
+            rotated = block_left(Q_G.T, V)
             if Q_A is not None:
-                rotated = rotated @ Q_A
-            rotated = rotated * self._block_eigenvalues(name, kind, positions_of[(name, kind)])
-            out = Q_G @ rotated
-            return out if Q_A is None else out @ Q_A.T
+                rotated = block_right(rotated, Q_A)
+            values = self._block_eigenvalues(name, kind, positions_of[(name, kind)])
+            out = block_left(Q_G, block_scale(rotated, values))
+            return out if Q_A is None else block_right(out, Q_A.T)
 
         return self._apply_blocks(M, apply)
 

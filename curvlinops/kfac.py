@@ -128,6 +128,30 @@ def _sym_sqrt_cotangents(loss_func, f_flat: Tensor) -> Tensor:
     return eye.unsqueeze(1) * scale.unsqueeze(0)
 
 
+def block_left(L: Tensor, V: Tensor) -> Tensor:
+    """``L @ V`` for a block ``V`` of shape ``[o, n]`` or, columns last, ``[o, n, K]``."""
+    if V.ndim == 2:
+        return L @ V
+    return (L @ V.reshape(V.shape[0], -1)).view(L.shape[0], *V.shape[1:])
+
+
+def block_right(V: Tensor, R: Tensor) -> Tensor:
+    """``V @ R`` for a block ``V`` of shape ``[o, n]`` or, columns last, ``[o, n, K]``.
+
+    The columns-last case makes one transposing copy and then a single large matrix product,
+    which beats ``K`` broadcast products on the CPU.
+    """
+    if V.ndim == 2:
+        return V @ R
+    o, n, K = V.shape
+    return (V.transpose(1, 2).reshape(o * K, n) @ R).view(o, K, -1).transpose(1, 2)
+
+
+def block_scale(V: Tensor, S: Tensor) -> Tensor:
+    """Entry-wise ``V * S`` with ``S`` of shape ``[o, n]`` (broadcast over columns)."""
+    return V * (S if V.ndim == 2 else S.unsqueeze(-1))
+
+
 class KFACLinearOperator(CurvatureLinearOperator):
     r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
 
@@ -585,42 +609,42 @@ class KFACLinearOperator(CurvatureLinearOperator):
     ) -> List[Tensor]:
         """Apply a per-block map to a matrix in list format.
 
-        Each block's columns are gathered into ``V`` of shape ``[K, d_out, n]`` (``[d_out, n]``
-        for a single column): a weight
-        block has ``n = d_in'`` (conv weights flattened over their last axes), a bias block
-        ``n = 1``, a joint block ``n = d_in' + 1`` (bias as last column). ``apply(name, kind,
-        V)`` returns a tensor of the same shape, which is scattered back.
+        Each block's columns are gathered into ``V``: ``[d_out, n]`` for one column, else
+        ``[d_out, n, K]`` (columns last, as the input comes). A weight block has ``n = d_in'``
+        (conv weights flattened over their last axes), a bias block ``n = 1``, a joint block
+        ``n = d_in' + 1`` (bias as last column). ``apply(name, kind, V)`` returns a tensor of
+        the same shape, best built with :func:`block_left`, :func:`block_right` and
+        :func:`block_scale`; it is written into one flat output buffer.
 
         Args:
             M: Matrix in list format (entries ``[*p.shape, K]``).
             apply: The block map, e.g. ``V -> G @ V @ A`` for KFAC.
 
         Returns:
-            The result in list format.
+            The result in list format (views of one flat ``[D, K]`` tensor).
         """
-        result: List[Optional[Tensor]] = [None] * len(M)
-        single_column = M[0].shape[-1] == 1
+        K = M[0].shape[-1]
+        result = self._new_output(K, like=M[0])
         for name, kind, positions in self._blocks():
-            parts = [M[i].reshape(M[i].shape[0], -1, M[i].shape[-1]) for i in positions]
+            parts = [M[i].reshape(M[i].shape[0], -1, K) for i in positions]
             V = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            if single_column:  # plain matrix products: no batch axis, no transposing copies
-                out = apply(name, kind, V.squeeze(-1)).unsqueeze(-1)
-            else:
-                out = apply(name, kind, V.permute(2, 0, 1)).permute(1, 2, 0)
+            out = apply(name, kind, V.squeeze(-1) if K == 1 else V)
+            if K == 1:
+                out = out.unsqueeze(-1)
+            targets = [result[i].view(result[i].shape[0], -1, K) for i in positions]
             if kind == "joint":
-                w_out, b_out = out[:, :-1], out[:, -1]
-                result[positions[0]] = w_out.reshape(M[positions[0]].shape)
-                result[positions[1]] = b_out.reshape(M[positions[1]].shape)
+                targets[0].copy_(out[:, :-1])
+                targets[1].copy_(out[:, -1:])
             else:
-                result[positions[0]] = out.reshape(M[positions[0]].shape)
+                targets[0].copy_(out)
         return result
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         self._maybe_compute_kronecker_factors()
 
         def apply(name: str, kind: str, V: Tensor) -> Tensor:
-            out = self._gradient_covariances[name] @ V
-            return out if kind == "bias" else out @ self._input_covariances[name]
+            GV = block_left(self._gradient_covariances[name], V)
+            return GV if kind == "bias" else block_right(GV, self._input_covariances[name])
 
         return self._apply_blocks(M, apply)
 

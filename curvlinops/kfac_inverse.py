@@ -29,7 +29,7 @@ from torch import Tensor
 from curvlinops._ekfac_correction import batched_eigh
 from curvlinops._inverse_base import _InversePyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
-from curvlinops.kfac import KFACLinearOperator
+from curvlinops.kfac import KFACLinearOperator, block_left, block_right, block_scale
 
 Damping = Union[float, Tuple[float, float]]
 
@@ -210,16 +210,16 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                 parts[name] = self._compute_or_get_cached_inverse(name)
             A_part, G_part, inverse_eigenvalues = parts[name]
             if inverse_eigenvalues is None:
-                out = G_part @ V
-                return out if kind == "bias" else out @ A_part
+                out = block_left(G_part, V)
+                return out if kind == "bias" else block_right(out, A_part)
             exact_ekfac = isinstance(self._A, EKFACLinearOperator)
             Q_G = G_part if exact_ekfac else G_part[0]
             Q_A = None if kind == "bias" else (A_part if exact_ekfac else A_part[0])
-            rotated = Q_G.T @ V
+            rotated = block_left(Q_G.T, V)
             if Q_A is not None:
-                rotated = rotated @ Q_A
-            out = Q_G @ (rotated * inverse_eigenvalues[kind])
-            return out if Q_A is None else out @ Q_A.T
+                rotated = block_right(rotated, Q_A)
+            out = block_left(Q_G, block_scale(rotated, inverse_eigenvalues[kind]))
+            return out if Q_A is None else block_right(out, Q_A.T)
 
         return self._A._apply_blocks(M, apply)
 

@@ -207,3 +207,31 @@ def test_batched_eigh_and_fallbacks(monkeypatch):
     )
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="eigh failed"):
         batched_eigh({"a": mats["a"]})
+
+
+def test_rank_limited_factor_uses_gram_matrix():
+    """Few data, wide inputs: the input eigenbasis comes from the Gram matrix, still exact."""
+    model = deep_linear(d_in=12, hidden=4, d_out=2)
+    params = list(model.parameters())
+    data = regression_data(num_batches=2, batch=2, d_in=12)  # 5 rows < 12 / 2
+    loss = nn.MSELoss()
+    E = EKFACLinearOperator(
+        model, loss, params, data, fisher_type="type-2", check_deterministic=False
+    )
+    E.compute_kronecker_factors()
+    assert sum(r.shape[0] for r in E._rank_limited_rows["0"]) == 5
+    expected = blockdiag(ggn(model, loss, params, data), model, params, True)
+    assert_close(densify(E), expected)
+    Q = E._input_covariances_eigenvectors["0"]
+    assert_close(Q.T @ Q, torch.eye(12, dtype=DT), atol_scale=1e-12)
+
+
+def test_eigenbasis_from_rows():
+    from curvlinops._ekfac_correction import eigenbasis_from_rows
+
+    R = torch.randn(3, 8, dtype=DT, generator=torch.Generator().manual_seed(0))
+    Q = eigenbasis_from_rows(R)
+    assert_close(Q.T @ Q, torch.eye(8, dtype=DT), atol_scale=1e-12)
+    D = Q.T @ (R.T @ R) @ Q
+    assert_close(D, torch.diag(torch.diagonal(D)), atol_scale=1e-12, scale=D.abs().max().item())
+    assert_close(torch.diagonal(D).sort().values[-3:], torch.linalg.eigvalsh(R @ R.T))
