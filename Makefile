@@ -31,6 +31,8 @@ demo: install
 # Product costs relative to a gradient (see benchmarks/README.md); writes benchmarks/results/.
 bench: install
 	$(PYTHON) benchmarks/bench_products.py
+	$(PYTHON) benchmarks/bench_kfac.py
 
 bench-quick: install
 	$(PYTHON) benchmarks/bench_products.py --quick
+	$(PYTHON) benchmarks/bench_kfac.py --quick
