@@ -226,6 +226,17 @@ def check_binary_targets(y: Tensor, what: str):
         )
 
 
+def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
+    """``generator`` (or a new one if missing or on another device) re-seeded with ``seed``.
+
+    The Monte-Carlo Fisher and KFAC re-seed at the start of every pass over the data, which is
+    what couples their samples.
+    """
+    if generator is None or generator.device != device:
+        generator = torch.Generator(device=device)
+    return generator.manual_seed(seed)
+
+
 def draw_labels(
     loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
 ) -> Tensor:

@@ -32,7 +32,6 @@ from collections.abc import Callable, MutableMapping
 from functools import cached_property
 from typing import List, Optional, Tuple, Union
 
-import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
@@ -42,6 +41,7 @@ from curvlinops._losses import (
     check_supported_loss,
     num_terms_normalization,
     sample_grad_outputs,
+    seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.gradient_moments import make_batch_gradient_moment_product
@@ -188,9 +188,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Seed the generator with ``_seed``, then make one pass over the data."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self._seed)
+        self._generator = seeded_generator(self._generator, self.device, self._seed)
         return super()._matmat(M)
 
     def _matmat_batch(

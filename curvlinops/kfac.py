@@ -61,6 +61,7 @@ from curvlinops._losses import (
     num_terms_normalization,
     row_loss_gradients,
     sample_grad_outputs,
+    seeded_generator,
     to_rows,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
@@ -356,9 +357,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
 
     # ----------------------------------------------------------------- sampling
     def _reseed_generator(self):
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self._seed)
+        self._generator = seeded_generator(self._generator, self.device, self._seed)
 
     def draw_label(self, output: Tensor) -> Tensor:
         """Sample labels from the likelihood the loss defines (operator's generator).

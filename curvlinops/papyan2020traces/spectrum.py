@@ -23,7 +23,7 @@ dtype; only the spectral boundaries come from SciPy's ``eigsh`` on ``A.to_scipy(
 """
 
 from math import log, pi, sqrt
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from scipy.linalg import eigh_tridiagonal
@@ -263,15 +263,8 @@ def lanczos_approximate_spectrum(
         The grid and the density.
     """
     _check(A, ncv, kappa)
-    bounds = approximate_boundaries(A, tol=boundaries_tol, boundaries=boundaries)
-    densities = []
-    for _ in range(num_repeats):
-        run = fast_lanczos(A, ncv, generator=generator)
-        grid, density = lanczos_approximate_spectrum_from_iter(
-            run, bounds, num_points, kappa, margin
-        )
-        densities.append(density)
-    return grid, torch.stack(densities).mean(0)
+    cache = LanczosApproximateSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
+    return cache.approximate_spectrum(num_repeats, num_points, kappa, margin)
 
 
 def lanczos_approximate_log_spectrum(
@@ -304,15 +297,8 @@ def lanczos_approximate_log_spectrum(
         The grid and the density.
     """
     _check(A, ncv, kappa)
-    bounds = approximate_boundaries_abs(A, tol=boundaries_tol, boundaries=boundaries)
-    densities = []
-    for _ in range(num_repeats):
-        run = fast_lanczos(A, ncv, generator=generator)
-        grid, density = lanczos_approximate_log_spectrum_from_iter(
-            run, bounds, num_points, kappa, margin, epsilon
-        )
-        densities.append(density)
-    return grid, torch.stack(densities).mean(0)
+    cache = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
+    return cache.approximate_log_spectrum(num_repeats, num_points, kappa, margin, epsilon)
 
 
 class _LanczosCache:
@@ -329,12 +315,16 @@ class _LanczosCache:
         self._generator = generator
         self._runs: List[Tuple[Tensor, Tensor]] = []
 
-    def _runs_for(self, num_repeats: int) -> List[Tuple[Tensor, Tensor]]:
+    def _average(
+        self, num_repeats: int, density_from_run: Callable[[Tuple[Tensor, Tensor]], Tuple]
+    ) -> Tuple[Tensor, Tensor]:
+        """Grid of the first run and mean density over the first ``num_repeats`` runs."""
         if num_repeats < 1:
             raise ValueError(f"num_repeats must be positive, got {num_repeats}.")
         while len(self._runs) < num_repeats:
             self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
-        return self._runs[:num_repeats]
+        results = [density_from_run(run) for run in self._runs[:num_repeats]]
+        return results[0][0], torch.stack([density for _, density in results]).mean(0)
 
 
 class LanczosApproximateSpectrumCached(_LanczosCache):
@@ -379,11 +369,12 @@ class LanczosApproximateSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        results = [
-            lanczos_approximate_spectrum_from_iter(run, self._boundaries, num_points, kappa, margin)
-            for run in self._runs_for(num_repeats)
-        ]
-        return results[0][0], torch.stack([d for _, d in results]).mean(0)
+        return self._average(
+            num_repeats,
+            lambda run: lanczos_approximate_spectrum_from_iter(
+                run, self._boundaries, num_points, kappa, margin
+            ),
+        )
 
 
 class LanczosApproximateLogSpectrumCached(_LanczosCache):
@@ -431,10 +422,9 @@ class LanczosApproximateLogSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        results = [
-            lanczos_approximate_log_spectrum_from_iter(
+        return self._average(
+            num_repeats,
+            lambda run: lanczos_approximate_log_spectrum_from_iter(
                 run, self._boundaries, num_points, kappa, margin, epsilon
-            )
-            for run in self._runs_for(num_repeats)
-        ]
-        return results[0][0], torch.stack([d for _, d in results]).mean(0)
+            ),
+        )
