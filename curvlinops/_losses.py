@@ -226,6 +226,28 @@ def check_binary_targets(y: Tensor, what: str):
         )
 
 
+def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
+    """Columns of a square root of each row's sum-reduced loss Hessian, ``[C, R, C]``.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        output_flat: The flattened output ``[R, C]``.
+
+    Returns:
+        ``S[c, r]`` is column ``c`` of row ``r``'s square root.
+    """
+    R, C = output_flat.shape
+    eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
+    if isinstance(loss_func, MSELoss):
+        return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
+    if isinstance(loss_func, CrossEntropyLoss):
+        p = output_flat.softmax(dim=1)
+        # column c of diag(sqrt p) - p sqrt(p)^T is sqrt(p_c) (e_c - p)
+        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+    sigma = output_flat.sigmoid()
+    return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
+
+
 def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
     """``generator`` (or a new one if missing or on another device) re-seeded with ``seed``.
 

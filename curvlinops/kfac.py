@@ -58,6 +58,7 @@ from curvlinops._losses import (
     check_sampling_options,
     draw_labels,
     flatten_labels,
+    loss_hessian_sqrt_columns,
     num_terms_normalization,
     row_loss_gradients,
     sample_grad_outputs,
@@ -109,24 +110,6 @@ class KFACType(str, Enum, metaclass=MetaEnum):
 # A block of the block-diagonal approximation: (module name, kind, parameter positions) with
 # kind "weight", "bias" (G alone) or "joint" (weight and bias, ones appended to the inputs).
 Block = Tuple[str, str, Tuple[int, ...]]
-
-
-def _sym_sqrt_cotangents(loss_func, f_flat: Tensor) -> Tensor:
-    """Columns of a square root of each row's sum-reduced loss Hessian, ``[C, R, C]``."""
-    R, C = f_flat.shape
-    if isinstance(loss_func, MSELoss):
-        eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
-        return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
-    if isinstance(loss_func, CrossEntropyLoss):
-        p = f_flat.softmax(dim=1)
-        p_sqrt = p.sqrt()
-        # column c of diag(sqrt p) - p sqrt(p)^T: sqrt(p_c) (e_c - p)
-        eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
-        return p_sqrt.T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
-    sigma = f_flat.sigmoid()
-    scale = (sigma * (1 - sigma)).sqrt()
-    eye = torch.eye(C, dtype=f_flat.dtype, device=f_flat.device)
-    return eye.unsqueeze(1) * scale.unsqueeze(0)
 
 
 def block_left(L: Tensor, V: Tensor) -> Tensor:
@@ -387,7 +370,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
         if fisher_type == FisherType.TYPE2:
             if isinstance(loss_func, BCEWithLogitsLoss):
                 check_binary_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
-            vectors, num_samples = _sym_sqrt_cotangents(loss_func, f), 1
+            vectors, num_samples = loss_hessian_sqrt_columns(loss_func, f), 1
         elif fisher_type == FisherType.MC:
             vectors = sample_grad_outputs(loss_func, f, self._mc_samples, self._generator)
             num_samples = self._mc_samples
