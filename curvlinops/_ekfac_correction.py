@@ -49,24 +49,42 @@ def compute_eigenvalue_correction_linear_weight_sharing(
         ValueError: For an unknown strategy.
     """
     g_rot = g @ ggT_eigvecs
-    if aaT_eigvecs is None:
-        return (g_rot.sum(1) ** 2).sum(0)
-    a_rot = a @ aaT_eigvecs
+    a_rot = None if aaT_eigvecs is None else a @ aaT_eigvecs
+    return per_example_square_sums(g_rot, a_rot, _force_strategy)
+
+
+def per_example_square_sums(g: Tensor, a: Optional[Tensor], strategy: Optional[str] = None):
+    """``sum_n (sum_s g_{n,s} a_{n,s}^T)^2`` (entry-wise), or ``sum_n (sum_s g_{n,s})^2``.
+
+    Args:
+        g: ``[N, S, D1]``.
+        a: ``[N, S, D2]``, or ``None`` for the bias form.
+        strategy: ``"per_example_gradients"`` or ``"gramian"`` (see
+            :func:`compute_eigenvalue_correction_linear_weight_sharing`); ``None`` picks the
+            one with less memory.
+
+    Returns:
+        ``[D1, D2]``, or ``[D1]`` without ``a``.
+
+    Raises:
+        ValueError: For an unknown strategy.
+    """
+    if a is None:
+        return (g.sum(1) ** 2).sum(0)
     S, D1, D2 = g.shape[1], g.shape[2], a.shape[2]
-    strategy = _force_strategy
     if strategy is None:
         strategy = "gramian" if S**2 * (D1 + D2) < D1 * D2 else "per_example_gradients"
     if strategy == "per_example_gradients":
-        per_example = torch.einsum("nsi,nsj->nij", g_rot, a_rot)
+        per_example = torch.einsum("nsi,nsj->nij", g, a)
         return (per_example**2).sum(0)
     if strategy == "gramian":
         if S == 1:
-            return (g_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
-        g_gram = torch.einsum("nsi,nti->nsti", g_rot, g_rot).reshape(-1, D1)
-        a_gram = torch.einsum("nsj,ntj->nstj", a_rot, a_rot).reshape(-1, D2)
+            return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
+        g_gram = torch.einsum("nsi,nti->nsti", g, g).reshape(-1, D1)
+        a_gram = torch.einsum("nsj,ntj->nstj", a, a).reshape(-1, D2)
         return g_gram.T @ a_gram
     raise ValueError(
-        f"Invalid _force_strategy {_force_strategy!r}; use 'per_example_gradients' or 'gramian'."
+        f"Invalid _force_strategy {strategy!r}; use 'per_example_gradients' or 'gramian'."
     )
 
 

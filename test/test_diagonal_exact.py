@@ -64,14 +64,25 @@ def test_memory_is_chunked():
     """A tiny element budget gives the same diagonal (chunks of one data point)."""
     from curvlinops.diagonal import exact
 
-    c = make_case("mlp_ce", "sum")
-    expected = flatten_list(ggn_diagonal(*c.tensors()))
+    c = make_case("seq_mse", "sum")  # several loss terms per datum: per-datum gradients
+    expected = cached_reference("ggn", "seq_mse", "sum").diagonal()
     old = exact.MAX_ELEMENTS
     try:
         exact.squared_gradient_sum.__defaults__ = (1, True)
         assert_close(flatten_list(ggn_diagonal(*c.tensors())), expected)
     finally:
         exact.squared_gradient_sum.__defaults__ = (old, True)
+
+
+def test_layerwise_and_per_datum_paths_agree():
+    """Linear layers with 2-d outputs take the per-layer path; force the per-datum one."""
+    c = make_case("mlp_ce", "mean")
+    G = GGNDiagonalLinearOperator(*c.tensors(), check_deterministic=False)
+    assert G._layerwise_diagonal() is not None
+    assert_close(flatten_list(G._per_datum_diagonal()), flatten_list(G._layerwise_diagonal()))
+    d = make_case("dict_ce", "mean")
+    D = GGNDiagonalLinearOperator(*d.tensors(), check_deterministic=False, **d.kwargs())
+    assert D._layerwise_diagonal() is None  # the temperature belongs to no layer
 
 
 def test_errors():

@@ -31,7 +31,7 @@ independently (no batch statistics; put BatchNorm in ``eval()`` mode).
 
 from collections.abc import MutableMapping
 from math import sqrt
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Generator, Tensor, nn
@@ -39,6 +39,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import parameter_names, second_order_context
+from curvlinops._ekfac_correction import per_example_square_sums
 from curvlinops._losses import (
     check_binary_targets,
     check_sampling_options,
@@ -52,8 +53,22 @@ from curvlinops._losses import (
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
+from curvlinops.kfac import KFACLinearOperator
 
 MAX_ELEMENTS = 2**24
+
+
+class _SeveralLossTerms(Exception):
+    """A batch output has more than one loss term per datum."""
+
+
+class _LayerPass(KFACLinearOperator):
+    """KFAC's data pass, restricted to 2-d outputs (one loss term per datum)."""
+
+    def _output_gradients(self, X, y: Tensor, output: Tensor, outputs):
+        if output.ndim != 2 or y.ndim not in (1, 2):
+            raise _SeveralLossTerms
+        return super()._output_gradients(X, y, output, outputs)
 
 
 def _datum_inputs(X: Union[Tensor, MutableMapping]):
@@ -253,7 +268,64 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
             self._cached_diagonal = self._compute_diagonal()
         return self._cached_diagonal
 
+    def _fisher_type(self) -> Tuple[str, dict]:
+        """The KFAC Fisher type (and keywords) whose backward pass gives these vectors."""
+        raise NotImplementedError
+
     def _compute_diagonal(self) -> List[Tensor]:
+        layerwise = self._layerwise_diagonal()
+        return self._per_datum_diagonal() if layerwise is None else layerwise
+
+    def _layerwise_diagonal(self) -> Optional[List[Tensor]]:
+        r"""Per-layer computation for Linear/Conv parameters and one loss term per datum.
+
+        Uses KFAC's single backward pass per batch (all vectors batched) to get each layer's
+        inputs ``a`` and output gradients ``g``; the diagonal of a weight is then
+        :math:`\sum_{n,v} (\sum_s g_{n,v,s} a_{n,s}^\top)^{\odot 2}` and of a bias
+        :math:`\sum_{n,v} (\sum_s g_{n,v,s})^2`, with no per-parameter-entry Jacobians.
+        Returns ``None`` (use the per-datum path) for other parameters or when a batch has
+        several loss terms per datum (their cross terms would enter the squares).
+        """
+        try:
+            KFACLinearOperator.compute_parameter_mapping(self._params, self._model_func)
+        except NotImplementedError:
+            return None
+        fisher_type, kwargs = self._fisher_type()
+        kfac = _LayerPass(
+            self._model_func,
+            self._loss_func,
+            self._params,
+            self._data,
+            progressbar=self._progressbar,
+            check_deterministic=False,
+            fisher_type=fisher_type,
+            num_per_example_loss_terms=1,
+            num_data=self._N_data,
+            batch_size_fn=self._batch_size_fn,
+            **kwargs,
+        )
+        totals = [torch.zeros_like(p) for p in self._params]
+        weights = [n for n, e in kfac._mapping.items() if "weight" in e]
+        try:
+            for inputs, grads in kfac._layer_quantities(
+                weights, lambda name, x: kfac._layer_rows(name, x, reduce=False), "diagonal"
+            ):
+                for name, entry in kfac._mapping.items():
+                    g = grads[name].reshape(-1, *grads[name].shape[2:])  # [V * B, S, d_out]
+                    if "bias" in entry:
+                        totals[entry["bias"]] += per_example_square_sums(g, None)
+                    if "weight" in entry:
+                        a = inputs[name]
+                        a = a.unsqueeze(0).expand(grads[name].shape[0], *a.shape)
+                        square_sums = per_example_square_sums(g, a.reshape(-1, *a.shape[2:]))
+                        totals[entry["weight"]] += square_sums.reshape(
+                            totals[entry["weight"]].shape
+                        )
+        except _SeveralLossTerms:
+            return None
+        return totals
+
+    def _per_datum_diagonal(self) -> List[Tensor]:
         self._start_pass()
         totals = [torch.zeros_like(p, dtype=self.dtype) for p in self._params]
         for X, y in self._loop_over_data(desc="diagonal"):
@@ -279,6 +351,9 @@ class GGNDiagonalLinearOperator(_ExactDiagonal):
     ``trace`` and ``inverse(damping)`` as :class:`DiagonalLinearOperator`.
     """
 
+    def _fisher_type(self) -> Tuple[str, dict]:
+        return "type-2", {}
+
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         if isinstance(self._loss_func, BCEWithLogitsLoss):
             check_binary_targets(y, type(self).__name__)
@@ -287,6 +362,9 @@ class GGNDiagonalLinearOperator(_ExactDiagonal):
 
 class EFDiagonalLinearOperator(_ExactDiagonal):
     """Exact diagonal of the empirical Fisher (same conventions as ``EFLinearOperator``)."""
+
+    def _fisher_type(self) -> Tuple[str, dict]:
+        return "empirical", {}
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         return row_loss_gradients(self._loss_func, output_flat, y_flat).unsqueeze(0)
@@ -344,6 +422,9 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
 
     def _start_pass(self):
         self._generator = seeded_generator(self._generator, self.device, self._seed)
+
+    def _fisher_type(self) -> Tuple[str, dict]:
+        return "mc", {"seed": self._seed, "mc_samples": self._mc_samples}
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         if isinstance(self._loss_func, BCEWithLogitsLoss):
