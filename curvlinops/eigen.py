@@ -31,20 +31,30 @@ from curvlinops.utils import assert_is_square
 _WHICH = ("LA", "SA", "LM")
 
 
-def _orthonormal_rows(block: Tensor, basis: Optional[Tensor]) -> Tensor:
+def _orthonormal_rows(block: Tensor, basis: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Orthonormal rows spanning ``block``'s rows minus their part in ``basis``'s rows.
 
     Vectors are stored as rows: on the CPU the projections ``block @ basis.T`` and
     ``coefficients @ basis`` of tall-skinny data run several times faster in this layout.
     Projection is done twice (full re-orthogonalisation); vanished directions are dropped.
+
+    Returns:
+        The orthonormal rows and the triangular factor ``R`` of the projected block
+        (``projected.T = Q R``), whose products give the norms of its combinations.
     """
     for _ in range(2):
         if basis is not None and basis.shape[0] > 0:
             block = block - (block @ basis.T) @ basis
+    # Cholesky QR (a small Gram matrix instead of a tall QR); QR if the block is degenerate
+    L, info = torch.linalg.cholesky_ex(block @ block.T)
+    diagonal = L.diagonal().abs()
+    if info.item() == 0 and diagonal.min() > 1e-4 * diagonal.max():
+        rows = torch.linalg.solve_triangular(L, block, upper=False)
+        return rows, L.T
     Q, R = torch.linalg.qr(block.T)
     diagonal = R.diagonal().abs()
     keep = diagonal > 1e2 * torch.finfo(block.dtype).eps * diagonal.max()
-    return Q[:, keep].T.contiguous()
+    return Q[:, keep].T.contiguous(), R
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -111,43 +121,55 @@ def eigsh(
     dtype, device = A.dtype, A.device
 
     start = torch.randn(p, dim, dtype=dtype, device=device, generator=generator)
-    block = _orthonormal_rows(start, None)
-    # basis Q and products W = A Q, vectors stored as rows of preallocated buffers
+    block, _ = _orthonormal_rows(start, None)
+    # basis Q and products W = A Q as rows of preallocated buffers, H = Q A Q^T kept updated
     Q_buffer = torch.empty(m, dim, dtype=dtype, device=device)
     W_buffer = torch.empty(m, dim, dtype=dtype, device=device)
+    H = torch.zeros(m, m, dtype=dtype, device=device)
     size = 0
     bar = tqdm(range(max_iter), desc="eigsh (restarts)", disable=not progressbar)
     converged = False
+    worst = float("inf")
     for _ in bar:
         while block.shape[0] > 0 and size + block.shape[0] <= m:
-            num = block.shape[0]
-            Q_buffer[size : size + num] = block
-            W_buffer[size : size + num] = (A @ block.T).T
-            size += num
-            block = _orthonormal_rows(W_buffer[size - num : size], Q_buffer[:size])[:p]
-        Q, W = Q_buffer[:size], W_buffer[:size]
-        H = Q @ W.T
-        theta, Y = torch.linalg.eigh((H + H.T) / 2)
-        order = _order(theta, which)
-        wanted = order[:k]
-        X, AX = Y[:, wanted].T @ Q, Y[:, wanted].T @ W
-        residuals = (AX - theta[wanted].unsqueeze(1) * X).norm(dim=1)
-        scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-        worst = (residuals / scale).max().item()
+            start_row, size = size, size + block.shape[0]
+            Q_buffer[start_row:size] = block
+            W_buffer[start_row:size] = (A @ block.T).T
+            rows = block @ W_buffer[:size].T
+            H[start_row:size, :size] = rows
+            H[:start_row, start_row:size] = rows[:, :start_row].T
+            block, R_last = _orthonormal_rows(W_buffer[start_row:size], Q_buffer[:size])
+            block = block[:p]
+            if size <= k:
+                continue
+            # Krylov relation A Q^T = Q^T H + F E_last^T: a Ritz pair's residual is F's part
+            theta, Y = torch.linalg.eigh(H[:size, :size])
+            order = _order(theta, which)
+            wanted = order[:k]
+            residuals = (R_last @ Y[start_row:size, wanted]).norm(dim=0)
+            scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            worst = (residuals / scale).max().item()
+            if worst <= tol or size >= dim or block.shape[0] == 0:
+                converged = True
+                break
         bar.set_postfix(residual=f"{worst:.1e}")
-        if worst <= tol or size >= dim:
-            converged = True
+        if converged or size <= k:
             break
+        # thick restart: keep the best Ritz vectors, continue with their residual directions
         keep = order[: min(k + p, m - p)]
-        Q_kept, W_kept = Y[:, keep].T @ Q, Y[:, keep].T @ W
+        Q_kept, W_kept = Y[:, keep].T @ Q_buffer[:size], Y[:, keep].T @ W_buffer[:size]
         size = len(keep)
         Q_buffer[:size], W_buffer[:size] = Q_kept, W_kept
-        # residuals of the kept Ritz vectors span the next Krylov block
-        R = W_kept - theta[keep].unsqueeze(1) * Q_kept
-        R = R - (R @ Q_kept.T) @ Q_kept
-        _, _, Vh = torch.linalg.svd(R, full_matrices=False)
-        block = _orthonormal_rows(Vh[:p], Q_kept)
+        H.zero_()
+        H[:size, :size] = torch.diag(theta[keep])
+        residual_rows = W_kept - theta[keep].unsqueeze(1) * Q_kept
+        residual_rows = residual_rows - (residual_rows @ Q_kept.T) @ Q_kept
+        _, _, Vh = torch.linalg.svd(residual_rows, full_matrices=False)
+        block, _ = _orthonormal_rows(Vh[:p], Q_kept)
         if block.shape[0] == 0:  # invariant subspace found: the Ritz pairs are exact
+            theta, Y = torch.linalg.eigh(H[:size, :size])
+            order = _order(theta, which)
+            wanted = order[:k]
             converged = True
             break
     if not converged:
@@ -161,7 +183,10 @@ def eigsh(
     evals = theta[wanted][ascending]
     if not return_eigenvectors:
         return evals
-    evecs = X[ascending].T
+    if converged:
+        evecs = (Y[:, wanted[ascending]].T @ Q_buffer[:size]).T
+    else:  # stopped right after a restart: the wanted Ritz vectors lead the basis
+        evecs = Q_buffer[:k][ascending].T
     if list_format:
         sizes = [s.numel() for s in A._in_shape] if hasattr(A, "_in_shape") else [dim]
         shapes = A._in_shape if hasattr(A, "_in_shape") else [torch.Size([dim])]
