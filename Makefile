@@ -32,7 +32,11 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/bench_products.py
 	$(PYTHON) benchmarks/bench_kfac.py
+	$(PYTHON) benchmarks/bench_diagonals.py
+	$(PYTHON) benchmarks/bench_eigsh.py
 
 bench-quick: install
 	$(PYTHON) benchmarks/bench_products.py --quick
 	$(PYTHON) benchmarks/bench_kfac.py --quick
+	$(PYTHON) benchmarks/bench_diagonals.py --quick
+	$(PYTHON) benchmarks/bench_eigsh.py --quick
