@@ -31,26 +31,16 @@ from curvlinops.utils import assert_is_square
 _WHICH = ("LA", "SA", "LM")
 
 
-def _orthonormal_rows(block: Tensor, basis: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Orthonormal rows spanning ``block``'s rows minus their part in ``basis``'s rows.
+def _normalize_rows(block: Tensor) -> Tuple[Tensor, Tensor]:
+    """Orthonormal rows spanning ``block``'s rows and the triangular factor ``R``.
 
-    Vectors are stored as rows: on the CPU the projections ``block @ basis.T`` and
-    ``coefficients @ basis`` of tall-skinny data run several times faster in this layout.
-    Projection is done twice (full re-orthogonalisation); vanished directions are dropped.
-
-    Returns:
-        The orthonormal rows and the triangular factor ``R`` of the projected block
-        (``projected.T = Q R``), whose products give the norms of its combinations.
+    ``block.T = Q R``. Cholesky QR (a small Gram matrix instead of a tall QR) unless the
+    block is close to rank-deficient, then Householder QR, dropping vanished directions.
     """
-    for _ in range(2):
-        if basis is not None and basis.shape[0] > 0:
-            block = block - (block @ basis.T) @ basis
-    # Cholesky QR (a small Gram matrix instead of a tall QR); QR if the block is degenerate
     L, info = torch.linalg.cholesky_ex(block @ block.T)
     diagonal = L.diagonal().abs()
     if info.item() == 0 and diagonal.min() > 1e-4 * diagonal.max():
-        rows = torch.linalg.solve_triangular(L, block, upper=False)
-        return rows, L.T
+        return torch.linalg.solve_triangular(L, block, upper=False), L.T
     Q, R = torch.linalg.qr(block.T)
     diagonal = R.diagonal().abs()
     keep = diagonal > 1e2 * torch.finfo(block.dtype).eps * diagonal.max()
@@ -121,10 +111,9 @@ def eigsh(
     dtype, device = A.dtype, A.device
 
     start = torch.randn(p, dim, dtype=dtype, device=device, generator=generator)
-    block, _ = _orthonormal_rows(start, None)
-    # basis Q and products W = A Q as rows of preallocated buffers, H = Q A Q^T kept updated
+    block, _ = _normalize_rows(start)
+    # basis vectors as rows of a preallocated buffer; H = Q A Q^T is filled as we go
     Q_buffer = torch.empty(m, dim, dtype=dtype, device=device)
-    W_buffer = torch.empty(m, dim, dtype=dtype, device=device)
     H = torch.zeros(m, m, dtype=dtype, device=device)
     size = 0
     bar = tqdm(range(max_iter), desc="eigsh (restarts)", disable=not progressbar)
@@ -134,15 +123,21 @@ def eigsh(
         while block.shape[0] > 0 and size + block.shape[0] <= m:
             start_row, size = size, size + block.shape[0]
             Q_buffer[start_row:size] = block
-            W_buffer[start_row:size] = (A @ block.T).T
-            rows = block @ W_buffer[:size].T
-            H[start_row:size, :size] = rows
-            H[:start_row, start_row:size] = rows[:, :start_row].T
-            block, R_last = _orthonormal_rows(W_buffer[start_row:size], Q_buffer[:size])
+            Q = Q_buffer[:size]
+            AB = (A @ block.T).T
+            # the projection coefficients of A b onto the basis are H's new columns
+            coefficients = AB @ Q.T
+            H[start_row:size, :size] = coefficients
+            H[:start_row, start_row:size] = coefficients[:, :start_row].T
+            F = AB - coefficients @ Q
+            # second Gram-Schmidt pass only after cancellation (Daniel-Gragg-Kaufman-Stewart)
+            if (F.norm(dim=1) < 0.7071 * AB.norm(dim=1)).any():
+                F = F - (F @ Q.T) @ Q
+            block, R_last = _normalize_rows(F)
             block = block[:p]
             if size <= k:
                 continue
-            # Krylov relation A Q^T = Q^T H + F E_last^T: a Ritz pair's residual is F's part
+            # Krylov relation A Q^T = Q^T H + F^T E_last: a Ritz pair's residual is F's part
             theta, Y = torch.linalg.eigh(H[:size, :size])
             order = _order(theta, which)
             wanted = order[:k]
@@ -155,23 +150,12 @@ def eigsh(
         bar.set_postfix(residual=f"{worst:.1e}")
         if converged or size <= k:
             break
-        # thick restart: keep the best Ritz vectors, continue with their residual directions
+        # thick restart: keep the best Ritz vectors; the next Krylov block is unchanged
         keep = order[: min(k + p, m - p)]
-        Q_kept, W_kept = Y[:, keep].T @ Q_buffer[:size], Y[:, keep].T @ W_buffer[:size]
+        Q_buffer[: len(keep)] = Y[:, keep].T @ Q_buffer[:size]
         size = len(keep)
-        Q_buffer[:size], W_buffer[:size] = Q_kept, W_kept
         H.zero_()
         H[:size, :size] = torch.diag(theta[keep])
-        residual_rows = W_kept - theta[keep].unsqueeze(1) * Q_kept
-        residual_rows = residual_rows - (residual_rows @ Q_kept.T) @ Q_kept
-        _, _, Vh = torch.linalg.svd(residual_rows, full_matrices=False)
-        block, _ = _orthonormal_rows(Vh[:p], Q_kept)
-        if block.shape[0] == 0:  # invariant subspace found: the Ritz pairs are exact
-            theta, Y = torch.linalg.eigh(H[:size, :size])
-            order = _order(theta, which)
-            wanted = order[:k]
-            converged = True
-            break
     if not converged:
         warnings.warn(
             f"eigsh did not converge in {max_iter} restarts (largest relative residual "
