@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from curvlinops._torch_base import PyTorchLinearOperator
-from curvlinops.sampling import random_vector
+from curvlinops.sampling import rademacher_columns, random_vector
 from curvlinops.utils import assert_divisible_by, assert_is_square, assert_matvecs_subseed_dim
 
 Operand = Union[Tensor, PyTorchLinearOperator]
@@ -45,7 +45,13 @@ def draw(
     distribution: str,
     generator: Optional[torch.Generator],
 ) -> Tensor:
-    """Draw ``num_vectors`` random vectors of length ``dim`` as the columns of a matrix."""
+    """Draw ``num_vectors`` random vectors of length ``dim`` as the columns of a matrix.
+
+    Same numbers as ``num_vectors`` calls of ``random_vector``; Rademacher columns are drawn
+    in one call (see :func:`~curvlinops.sampling.rademacher_columns`).
+    """
+    if distribution == "rademacher":
+        return rademacher_columns(dim, num_vectors, A.device, A.dtype, generator=generator)
     columns = [
         random_vector(dim, distribution, A.device, A.dtype, generator=generator)
         for _ in range(num_vectors)

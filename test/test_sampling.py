@@ -72,3 +72,27 @@ def test_generator(distribution):
 def test_random_vector_unknown_distribution():
     with pytest.raises(ValueError, match="'uniform'.*'rademacher', 'normal'"):
         random_vector(5, "uniform", "cpu", DT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_columns_reproduce_bernoulli_draws(dtype):
+    """One fast call equals column-by-column Bernoulli(1/2) draws, generator state included."""
+    from curvlinops.sampling import rademacher_columns
+
+    for generator_seed in (0, 1):
+        g1 = torch.Generator().manual_seed(generator_seed)
+        expected = torch.stack(
+            [
+                torch.empty(1001, dtype=dtype).bernoulli_(0.5, generator=g1) * 2 - 1
+                for _ in range(5)
+            ],
+            dim=1,
+        )
+        g2 = torch.Generator().manual_seed(generator_seed)
+        actual = rademacher_columns(1001, 5, "cpu", dtype, generator=g2)
+        assert torch.equal(actual, expected)
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    torch.manual_seed(3)
+    expected = torch.empty(50, dtype=dtype).bernoulli_(0.5) * 2 - 1
+    torch.manual_seed(3)
+    assert torch.equal(rademacher(50, "cpu", dtype), expected)
