@@ -272,7 +272,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
         mapping: Dict[str, Dict[str, int]] = {}
         found = set()
         for name, module in model_func.named_modules():
-            if not isinstance(module, _KFAC_MODULES):
+            if (
+                not isinstance(module, _KFAC_MODULES)
+                or getattr(module, "padding_mode", "zeros") != "zeros"
+            ):  # patches assume zero padding
                 continue
             entry = {}
             for kind in ("weight", "bias"):
@@ -288,10 +291,13 @@ class KFACLinearOperator(CurvatureLinearOperator):
             for name, module in model_func.named_modules():
                 for p_name, p in module.named_parameters(recurse=False):
                     if p.data_ptr() in {params[i].data_ptr() for i in missing}:
-                        owners.append(f"{name}.{p_name} ({type(module).__name__})")
+                        mode = getattr(module, "padding_mode", "zeros")
+                        detail = "" if mode == "zeros" else f", padding_mode={mode!r}"
+                        owners.append(f"{name}.{p_name} ({type(module).__name__}{detail})")
             where = ", ".join(owners) if owners else f"positions {missing} (not in the model)"
             raise NotImplementedError(
-                f"KFAC supports parameters of {[c.__name__ for c in _KFAC_MODULES]} only; "
+                f"KFAC supports parameters of {[c.__name__ for c in _KFAC_MODULES]} (zero "
+                "padding) only; "
                 f"unsupported: {where}. Remove these from params."
             )
         return mapping
@@ -396,11 +402,6 @@ class KFACLinearOperator(CurvatureLinearOperator):
                 module.dilation,
                 module.groups,
             )
-            if module.padding_mode != "zeros":
-                raise NotImplementedError(
-                    f"KFAC supports zero padding only; module {name!r} ({type(module).__name__}) "
-                    f"uses padding_mode={module.padding_mode!r}."
-                )
             rows = (
                 _extract_averaged_patches_nd(*args).unsqueeze(1)
                 if reduce
@@ -423,7 +424,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
         """
         module = self._modules[name]
         reduce = KFACType(self._kfac_approx) == KFACType.REDUCE
-        if isinstance(module, nn.Conv2d) and not reduce and module.padding_mode == "zeros":
+        if isinstance(module, nn.Conv2d) and not reduce:
             if module.groups > 1:
                 B, C = x.shape[:2]
                 x = x.reshape(B, module.groups, C // module.groups, *x.shape[2:]).mean(1)

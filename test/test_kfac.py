@@ -461,6 +461,9 @@ def test_errors():
     ln_model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)).to(DT)
     with pytest.raises(NotImplementedError, match=r"1\.weight \(LayerNorm\)"):
         KFACLinearOperator(ln_model, nn.MSELoss(), list(ln_model.parameters()), data)
+    reflect = nn.Sequential(nn.Conv1d(3, 3, 1, padding_mode="reflect"), nn.Flatten()).to(DT)
+    with pytest.raises(NotImplementedError, match=r"0\.weight \(Conv1d, padding_mode='reflect'\)"):
+        KFACLinearOperator(reflect, nn.MSELoss(), list(reflect.parameters()), data)
     soft = [(x, torch.full_like(y, 0.3)) for x, y in data]
     K = KFACLinearOperator(
         model, nn.BCEWithLogitsLoss(), params, soft, fisher_type="type-2", check_deterministic=False
