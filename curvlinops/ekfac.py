@@ -240,6 +240,9 @@ class EKFACLinearOperator(KFACLinearOperator):
         return self._frobenius_norm
 
     # ----------------------------------------------------------------- determinism
+    def _has_factors(self) -> bool:
+        return bool(self._corrected_eigenvalues) or super()._has_factors()
+
     def _factor_snapshot(self) -> Dict[str, Tensor]:
         self._maybe_compute_ekfac()
         return {

@@ -685,13 +685,22 @@ class KFACLinearOperator(CurvatureLinearOperator):
         return self._frobenius_norm
 
     # ----------------------------------------------------------------- determinism
+    def _has_factors(self) -> bool:
+        return bool(self._input_covariances or self._gradient_covariances)
+
     def _check_deterministic(self):
         """The base checks (which compute the factors), then a second factor computation.
+
+        Factors that existed before the check (loaded from a checkpoint) are kept: only the
+        base checks run then, so a checkpoint is never overwritten by a recomputation.
 
         Raises:
             RuntimeError: If data, model, or the Kronecker factors are not deterministic.
         """
+        loaded = self._has_factors()
         super()._check_deterministic()
+        if loaded:
+            return
         first = self._factor_snapshot()
         self._recompute()
         second = self._factor_snapshot()

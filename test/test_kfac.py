@@ -408,6 +408,13 @@ def test_checkpoint_round_trip(tmp_path):
     assert_close(densify(K2), dense)
     assert_close(K2.trace, trace)
     assert_close(model2[0].weight, model[0].weight)
+    # the determinism check of from_state_dict keeps the loaded factors, even for other data
+    other_data = regression_data(d_out=3, seed=9)
+    with pytest.warns(UserWarning, match="will overwrite the parameters"):
+        K3 = KFACLinearOperator.from_state_dict(
+            state, model2, list(model2.parameters()), other_data
+        )
+    assert_close(densify(K3), dense)
 
 
 def test_checkpoint_errors():
