@@ -162,3 +162,19 @@ def test_errors():
         fast_lanczos(A, 1)
     with pytest.raises(ValueError, match="square"):
         fast_lanczos(TensorLinearOperator(torch.zeros(3, 4, dtype=DT)), 2)
+
+
+def test_smallest_magnitude_fallback(monkeypatch):
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    from curvlinops.papyan2020traces import spectrum
+
+    def fail(*args, which=None, **kwargs):
+        raise ArpackNoConvergence("no convergence", [], [])
+
+    monkeypatch.setattr(spectrum, "eigsh", fail)
+    A = TensorLinearOperator(A_DENSE)
+    with pytest.warns(RuntimeWarning, match="using 0"):
+        assert approximate_boundaries_abs(A, boundaries=(None, 3.0)) == (0.0, 3.0)
+    with pytest.raises(RuntimeError, match="pass boundaries explicitly"):
+        approximate_boundaries(A, boundaries=(None, 3.0))

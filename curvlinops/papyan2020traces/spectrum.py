@@ -22,12 +22,13 @@ Lanczos runs without re-orthogonalisation, entirely on the operator's device and
 dtype; only the spectral boundaries come from SciPy's ``eigsh`` on ``A.to_scipy()``.
 """
 
+import warnings
 from math import log, pi, sqrt
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from scipy.linalg import eigh_tridiagonal
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor
 
 from curvlinops._torch_base import PyTorchLinearOperator
@@ -99,7 +100,22 @@ def fast_lanczos(
 
 
 def _extreme_eigenvalue(A: PyTorchLinearOperator, which: str, tol: float) -> float:
-    return float(eigsh(A.to_scipy(), k=1, which=which, tol=tol, return_eigenvectors=False)[0])
+    try:
+        return float(eigsh(A.to_scipy(), k=1, which=which, tol=tol, return_eigenvectors=False)[0])
+    except ArpackNoConvergence as error:
+        if which == "SM":
+            # ARPACK rarely converges to the smallest magnitude of a singular matrix (e.g. a
+            # GGN); 0 is a valid lower bound of |lambda| for the log spectrum.
+            warnings.warn(
+                "The smallest eigenvalue magnitude did not converge; using 0 as lower boundary.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return 0.0
+        raise RuntimeError(
+            f"SciPy's eigsh did not find the {which} eigenvalue for the spectrum boundaries; "
+            "pass boundaries explicitly or increase boundaries_tol."
+        ) from error
 
 
 def approximate_boundaries(
