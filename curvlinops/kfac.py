@@ -521,6 +521,8 @@ class KFACLinearOperator(CurvatureLinearOperator):
         self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]
     ) -> Dict[str, Tensor]:
         """Backpropagate the cotangents to all layer outputs at once, in column chunks."""
+        if not outputs:  # no mapped layer ran (reported after the pass)
+            return {}
         with torch.enable_grad():
             f_flat = to_rows(self._loss_func, output)
             y_flat = flatten_labels(self._loss_func, y)
@@ -576,6 +578,16 @@ class KFACLinearOperator(CurvatureLinearOperator):
             for name, entry in self._mapping.items():
                 param = self._params[next(iter(entry.values()))]
                 G[name] = torch.eye(param.shape[0], dtype=self.dtype, device=self.device)
+        missing = [
+            n for n, e in self._mapping.items() if n not in G or ("weight" in e and n not in A)
+        ]
+        if missing:
+            raise RuntimeError(
+                f"The layers {missing} hold parameters in params but their forward was never "
+                "called (e.g. the out_proj of nn.MultiheadAttention, whose weights are used "
+                "functionally), so KFAC cannot see their inputs and outputs. Remove their "
+                "parameters from params."
+            )
         self._input_covariances.update(A)
         self._gradient_covariances.update(G)
 

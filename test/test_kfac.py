@@ -471,6 +471,20 @@ def test_errors():
     reflect = nn.Sequential(nn.Conv1d(3, 3, 1, padding_mode="reflect"), nn.Flatten()).to(DT)
     with pytest.raises(NotImplementedError, match=r"0\.weight \(Conv1d, padding_mode='reflect'\)"):
         KFACLinearOperator(reflect, nn.MSELoss(), list(reflect.parameters()), data)
+    attention = nn.MultiheadAttention(3, 1, batch_first=True).to(DT)
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x)[0]
+
+    seq = regression_data(d_out=3, shape=(2,))
+    out_proj = list(attention.out_proj.parameters())
+    with pytest.raises(RuntimeError, match=r"\['attention.out_proj'\].*never called"):
+        KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)
     soft = [(x, torch.full_like(y, 0.3)) for x, y in data]
     K = KFACLinearOperator(
         model, nn.BCEWithLogitsLoss(), params, soft, fisher_type="type-2", check_deterministic=False
