@@ -80,6 +80,40 @@ def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str
     return names
 
 
+@contextmanager
+def substituted_parameters(
+    model_func: nn.Module, params: Sequence[Tensor], values: Sequence[Tensor]
+):
+    """Temporarily replace ``params`` (every alias, so tied weights stay tied) by ``values``.
+
+    ``torch.func.functional_call`` replaces the ``Parameter`` objects of modules with tied
+    weights by new ones when it restores them (torch 2.13), which would silently detach a
+    user's optimizer from the model; swapping the entries of ``_parameters`` and putting the
+    very same objects back keeps every parameter's identity.
+
+    Args:
+        model_func: The module.
+        params: Parameters of ``model_func`` (matched by identity).
+        values: Tensors to use instead, in the order of ``params``.
+
+    Yields:
+        Nothing; ``model_func`` evaluates with ``values`` inside the block.
+    """
+    replacement = {id(p): v for p, v in zip(params, values)}
+    swapped = []
+    for module in model_func.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in replacement:
+                swapped.append((module, name, p))
+    try:
+        for module, name, p in swapped:
+            module._parameters[name] = replacement[id(p)]
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 def make_functional_model(
     model_func: nn.Module, params: Sequence[Tensor]
 ) -> Callable[[Sequence[Tensor], Union[Tensor, MutableMapping]], Tensor]:
@@ -91,14 +125,15 @@ def make_functional_model(
 
     Returns:
         ``f(param_values, X)`` evaluating ``model_func(X)`` with ``param_values`` substituted
-        for ``params`` and all other parameters and buffers taken from the module.
+        for ``params`` (all their aliases) and all other parameters and buffers taken from the
+        module.
     """
-    names = parameter_names(model_func, params)
+    parameter_names(model_func, params)  # validates params
+    params = list(params)
 
     def f(param_values: Sequence[Tensor], X: Union[Tensor, MutableMapping]) -> Tensor:
-        return torch.func.functional_call(
-            model_func, dict(zip(names, param_values)), (X,), strict=False
-        )
+        with substituted_parameters(model_func, params, param_values):
+            return model_func(X)
 
     return f
 

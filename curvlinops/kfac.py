@@ -487,12 +487,24 @@ class KFACLinearOperator(CurvatureLinearOperator):
                             f"KFAC expects one positional input for module {name!r} "
                             f"({type(module).__name__}), got {len(args)}."
                         )
+                    if name in inputs:
+                        raise NotImplementedError(
+                            f"Module {name!r} ({type(module).__name__}) is called more than once "
+                            "per forward pass; KFAC supports each layer once. Remove its "
+                            "parameters from params."
+                        )
                     inputs[name] = input_fn(name, args[0].detach())
 
                 return hook
 
             def store_output(name, outputs=outputs):
                 def hook(module, args, layer_output):
+                    if name in outputs:
+                        raise NotImplementedError(
+                            f"Module {name!r} ({type(module).__name__}) is called more than once "
+                            "per forward pass; KFAC supports each layer once. Remove its "
+                            "parameters from params."
+                        )
                     outputs[name] = layer_output
                     # the next layer gets a copy, so in-place ops cannot overwrite the node
                     return layer_output.clone()

@@ -485,6 +485,10 @@ def test_errors():
     out_proj = list(attention.out_proj.parameters())
     with pytest.raises(RuntimeError, match=r"\['attention.out_proj'\].*never called"):
         KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)
+    shared = nn.Linear(3, 3).to(DT)
+    twice = nn.Sequential(shared, nn.Tanh(), shared)
+    with pytest.raises(NotImplementedError, match="called more than once"):
+        KFACLinearOperator(twice, nn.MSELoss(), list(twice.parameters()), data)
     soft = [(x, torch.full_like(y, 0.3)) for x, y in data]
     K = KFACLinearOperator(
         model, nn.BCEWithLogitsLoss(), params, soft, fisher_type="type-2", check_deterministic=False

@@ -35,10 +35,10 @@ from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Generator, Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from curvlinops._autodiff import parameter_names, second_order_context
+from curvlinops._autodiff import make_functional_model, second_order_context
 from curvlinops._ekfac_correction import per_example_square_sums
 from curvlinops._losses import (
     check_binary_targets,
@@ -113,15 +113,13 @@ def squared_gradient_sum(
     Returns:
         The sums, shaped like ``params``.
     """
-    names = parameter_names(model_func, params)
+    model = make_functional_model(model_func, params)
     mapped, rebuild = _datum_inputs(X)
     primals = tuple(p.detach() if detach else p for p in params)
 
     def datum(x_n, cot_n):
         def f(*values):
-            return functional_call(
-                model_func, dict(zip(names, values)), (rebuild(x_n),), strict=False
-            )
+            return model(values, rebuild(x_n))
 
         _, pullback = vjp(f, *primals)
         grads = vmap(pullback)(cot_n)
@@ -321,7 +319,9 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
                         totals[entry["weight"]] += square_sums.reshape(
                             totals[entry["weight"]].shape
                         )
-        except _SeveralLossTerms:
+        except (_SeveralLossTerms, NotImplementedError):
+            # several loss terms per datum, or a layer called twice (tied weights): the
+            # per-datum path handles both (and re-raises genuine input errors)
             return None
         return totals
 
