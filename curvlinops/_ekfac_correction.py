@@ -1,28 +1,55 @@
 r"""Eigen-machinery of EKFAC: batched eigendecompositions and the eigenvalue correction.
 
-For a layer with per-example, per-position output gradients :math:`\mathbf{g}_{n,s}` and inputs
-:math:`\mathbf{a}_{n,s}`, the per-example weight gradient is :math:`\boldsymbol{\Gamma}_n =
-\sum_s \mathbf{g}_{n,s}\mathbf{a}_{n,s}^\top`. In the Kronecker eigenbasis
-:math:`\mathbf{Q}_G \otimes \mathbf{Q}_A` the corrected eigenvalues are the second moments of
+**Eigenvalue correction.** For a layer with per-example, per-position output gradients
+:math:`\mathbf{g}_{n,s} \in \mathbb{R}^{D_1}` and inputs :math:`\mathbf{a}_{n,s} \in
+\mathbb{R}^{D_2}` (:math:`s` runs over the :math:`S` positions that share the weight), the
+per-example weight gradient is :math:`\boldsymbol{\Gamma}_n = \sum_s
+\mathbf{g}_{n,s}\mathbf{a}_{n,s}^\top`. In the Kronecker eigenbasis :math:`\mathbf{Q}_1
+\otimes \mathbf{Q}_2` of KFAC's factors the corrected eigenvalues are the second moments of
 the rotated gradients,
 
 .. math::
-    \boldsymbol{\Lambda} = \sum_n \big(\mathbf{Q}_G^\top \boldsymbol{\Gamma}_n
-    \mathbf{Q}_A\big)^{\odot 2}
+    \mathbf{E} = \sum_n \big(\mathbf{Q}_1^\top \boldsymbol{\Gamma}_n
+    \mathbf{Q}_2\big)^{\odot 2}
     = \sum_n \sum_{s,t} (\tilde{\mathbf{g}}_{n,s} \odot \tilde{\mathbf{g}}_{n,t})
     (\tilde{\mathbf{a}}_{n,s} \odot \tilde{\mathbf{a}}_{n,t})^\top,
 
-with :math:`\tilde{\mathbf{g}} = \mathbf{Q}_G^\top\mathbf{g}`, :math:`\tilde{\mathbf{a}} =
-\mathbf{Q}_A^\top\mathbf{a}`. The left form materialises rotated per-example gradients
-(memory :math:`N D_1 D_2`), the right one contracts :math:`S \times S` Gramians (memory
-:math:`N S^2 (D_1 + D_2)`); both are exact.
+with :math:`\tilde{\mathbf{g}} = \mathbf{Q}_1^\top\mathbf{g}`, :math:`\tilde{\mathbf{a}} =
+\mathbf{Q}_2^\top\mathbf{a}`. The left form ("per_example_gradients") materialises rotated
+per-example gradients (memory :math:`N D_1 D_2`), the right one ("gramian") contracts the
+:math:`S \times S` Gramians entry by entry (memory :math:`N S^2 (D_1 + D_2)`); both are exact,
+and the default picks the one with less memory. A bias has :math:`\boldsymbol{\Gamma}_n =
+\sum_s \mathbf{g}_{n,s}` and :math:`\mathbf{E} = \sum_n (\mathbf{Q}_1^\top
+\boldsymbol{\Gamma}_n)^{\odot 2}`. The sum over :math:`n` runs in chunks of examples, so the
+working memory stays below :data:`MAX_CHUNK_ENTRIES` entries whatever :math:`N`.
+
+**Batched eigendecompositions.** :func:`batched_eigh` stacks same-sized symmetric matrices
+and decomposes each stack in one ``torch.linalg.eigh`` call. LAPACK's symmetric eigensolver
+can fail to converge on ill-conditioned (e.g. rank-deficient float32) matrices; a failing
+stack is retried in float64, then with a small diagonal shift
+:math:`\epsilon = 10^{-8} \cdot \mathrm{mean}_i |M_{ii}|` (which leaves the eigenvectors of
+:math:`\mathbf{M} + \epsilon\mathbf{I}` equal to those of :math:`\mathbf{M}` and shifts the
+eigenvalues by :math:`\epsilon`, undone afterwards), each time with a warning.
+
+**Rank-limited factors.** A factor :math:`\mathbf{R}^\top\mathbf{R}` built from :math:`r \ll
+d` rows has its non-zero eigenpairs in the small Gram matrix :math:`\mathbf{R}
+\mathbf{R}^\top` (:func:`eigenbasis_from_rows`).
 """
 
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+#: Upper bound on the number of entries of the intermediate tensors of one chunk of the
+#: eigenvalue correction (``2**24`` entries are 128 MiB in float64).
+MAX_CHUNK_ENTRIES = 2**24
+
+#: Relative size of the diagonal shift of the last :func:`batched_eigh` fallback.
+EIGH_DAMPING = 1e-8
+
+_STRATEGIES = ("per_example_gradients", "gramian")
 
 
 def compute_eigenvalue_correction_linear_weight_sharing(
@@ -32,29 +59,57 @@ def compute_eigenvalue_correction_linear_weight_sharing(
     aaT_eigvecs: Optional[Tensor],
     _force_strategy: Optional[str] = None,
 ) -> Tensor:
-    r"""Corrected eigenvalues of a layer with weight sharing.
+    r"""Corrected eigenvalues of a linear layer with weight sharing.
+
+    Computes :math:`\sum_n (\mathbf{Q}_1^\top (\sum_s \mathbf{g}_{n,s}
+    \mathbf{a}_{n,s}^\top) \mathbf{Q}_2)^{\odot 2}`, or :math:`\sum_n (\mathbf{Q}_1^\top
+    \sum_s \mathbf{g}_{n,s})^{\odot 2}` for a bias (``aaT_eigvecs=None``; ``a`` is ignored
+    then).
 
     Args:
         g: Output gradients ``[N, S, D1]``.
-        ggT_eigvecs: Eigenvectors of the gradient factor ``[D1, D1]`` (columns).
-        a: Inputs ``[N, S, D2]``.
-        aaT_eigvecs: Eigenvectors of the input factor ``[D2, D2]``, or ``None`` for a bias.
+        ggT_eigvecs: Eigenvectors :math:`\mathbf{Q}_1` of the gradient factor ``[D1, D1]``
+            (as columns).
+        a: Inputs ``[N, S, D2]`` (ignored for a bias).
+        aaT_eigvecs: Eigenvectors :math:`\mathbf{Q}_2` of the input factor ``[D2, D2]``, or
+            ``None`` for a bias.
         _force_strategy: ``"per_example_gradients"`` or ``"gramian"``; by default
-            ``"gramian"`` iff :math:`S^2 (D_1 + D_2) < D_1 D_2`.
+            ``"gramian"`` iff :math:`S^2 (D_1 + D_2) < D_1 D_2` (the one with less memory).
 
     Returns:
-        ``[D1, D2]`` (weight) or ``[D1]`` (bias, ``aaT_eigvecs=None``).
+        ``[D1, D2]`` for a weight, ``[D1]`` for a bias.
 
     Raises:
-        ValueError: For an unknown strategy.
+        ValueError: For an unknown ``_force_strategy`` or inconsistent shapes.
     """
-    g_rot = g @ ggT_eigvecs
-    a_rot = None if aaT_eigvecs is None else a @ aaT_eigvecs
-    return per_example_square_sums(g_rot, a_rot, _force_strategy)
+    _check_strategy(_force_strategy)
+    if g.ndim != 3:
+        raise ValueError(f"g must have shape [N, S, D1], got {list(g.shape)}.")
+    if ggT_eigvecs.shape != (g.shape[2], g.shape[2]):
+        raise ValueError(
+            f"ggT_eigvecs must have shape [D1, D1] = {[g.shape[2]] * 2} to match g "
+            f"{list(g.shape)}, got {list(ggT_eigvecs.shape)}."
+        )
+    if aaT_eigvecs is not None:
+        if a is None or a.ndim != 3 or a.shape[:2] != g.shape[:2]:
+            raise ValueError(
+                f"a must have shape [N, S, D2] with the [N, S] = {list(g.shape[:2])} of g, got "
+                f"{None if a is None else list(a.shape)}."
+            )
+        if aaT_eigvecs.shape != (a.shape[2], a.shape[2]):
+            raise ValueError(
+                f"aaT_eigvecs must have shape [D2, D2] = {[a.shape[2]] * 2} to match a "
+                f"{list(a.shape)}, got {list(aaT_eigvecs.shape)}."
+            )
+    return _rotated_square_sums(
+        g, ggT_eigvecs, None if aaT_eigvecs is None else a, aaT_eigvecs, _force_strategy
+    )
 
 
 def per_example_square_sums(g: Tensor, a: Optional[Tensor], strategy: Optional[str] = None):
-    """``sum_n (sum_s g_{n,s} a_{n,s}^T)^2`` (entry-wise), or ``sum_n (sum_s g_{n,s})^2``.
+    r"""``sum_n (sum_s g_{n,s} a_{n,s}^T)^2`` (entry-wise), or ``sum_n (sum_s g_{n,s})^2``.
+
+    The correction without rotation (identity eigenvectors), e.g. for exact diagonals.
 
     Args:
         g: ``[N, S, D1]``.
@@ -69,94 +124,167 @@ def per_example_square_sums(g: Tensor, a: Optional[Tensor], strategy: Optional[s
     Raises:
         ValueError: For an unknown strategy.
     """
-    if a is None:
-        return (g.sum(1) ** 2).sum(0)
-    S, D1, D2 = g.shape[1], g.shape[2], a.shape[2]
+    _check_strategy(strategy)
+    return _rotated_square_sums(g, None, a, None, strategy)
+
+
+def _check_strategy(strategy: Optional[str]):
+    if strategy is not None and strategy not in _STRATEGIES:
+        raise ValueError(
+            f"Invalid _force_strategy {strategy!r}; use None (automatic), "
+            "'per_example_gradients' or 'gramian'."
+        )
+
+
+def _chunk_size(num_examples: int, entries_per_example: int) -> int:
+    """Examples per chunk so that a chunk's intermediates stay below the entry budget."""
+    return max(1, min(num_examples, MAX_CHUNK_ENTRIES // max(1, entries_per_example)))
+
+
+def _rotated_square_sums(
+    g: Tensor,
+    Q1: Optional[Tensor],
+    a: Optional[Tensor],
+    Q2: Optional[Tensor],
+    strategy: Optional[str],
+) -> Tensor:
+    """The correction; ``a=None`` is the bias form, ``Q1``/``Q2=None`` mean no rotation."""
+    N, S, D1 = g.shape
+    if a is None:  # bias
+        out = g.new_zeros(D1)
+        step = _chunk_size(N, S * D1)
+        for start in range(0, N, step):
+            summed = g[start : start + step].sum(1)
+            if Q1 is not None:
+                summed = summed @ Q1
+            out += (summed**2).sum(0)
+        return out
+    D2 = a.shape[2]
     if strategy is None:
         strategy = "gramian" if S**2 * (D1 + D2) < D1 * D2 else "per_example_gradients"
-    if strategy == "per_example_gradients":
-        per_example = torch.einsum("nsi,nsj->nij", g, a)
-        return (per_example**2).sum(0)
-    if strategy == "gramian":
-        if S == 1:
-            return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
-        g_gram = torch.einsum("nsi,nti->nsti", g, g).reshape(-1, D1)
-        a_gram = torch.einsum("nsj,ntj->nstj", a, a).reshape(-1, D2)
-        return g_gram.T @ a_gram
-    raise ValueError(
-        f"Invalid _force_strategy {strategy!r}; use 'per_example_gradients' or 'gramian'."
-    )
+    per_example = D1 * D2 if strategy == "per_example_gradients" else S * S * (D1 + D2)
+    step = _chunk_size(N, per_example + S * (D1 + D2))
+    out = g.new_zeros(D1, D2)
+    for start in range(0, N, step):
+        g_c, a_c = g[start : start + step], a[start : start + step]
+        if Q1 is not None:
+            g_c = g_c @ Q1
+        if Q2 is not None:
+            a_c = a_c @ Q2
+        if strategy == "per_example_gradients":
+            gradients = torch.einsum("nsi,nsj->nij", g_c, a_c)
+            out += torch.einsum("nij,nij->ij", gradients, gradients)
+        elif S == 1:
+            out += (g_c[:, 0] ** 2).T @ (a_c[:, 0] ** 2)
+        else:
+            # entry-wise Gramians: [n, s, t, D] with g_ns * g_nt, contracted over (n, s, t)
+            g_gram = (g_c.unsqueeze(2) * g_c.unsqueeze(1)).reshape(-1, D1)
+            a_gram = (a_c.unsqueeze(2) * a_c.unsqueeze(1)).reshape(-1, D2)
+            out += g_gram.T @ a_gram
+    return out
 
 
-def batched_eigh(matrices: Dict[str, Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """Eigendecompose symmetric matrices, same-sized ones in one batched call.
+def batched_eigh(
+    matrices: Union[List[Tensor], Dict[object, Tensor]],
+) -> Union[List[Tuple[Tensor, Tensor]], Dict[object, Tuple[Tensor, Tensor]]]:
+    """Eigendecompose symmetric matrices; same-sized ones in one batched ``eigh`` call.
 
-    A group whose decomposition fails (LAPACK can fail to converge on rank-deficient float32
-    factors) is retried in float64 and cast back; if that fails too, a damping of 1e-8 times
-    the mean absolute diagonal is added, with a warning. Nothing fails silently.
+    Matrices with equal shape, dtype and device form a group that is stacked and decomposed
+    by one ``torch.linalg.eigh`` call. If the call fails to converge (``LinAlgError``, a
+    ``RuntimeError``), a non-float64 group is retried in float64 and cast back; if that fails
+    too, the group is decomposed in float64 after adding :data:`EIGH_DAMPING` times each
+    matrix's mean absolute diagonal to its diagonal (the shift is subtracted from the
+    eigenvalues again). Every fallback emits a ``UserWarning``.
 
     Args:
-        matrices: Symmetric matrices by key.
+        matrices: Symmetric matrices ``[n, n]``, as a list or as a dict (any keys).
 
     Returns:
-        ``(eigenvalues ascending, eigenvectors as columns)`` by key.
+        ``(eigenvalues ascending [n], eigenvectors as columns [n, n])`` per matrix, like
+        ``torch.linalg.eigh``: a list in input order for a list, a dict with the same keys
+        for a dict.
 
     Raises:
+        ValueError: If an entry is not a square matrix or has non-finite entries.
         RuntimeError: If even the damped float64 decomposition fails.
     """
-    groups: Dict[Tuple, List[str]] = {}
-    for key, matrix in matrices.items():
+    as_dict = isinstance(matrices, dict)
+    items = list(matrices.items()) if as_dict else list(enumerate(matrices))
+    groups: Dict[Tuple, List] = {}
+    for key, matrix in items:
+        if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            what = list(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ValueError(f"batched_eigh needs square matrices, got {what} for {key!r}.")
         groups.setdefault((matrix.shape, matrix.dtype, matrix.device), []).append(key)
+    lookup = dict(items)
     result = {}
     for keys in groups.values():
-        stacked = torch.stack([matrices[k] for k in keys])
+        stacked = torch.stack([lookup[k] for k in keys])
+        finite = torch.isfinite(stacked).flatten(1).all(1)
+        if not finite.all():
+            bad = [k for k, ok in zip(keys, finite.tolist()) if not ok]
+            raise ValueError(
+                f"batched_eigh got matrices with NaN or infinite entries: {bad}. Check the "
+                "data and the model for overflow (or use float64)."
+            )
         evals, evecs = _robust_eigh(stacked, keys)
         for i, key in enumerate(keys):
             result[key] = (evals[i], evecs[i])
-    return result
+    if as_dict:
+        return {key: result[key] for key, _ in items}
+    return [result[i] for i in range(len(items))]
 
 
-def _robust_eigh(stacked: Tensor, keys: List[str]) -> Tuple[Tensor, Tensor]:
+def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
+    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks."""
     try:
         return torch.linalg.eigh(stacked)
     except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
         first_error = error
     dtype = stacked.dtype
+    double = stacked.to(torch.float64)
     if dtype != torch.float64:
         try:
-            evals, evecs = torch.linalg.eigh(stacked.to(torch.float64))
+            evals, evecs = torch.linalg.eigh(double)
+        except RuntimeError:
+            pass
+        else:
             warnings.warn(
-                f"eigh failed in {dtype} for {keys}; decomposed in float64 instead.",
+                f"eigh did not converge in {dtype} for {keys} ({first_error}); decomposed in "
+                "float64 instead and cast back.",
                 UserWarning,
                 stacklevel=3,
             )
             return evals.to(dtype), evecs.to(dtype)
-        except RuntimeError:
-            pass
-    double = stacked.to(torch.float64)
-    scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
+    scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    # an all-zero matrix still needs a positive shift to perturb the iteration
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    shift = EIGH_DAMPING * scale
     eye = torch.eye(double.shape[-1], dtype=torch.float64, device=double.device)
-    damping = 1e-8 * scale[:, None, None]
     try:
-        evals, evecs = torch.linalg.eigh(double + damping * eye)
+        evals, evecs = torch.linalg.eigh(double + shift[:, None, None] * eye)
     except RuntimeError as error:
         raise RuntimeError(
-            f"eigh failed for {keys} in {dtype}, in float64, and with damping: {error}"
+            f"eigh failed for {keys} in {dtype}, in float64 and with a diagonal shift of "
+            f"{EIGH_DAMPING} x mean |diagonal| ({error}). The matrices are probably badly "
+            "scaled; rescale them or add damping before decomposing."
         ) from first_error
     warnings.warn(
-        f"eigh failed for {keys}; decomposed after adding a damping of 1e-8 x mean |diagonal| "
-        "(subtracted from the eigenvalues again).",
+        f"eigh did not converge for {keys} in {dtype}"
+        + ("" if dtype == torch.float64 else " nor in float64")
+        + f" ({first_error}); decomposed in float64 after adding a damping of {EIGH_DAMPING} x "
+        "mean |diagonal| to the diagonal (subtracted from the eigenvalues again).",
         UserWarning,
         stacklevel=3,
     )
-    return (evals - damping[:, 0]).to(dtype), evecs.to(dtype)
+    return (evals - shift[:, None]).to(dtype), evecs.to(dtype)
 
 
 def eigenbasis_from_rows(rows: Tensor) -> Tensor:
     r"""Eigenvectors of :math:`\mathbf{R}^\top\mathbf{R}` from the small Gram matrix.
 
-    For a factor :math:`\mathbf{A} = \mathbf{R}^\top\mathbf{R}` with :math:`r` rows
-    :math:`\ll d` columns, :math:`\mathbf{R}\mathbf{R}^\top = \mathbf{U}\boldsymbol{\Lambda}
+    For a factor :math:`\mathbf{A} = \mathbf{R}^\top\mathbf{R}` with :math:`r` rows and
+    :math:`d \gg r` columns, :math:`\mathbf{R}\mathbf{R}^\top = \mathbf{U}\boldsymbol{\Lambda}
     \mathbf{U}^\top` gives the eigenvectors :math:`\mathbf{R}^\top\mathbf{U}
     \boldsymbol{\Lambda}^{-1/2}` of the non-zero eigenvalues; a complete QR factorisation adds
     an orthonormal basis of the null space (eigenvalue zero, so any basis is valid). Costs
@@ -166,15 +294,23 @@ def eigenbasis_from_rows(rows: Tensor) -> Tensor:
         rows: :math:`\mathbf{R}` of shape ``[r, d]``.
 
     Returns:
-        An orthonormal eigenbasis ``[d, d]`` of :math:`\mathbf{R}^\top\mathbf{R}`, with the
-        range first.
+        An orthonormal eigenbasis ``[d, d]`` of :math:`\mathbf{R}^\top\mathbf{R}` (columns),
+        with the range first.
+
+    Raises:
+        ValueError: If ``rows`` is not a matrix.
     """
-    evals, U = torch.linalg.eigh(rows @ rows.T)
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be a matrix [r, d], got shape {list(rows.shape)}.")
+    ((evals, U),) = batched_eigh([rows @ rows.T])
     tolerance = evals.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps
     keep = evals > tolerance
     thin = (rows.T @ U[:, keep]) / evals[keep].sqrt()
+    if thin.shape[1] == 0:  # R = 0: every basis is an eigenbasis
+        return torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
     Q, R = torch.linalg.qr(thin, mode="complete")
     # align the first columns with the range eigenvectors (QR fixes them up to sign)
-    signs = torch.sign(torch.diagonal(R)).masked_fill(torch.diagonal(R) == 0, 1.0)
+    diagonal = torch.diagonal(R)
+    signs = torch.where(diagonal < 0, -torch.ones_like(diagonal), torch.ones_like(diagonal))
     Q[:, : signs.numel()] *= signs
     return Q
