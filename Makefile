@@ -34,9 +34,11 @@ bench: install
 	$(PYTHON) benchmarks/bench_kfac.py
 	$(PYTHON) benchmarks/bench_diagonals.py
 	$(PYTHON) benchmarks/bench_eigsh.py
+	$(PYTHON) benchmarks/bench_estimators.py
 
 bench-quick: install
 	$(PYTHON) benchmarks/bench_products.py --quick
 	$(PYTHON) benchmarks/bench_kfac.py --quick
 	$(PYTHON) benchmarks/bench_diagonals.py --quick
 	$(PYTHON) benchmarks/bench_eigsh.py --quick
+	$(PYTHON) benchmarks/bench_estimators.py --quick

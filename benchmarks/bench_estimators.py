@@ -1,0 +1,95 @@
+"""Cost of the randomised estimators and the Lanczos spectrum relative to the products they need.
+
+For the MLP and CNN of ``bench_products.py`` (float32, one thread, one batch): Hutchinson trace,
+Hutch++ and XTrace with 16/15/16 products, the Hutchinson and XDiag diagonals, and a Lanczos
+spectral density with 16 steps (boundaries given, so no ARPACK calls), each against the plain
+products it needs (one multi-column product, or 16 single-column ones for Lanczos), as medians of
+interleaved repeats. Target of the benchmark issue: within 1.1x of the products.
+
+Usage: ``python benchmarks/bench_estimators.py [--quick]``; writes
+``benchmarks/results/estimators.json``.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_products import PROBLEMS, time_round_robin  # noqa: E402
+
+import curvlinops  # noqa: E402
+from curvlinops import (  # noqa: E402
+    GGNLinearOperator,
+    hutchinson_diag,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_approximate_spectrum,
+    xdiag,
+    xtrace,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "estimators.json"
+
+
+def run(name: str, repeats: int) -> dict:
+    model, X, y = PROBLEMS[name]()
+    params = list(model.parameters())
+    op = GGNLinearOperator(
+        model, nn.CrossEntropyLoss(), params, [(X, y)], check_deterministic=False
+    )
+    D = op.shape[0]
+    V16, V15, V8 = torch.randn(D, 16), torch.randn(D, 15), torch.randn(D, 8)
+    v = torch.randn(D)
+    pairs = {
+        "hutchinson_trace (16)": (lambda: hutchinson_trace(op, 16), lambda: op @ V16),
+        "hutchinson_diag (16)": (lambda: hutchinson_diag(op, 16), lambda: op @ V16),
+        "hutchpp_trace (15)": (
+            lambda: hutchpp_trace(op, 15),
+            lambda: (op @ V15[:, :5], op @ V15[:, 5:]),
+        ),
+        "xtrace (16)": (lambda: xtrace(op, 16), lambda: (op @ V8, op @ V8)),
+        "xdiag (16)": (lambda: xdiag(op, 16), lambda: (op @ V8, op @ V8)),
+        "lanczos spectrum (16 steps)": (
+            lambda: lanczos_approximate_spectrum(op, 16, num_points=256, boundaries=(0.0, 10.0)),
+            lambda: [op @ v for _ in range(16)],
+        ),
+    }
+    fns = [f for pair in pairs.values() for f in pair]
+    times = time_round_robin(fns, [repeats] * len(fns), warmup=1)
+    medians = [statistics.median(t) for t in times]
+    return {
+        key: {
+            "estimator_s": medians[2 * i],
+            "products_s": medians[2 * i + 1],
+            "ratio": medians[2 * i] / medians[2 * i + 1],
+        }
+        for i, key in enumerate(pairs)
+    }
+
+
+def main():
+    """Run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three repeats")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    repeats = 3 if args.quick else 11
+    print(f"curvlinops {curvlinops.__version__}, torch {torch.__version__}, 1 thread, float32")
+    results = {}
+    for name in PROBLEMS:
+        results[name] = run(name, repeats)
+        print(f"\n{name}: estimator time / time of the products it needs (target <= 1.1)")
+        for key, r in results[name].items():
+            met = "met" if r["ratio"] <= 1.1 else "NOT met"
+            print(f"  {key:30s} {r['ratio']:6.2f}  {met}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
