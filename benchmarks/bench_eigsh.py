@@ -23,7 +23,7 @@ from scipy.sparse.linalg import eigsh as scipy_eigsh
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_products import PROBLEMS  # noqa: E402
+from bench_products import CLASSIFIERS as PROBLEMS  # noqa: E402
 
 import curvlinops  # noqa: E402
 from curvlinops import GGNLinearOperator  # noqa: E402

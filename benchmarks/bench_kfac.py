@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_products import PROBLEMS, time_round_robin  # noqa: E402
+from bench_products import CLASSIFIERS as PROBLEMS  # noqa: E402
+from bench_products import time_round_robin  # noqa: E402
 
 import curvlinops  # noqa: E402
 from curvlinops import (  # noqa: E402
