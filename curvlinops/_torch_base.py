@@ -40,6 +40,7 @@ from tqdm import tqdm
 from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
+    in_column_chunks,
     make_functional_model,
     parameter_names,
     second_order_context,
@@ -121,6 +122,29 @@ class PyTorchLinearOperator:
                     block.view(t.shape).copy_(t)
             return flat.squeeze(-1) if is_vector else flat
         return [t.squeeze(-1) for t in AX] if is_vector else list(AX)
+
+    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
+        """Run this operator's products through ``torch.compile`` from now on (in place).
+
+        Data-driven operators compile their mini-batch product (a ``torch.func`` program of
+        the parameters, one batch and the columns), so iterating over the data stays eager;
+        operators built from stored matrices (KFAC and its relatives) compile the whole
+        product. Results equal the eager products up to floating-point round-off. The first
+        product of each new shape pays the compilation.
+
+        Args:
+            **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,
+                ``fullgraph``, ``dynamic``).
+
+        Returns:
+            The operator itself, so ``A = Operator(...).compile()`` works.
+        """
+        self._prepare_compile()
+        self._matmat = torch.compile(self._matmat, **compile_kwargs)
+        return self
+
+    def _prepare_compile(self):
+        """Compute what the products need and must not be traced (subclass hook)."""
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         """Multiply with a matrix in list format (entries ``[*in_i, K]``).
@@ -612,7 +636,55 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Returns:
             The product in list format, entries ``[*out_j, K]``.
         """
+        if self._compiled_batch_product is not None:
+            values = tuple(p.detach() for p in self._params)
+            return in_column_chunks(
+                lambda chunk: list(self._compiled_batch_product(values, X, y, *chunk)),
+                M,
+                self.MAX_COLUMNS_PER_CHUNK,
+            )
         return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))
+
+    # ----------------------------------------------------------------- compilation
+    _compiled_batch_product: Optional[Callable[..., Tuple[Tensor, ...]]] = None
+
+    def compile(self, **compile_kwargs) -> "CurvatureLinearOperator":
+        """Run this operator's products through ``torch.compile`` from now on (in place).
+
+        The mini-batch product is compiled as a ``torch.func`` program of the parameter
+        values, the batch and the columns (forward-over-reverse where the eager product is
+        reverse-over-reverse, which ``torch.compile`` cannot differentiate); the loop over the
+        data, the weighting and the chunking over columns stay eager. Results equal the eager
+        products up to floating-point round-off. Shapes are static unless ``dynamic`` is
+        passed, so each new batch or column shape compiles once.
+
+        Args:
+            **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,
+                ``fullgraph``, ``dynamic``).
+
+        Returns:
+            The operator itself, so ``A = Operator(...).compile()`` works.
+        """
+        functional = self._functional_batch_product
+        if functional is None:
+            return super().compile(**compile_kwargs)
+        # static shapes by default: double backward of convolutions fails with symbolic sizes
+        compiled = torch.compile(functional, **{"dynamic": False, **compile_kwargs})
+
+        def compiled_batch_product(*args, **kwargs) -> Tuple[Tensor, ...]:
+            with second_order_context():  # traced with attention kernels that differentiate twice
+                return compiled(*args, **kwargs)
+
+        self._compiled_batch_product = compiled_batch_product
+        return self
+
+    @property
+    def _functional_batch_product(self) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
+        """``(param_values, X, y, *M) -> tuple``: the mini-batch product in ``torch.func``.
+
+        ``None`` (the default) makes :meth:`compile` compile the whole product instead.
+        """
+        return None
 
     @property
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:

@@ -183,6 +183,10 @@ class EKFACLinearOperator(KFACLinearOperator):
         return value.unsqueeze(-1) if kind == "bias" else value
 
     # ----------------------------------------------------------------- products
+    def _prepare_compile(self):
+        """Compute eigenbases and corrections eagerly: they are not traced."""
+        self._maybe_compute_ekfac()
+
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         self._maybe_compute_ekfac()
         positions_of = {(n, k): p for n, k, p in self._blocks()}

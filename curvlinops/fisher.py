@@ -32,19 +32,26 @@ from collections.abc import Callable, MutableMapping
 from functools import cached_property
 from typing import List, Optional, Tuple, Union
 
+import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops._autodiff import in_column_chunks
 from curvlinops._losses import (
     check_binary_targets,
     check_sampling_options,
     check_supported_loss,
+    flatten_output_and_labels,
     num_terms_normalization,
     sample_grad_outputs,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.gradient_moments import make_batch_gradient_moment_product
+from curvlinops.ggn import make_functional_ggn_type_product
+from curvlinops.gradient_moments import (
+    apply_gradient_moments,
+    make_batch_gradient_moment_product,
+)
 
 
 def make_grad_output_sampler(
@@ -194,5 +201,36 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     def _matmat_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
     ) -> List[Tensor]:
-        """Multiply the mini-batch Monte-Carlo Fisher with ``M``."""
-        return list(self._batch_product(X, y, self._mc_samples, self._generator, *M))
+        """Multiply the mini-batch Monte-Carlo Fisher with ``M``.
+
+        Compiled, the samples are drawn outside the compiled program (a generator cannot be
+        traced) from the output of one extra forward pass, exactly as the eager product draws
+        them.
+        """
+        if self._compiled_batch_product is None:
+            return list(self._batch_product(X, y, self._mc_samples, self._generator, *M))
+        with torch.no_grad():
+            output = self._model_func(X)
+        output_flat, y_flat = flatten_output_and_labels(self._loss_func, output, y)
+        grads = make_grad_output_sampler(self._loss_func)(
+            output_flat, self._mc_samples, y_flat, self._generator
+        )
+        scale = (self._mc_samples * num_terms_normalization(self._loss_func, output_flat)) ** -0.5
+        values = tuple(p.detach() for p in self._params)
+        return in_column_chunks(
+            lambda chunk: list(
+                self._compiled_batch_product(values, X, y, scale * grads, *chunk, num_extra=1)
+            ),
+            M,
+            self.MAX_COLUMNS_PER_CHUNK,
+        )
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product given the scaled samples, in ``torch.func`` (for compiling)."""
+        loss_func = self._loss_func
+
+        def middle(output: Tensor, y: Tensor, JM: Tensor, grads: Tensor) -> Tensor:
+            return apply_gradient_moments(loss_func, grads, JM)
+
+        return make_functional_ggn_type_product(self._model_func, tuple(self._params), middle)

@@ -22,8 +22,9 @@ gives the empirical and Monte-Carlo Fisher (:func:`make_batch_ggn_type_product`)
 
 from collections.abc import Callable, MutableMapping
 from functools import cached_property
-from typing import List, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
@@ -85,6 +86,67 @@ def make_batch_ggn_type_product(
             return tuple(in_column_chunks(multiply, M, max_columns))
 
     return ggn_type_product
+
+
+# ``middle(output, y, JM, *extra) -> T``: the output-space factor applied to ``J M`` (leading
+# column axis) inside a ``torch.func`` program; ``extra`` holds tensors computed outside it.
+FunctionalMiddle = Callable[..., Tensor]
+
+
+def make_functional_ggn_type_product(
+    model_func: nn.Module, params: Tuple[Tensor, ...], middle: FunctionalMiddle
+) -> Callable[..., Tuple[Tensor, ...]]:
+    r"""Build ``J^T middle(J M)`` for one batch as a ``torch.func`` program (for compiling).
+
+    Args:
+        model_func: The neural network.
+        params: The parameters defining :math:`\mathbf{J}`.
+        middle: ``middle(output, y, JM, *extra)`` with ``JM`` of shape ``[K, *output.shape]``.
+
+    Returns:
+        ``product(param_values, X, y, *extra_and_M, num_extra=0)``: the first ``num_extra``
+        positional tensors after ``y`` are handed to ``middle``, the rest are the matrix in
+        list format (entries ``[*p.shape, K]``); returns the product in list format.
+    """
+    f = make_functional_model(model_func, params)
+
+    def product(
+        param_values: Sequence[Tensor],
+        X: Union[Tensor, MutableMapping],
+        y: Tensor,
+        *extra_and_M: Tensor,
+        num_extra: int = 0,
+    ) -> Tuple[Tensor, ...]:
+        extra, M = extra_and_M[:num_extra], extra_and_M[num_extra:]
+        primals = tuple(param_values)
+
+        def f_of(*values: Tensor) -> Tensor:
+            return f(values, X)
+
+        output, pullback = torch.func.vjp(f_of, *primals)
+        # J v by transposing the pullback (double-vjp trick): no forward mode, which some
+        # layers lack in torch 2.13
+        _, transposed_pullback = torch.func.vjp(pullback, torch.zeros_like(output))
+
+        def jvp(*v: Tensor) -> Tensor:
+            return transposed_pullback(v)[0]
+
+        JM = torch.func.vmap(jvp, in_dims=-1)(*M)
+        T = middle(output.detach(), y, JM, *extra)
+        return tuple(torch.func.vmap(pullback, out_dims=-1)(T))
+
+    return product
+
+
+def make_functional_output_hessian_product(loss_func) -> FunctionalMiddle:
+    """Loss-Hessian products w.r.t. the output by ``vjp`` of ``grad`` (a functional middle)."""
+
+    def middle(output: Tensor, y: Tensor, JM: Tensor) -> Tensor:
+        gradient = torch.func.grad(lambda out: loss_func(out, y))
+        _, pullback = torch.func.vjp(gradient, output)
+        return torch.func.vmap(lambda v: pullback(v)[0])(JM)
+
+    return middle
 
 
 def make_batch_ggn_matrix_product(
@@ -166,3 +228,12 @@ class GGNLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_ggn_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
+        return make_functional_ggn_type_product(
+            self._model_func,
+            tuple(self._params),
+            make_functional_output_hessian_product(self._loss_func),
+        )

@@ -36,10 +36,34 @@ from curvlinops._losses import (
     to_rows,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.ggn import make_batch_ggn_type_product
+from curvlinops.ggn import make_batch_ggn_type_product, make_functional_ggn_type_product
 
 # ``output_grads(output_flat, y_flat) -> [M, R, C]``: output gradients per row, pre-scaled.
 OutputGradients = Callable[[Tensor, Tensor], Tensor]
+
+
+def apply_gradient_moments(loss_func, grads: Tensor, JM: Tensor) -> Tensor:
+    """Apply ``sum_r e_r e_r^T (x) G_r G_r^T`` to ``JM`` (leading column axis).
+
+    Args:
+        loss_func: The loss function (decides the 2-d row view).
+        grads: Output gradients per row, ``[M, R, C]``.
+        JM: Output-shaped columns ``[K, *output.shape]``.
+
+    Returns:
+        The result, shaped like ``JM``.
+    """
+    JM_rows = to_rows(loss_func, JM, num_leading=1)  # [K, R, C]
+    coefficients = torch.einsum("mrc,krc->kmr", grads, JM_rows)
+    T_rows = torch.einsum("kmr,mrc->krc", coefficients, grads)
+    return from_rows(loss_func, T_rows, JM.shape, num_leading=1)
+
+
+def ef_output_gradients(loss_func, output_flat: Tensor, y_flat: Tensor) -> Tensor:
+    """Row gradients scaled by ``c_b^{-1/2}``, ``[1, R, C]``: the EF's output factor."""
+    grads = row_loss_gradients(loss_func, output_flat, y_flat)
+    scale = num_terms_normalization(loss_func, output_flat) ** -0.5
+    return (scale * grads).unsqueeze(0)
 
 
 def make_batch_gradient_moment_product(
@@ -69,11 +93,7 @@ def make_batch_gradient_moment_product(
             grads = output_grads(*flatten_output_and_labels(loss_func, output, y))  # once
 
             def middle(JM: Tensor, batched: bool) -> Tensor:
-                JM = JM if batched else JM.unsqueeze(0)
-                JM_rows = to_rows(loss_func, JM, num_leading=1)  # [K, R, C]
-                coefficients = torch.einsum("mrc,krc->kmr", grads, JM_rows)
-                T_rows = torch.einsum("kmr,mrc->krc", coefficients, grads)
-                T = from_rows(loss_func, T_rows, JM.shape, num_leading=1)
+                T = apply_gradient_moments(loss_func, grads, JM if batched else JM.unsqueeze(0))
                 return T if batched else T.squeeze(0)
 
             return middle
@@ -101,9 +121,7 @@ def make_batch_ef_matrix_product(
     product = make_batch_gradient_moment_product(model_func, loss_func, params)
 
     def loss_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
-        grads = row_loss_gradients(loss_func, output_flat, y_flat)
-        scale = num_terms_normalization(loss_func, output_flat) ** -0.5
-        return (scale * grads).unsqueeze(0)
+        return ef_output_gradients(loss_func, output_flat, y_flat)
 
     def ef_matrix_product(X, y: Tensor, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
         return product(X, y, loss_gradients, *M, **kwargs)
@@ -135,3 +153,18 @@ class EFLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_ef_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
+        loss_func = self._loss_func
+        check_supported_loss(loss_func, type(self).__name__)
+
+        def middle(output: Tensor, y: Tensor, JM: Tensor) -> Tensor:
+            output_flat, y_flat = flatten_output_and_labels(loss_func, output, y)
+            # d(mean-reduced loss)/d(output) * c_b is the per-row gradient, without autograd
+            c_b = num_terms_normalization(loss_func, output_flat)
+            grads = c_b**0.5 * torch.func.grad(lambda out: loss_func(out, y_flat))(output_flat)
+            return apply_gradient_moments(loss_func, grads.unsqueeze(0), JM)
+
+        return make_functional_ggn_type_product(self._model_func, tuple(self._params), middle)

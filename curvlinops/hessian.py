@@ -21,8 +21,9 @@ graph per batch, then one backward pass through that graph for all columns at on
 
 from collections.abc import Callable, MutableMapping
 from functools import cached_property
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
@@ -36,6 +37,13 @@ from curvlinops._autodiff import (
     vjp,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
+
+
+def parameter_groups(num_params: int, block_sizes: Optional[List[int]]) -> List[range]:
+    """Index ranges of consecutive parameter groups (one group without ``block_sizes``)."""
+    sizes = [num_params] if block_sizes is None else list(block_sizes)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def make_batch_hessian_matrix_product(
@@ -59,9 +67,7 @@ def make_batch_hessian_matrix_product(
         ``max_columns`` after one forward and one (recorded) backward pass.
     """
     f = make_functional_model(model_func, params)
-    sizes = [len(params)] if block_sizes is None else list(block_sizes)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    groups = [range(start, start + size) for start, size in zip(starts, sizes)]
+    groups = parameter_groups(len(params), block_sizes)
 
     def hessian_matrix_product(
         X: Union[Tensor, MutableMapping],
@@ -93,6 +99,58 @@ def make_batch_hessian_matrix_product(
     return hessian_matrix_product
 
 
+def make_functional_hessian_matrix_product(
+    model_func: nn.Module,
+    loss_func: Callable[[Tensor, Tensor], Tensor],
+    params: Tuple[Tensor, ...],
+    block_sizes: Optional[List[int]] = None,
+) -> Callable[..., Tuple[Tensor, ...]]:
+    """Build the (block-diagonal) mini-batch Hessian product as a ``torch.func`` program.
+
+    Reverse-over-reverse like the eager product (``vmap`` over the columns of the ``vjp`` of
+    ``grad``; forward mode is wrong or missing for some layers in torch 2.13), with no
+    ``torch.autograd`` call, so that ``torch.compile`` can trace it whole.
+
+    Args:
+        model_func: The neural network.
+        loss_func: The loss function.
+        params: The parameters w.r.t. which the Hessian is taken.
+        block_sizes: Sizes of consecutive parameter groups; ``None`` for the full Hessian.
+
+    Returns:
+        ``product(param_values, X, y, *M)`` returning ``H_b M`` in list format (entries
+        ``[*p.shape, K]``), evaluated at ``param_values`` instead of ``params``.
+    """
+    f = make_functional_model(model_func, params)
+    groups = [tuple(group) for group in parameter_groups(len(params), block_sizes)]
+    all_argnums = [tuple(range(len(group))) for group in groups]  # not traced by dynamo
+
+    def product(
+        param_values: Sequence[Tensor], X: Union[Tensor, MutableMapping], y: Tensor, *M: Tensor
+    ) -> Tuple[Tensor, ...]:
+        HM = [None] * len(params)
+        for group, argnums in zip(groups, all_argnums):
+
+            def loss_of_group(*group_values: Tensor, group=group) -> Tensor:
+                values = list(param_values)
+                for i, value in zip(group, group_values):
+                    values[i] = value
+                return loss_func(f(values, X), y)
+
+            gradient = torch.func.grad(loss_of_group, argnums=argnums)
+            _, pullback = torch.func.vjp(gradient, *(param_values[i] for i in group))
+
+            def hvp(*v: Tensor, pullback=pullback) -> Tuple[Tensor, ...]:
+                return pullback(v)
+
+            products = torch.func.vmap(hvp, in_dims=-1, out_dims=-1)(*(M[i] for i in group))
+            for i, product_i in zip(group, products):
+                HM[i] = product_i
+        return tuple(HM)
+
+    return product
+
+
 class HessianLinearOperator(CurvatureLinearOperator):
     r"""Linear operator for the Hessian of an empirical risk.
 
@@ -118,5 +176,12 @@ class HessianLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_hessian_matrix_product(
+            self._model_func, self._loss_func, tuple(self._params), self._block_sizes
+        )
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
+        return make_functional_hessian_matrix_product(
             self._model_func, self._loss_func, tuple(self._params), self._block_sizes
         )

@@ -143,6 +143,20 @@ class _JacobianBase(CurvatureLinearOperator):
             output = f(self._params, X)
         return torch.Size([self._N_data, *output.shape[1:]])
 
+    def _product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """``(X, *M, max_columns) -> tuple``: the eager or (after ``compile``) compiled product."""
+        if self._compiled_batch_product is None:
+            return self._batch_product
+        values = tuple(p.detach() for p in self._params)
+
+        def compiled_product(X, *M: Tensor, max_columns: int) -> Tuple[Tensor, ...]:
+            def multiply(chunk: List[Tensor]) -> List[Tensor]:
+                return list(self._compiled_batch_product(values, X, *chunk))
+
+            return tuple(in_column_chunks(multiply, M, max_columns))
+
+        return compiled_product
+
     def _adjoint_kwargs(self) -> dict:
         """Arguments that rebuild the operator's counterpart on the same model and data."""
         return dict(
@@ -176,11 +190,28 @@ class JacobianLinearOperator(_JacobianBase):
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Stack the batches' Jacobian-matrix products along the data axis."""
         max_columns = self.MAX_COLUMNS_PER_CHUNK
+        product = self._product()
         products = [
-            self._batch_product(X, *M, max_columns=max_columns)
-            for X, _ in self._loop_over_data(desc="_matmat")
+            product(X, *M, max_columns=max_columns) for X, _ in self._loop_over_data(desc="_matmat")
         ]
-        return [torch.cat(products)]
+        return [torch.cat([p if isinstance(p, Tensor) else p[0] for p in products])]
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor]]:
+        """``(param_values, X, *M) -> (J M,)`` in ``torch.func`` (for :meth:`compile`)."""
+        f = make_functional_model(self._model_func, self._params)
+
+        def product(param_values, X, *M: Tensor) -> Tuple[Tensor]:
+            output, pullback = torch.func.vjp(lambda *p: f(p, X), *param_values)
+            # J v by transposing the pullback: forward mode is missing for some layers
+            _, transposed_pullback = torch.func.vjp(pullback, torch.zeros_like(output))
+
+            def jvp(*v: Tensor) -> Tensor:
+                return transposed_pullback(v)[0]
+
+            return (torch.func.vmap(jvp, in_dims=-1, out_dims=-1)(*M),)
+
+        return product
 
     def _adjoint(self) -> PyTorchLinearOperator:
         return TransposedJacobianLinearOperator(**self._adjoint_kwargs())
@@ -212,15 +243,25 @@ class TransposedJacobianLinearOperator(_JacobianBase):
             for p in self._params
         ]
         start = 0
+        product = self._product()
         for X, _ in self._loop_over_data(desc="_matmat"):
             end = start + self._batch_size_fn(X)
-            batch_result = self._batch_product(
-                X, V[start:end], max_columns=self.MAX_COLUMNS_PER_CHUNK
-            )
+            batch_result = product(X, V[start:end], max_columns=self.MAX_COLUMNS_PER_CHUNK)
             for r, p in zip(result, batch_result):
                 r.add_(p)
             start = end
         return result
+
+    @property
+    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
+        """``(param_values, X, V) -> J^T V`` in ``torch.func`` (for :meth:`compile`)."""
+        f = make_functional_model(self._model_func, self._params)
+
+        def product(param_values, X, V: Tensor) -> Tuple[Tensor, ...]:
+            _, pullback = torch.func.vjp(lambda *p: f(p, X), *param_values)
+            return tuple(torch.func.vmap(pullback, in_dims=-1, out_dims=-1)(V))
+
+        return product
 
     def _adjoint(self) -> PyTorchLinearOperator:
         return JacobianLinearOperator(**self._adjoint_kwargs())

@@ -646,6 +646,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
                 targets[0].copy_(out)
         return result
 
+    def _prepare_compile(self):
+        """Compute the factors eagerly: their hooks and autograd passes are not traced."""
+        self._maybe_compute_kronecker_factors()
+
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         self._maybe_compute_kronecker_factors()
 
