@@ -26,6 +26,7 @@ subclass implements only the product of its mini-batch matrix with a matrix in l
 (:meth:`CurvatureLinearOperator._matmat_batch`).
 """
 
+import warnings
 from collections.abc import Callable, Iterable, MutableMapping
 from itertools import zip_longest
 from numbers import Real
@@ -607,18 +608,121 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     # ----------------------------------------------------------------- products
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Multiply with a matrix in list format in one pass: ``sum_b w_b A_b M``."""
+        if self._cache_max_bytes is not None and self._compiled_batch_product is None:
+            entries = self._cache_entries()
+            if entries is not None:
+                return self._accumulate(
+                    (weight, in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK))
+                    for weight, multiply in entries
+                )
+        return self._accumulate(
+            (self._get_normalization_factor(X, y), self._matmat_batch(X, y, M))
+            for X, y in self._loop_over_data(desc="_matmat")
+        )
+
+    def _accumulate(self, weighted_batch_results: Iterable[Tuple[float, List[Tensor]]]):
+        """Sum ``w_b A_b M`` over the batches into one new flat buffer."""
         result = None
-        for X, y in self._loop_over_data(desc="_matmat"):
-            weight = self._get_normalization_factor(X, y)
-            batch_result = self._matmat_batch(X, y, M)
+        for weight, batch_result in weighted_batch_results:
             if result is None:  # out of place: batch results may alias their inputs
-                result = self._new_output(M[0].shape[-1], like=batch_result[0])
+                result = self._new_output(batch_result[0].shape[-1], like=batch_result[0])
                 for r, b in zip(result, batch_result):
                     torch.mul(b, weight, out=r)
             else:
                 for r, b in zip(result, batch_result):
                     r.add_(b, alpha=weight)
         return result
+
+    # ----------------------------------------------------------------- product cache
+    _cache_max_bytes: Optional[int] = None
+    _cache: Optional[Tuple[tuple, list]] = None
+    _cache_overflowed_at: Optional[tuple] = None
+
+    def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
+        """Keep what each batch's product needs between products (opt-in, in place).
+
+        Repeated products over the same data (CG, Lanczos, ``eigsh``) then skip the work that
+        does not depend on the multiplied matrix: the data loading and forward pass of every
+        batch and, for the Hessian, the first backward pass. The first product records, per
+        batch, the autograd graph that later products only differentiate through again;
+        afterwards a product costs the remaining backward passes. The cache is rebuilt when
+        a parameter in ``params`` changes (in place or by assignment); it assumes that the
+        data and everything else the model reads stay the same. If the tensors that the
+        graphs save would exceed ``max_bytes``, a warning is issued and products run
+        uncached until the parameters change.
+
+        Args:
+            max_bytes: Bound on the memory of the saved tensors of all batches' graphs.
+
+        Returns:
+            The operator itself.
+
+        Raises:
+            NotImplementedError: If the operator has nothing to cache per batch.
+            ValueError: If ``max_bytes`` is not a non-negative integer.
+        """
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}.")
+        try:
+            supported = getattr(self._batch_product, "prepare", None) is not None
+        except NotImplementedError:
+            supported = False
+        if not supported and type(self)._prepare_batch is CurvatureLinearOperator._prepare_batch:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no per-batch product state to cache; its products "
+                "are computed without it."
+            )
+        self.clear_cache()
+        self._cache_max_bytes = max_bytes
+        return self
+
+    def clear_cache(self):
+        """Free the product cache and stop caching (undoes :meth:`cache`)."""
+        self._cache = self._cache_overflowed_at = self._cache_max_bytes = None
+
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Run a batch's matrix-independent work; return ``multiply(M_chunk)`` for it."""
+        return self._batch_product.prepare(X, y)
+
+    def _parameter_state(self) -> tuple:
+        """Changes whenever a parameter is modified in place or replaced."""
+        return tuple((p.data_ptr(), p._version) for p in self._params)
+
+    def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
+        """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
+        state = self._parameter_state()
+        if self._cache is not None and self._cache[0] == state:
+            return self._cache[1]
+        self._cache = None
+        if self._cache_overflowed_at == state:
+            return None
+        parameter_storages = {p.untyped_storage().data_ptr() for p in self._params}
+        saved: dict = {}
+
+        def pack(t: Tensor) -> Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in parameter_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        entries = []
+        for X, y in self._loop_over_data(desc="cache"):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                multiply = self._prepare_batch(X, y)
+            if sum(saved.values()) > self._cache_max_bytes:
+                warnings.warn(
+                    f"{type(self).__name__}: the product cache would exceed max_bytes="
+                    f"{self._cache_max_bytes}; products run uncached until the parameters "
+                    "change. Pass a larger max_bytes to cache().",
+                    stacklevel=4,
+                )
+                self._cache_overflowed_at = state
+                return None
+            entries.append((self._get_normalization_factor(X, y), multiply))
+        self._cache = (state, entries)
+        return entries
 
     def _matmat_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]

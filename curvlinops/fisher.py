@@ -105,16 +105,23 @@ def make_batch_fmc_matrix_product(
     sampler = make_grad_output_sampler(loss_func)
     product = make_batch_gradient_moment_product(model_func, loss_func, params)
 
-    def fmc_matrix_product(
-        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor, **kwargs
-    ) -> Tuple[Tensor, ...]:
+    def sampled_gradients_of(mc_samples: int, generator: Optional[Generator]):
         def sampled_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
             grads = sampler(output_flat, mc_samples, y_flat, generator)
             scale = (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5
             return scale * grads
 
-        return product(X, y, sampled_gradients, *M, **kwargs)
+        return sampled_gradients
 
+    def fmc_matrix_product(
+        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor, **kwargs
+    ) -> Tuple[Tensor, ...]:
+        return product(X, y, sampled_gradients_of(mc_samples, generator), *M, **kwargs)
+
+    def prepare(X, y: Tensor, mc_samples: int, generator: Optional[Generator]):
+        return product.prepare(X, y, sampled_gradients_of(mc_samples, generator))
+
+    fmc_matrix_product.prepare = prepare
     return fmc_matrix_product
 
 
@@ -197,6 +204,10 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         """Seed the generator with ``_seed``, then make one pass over the data."""
         self._generator = seeded_generator(self._generator, self.device, self._seed)
         return super()._matmat(M)
+
+    def _prepare_batch(self, X: Union[Tensor, MutableMapping], y: Tensor):
+        """Forward pass and samples of a batch (drawn once, as every product would)."""
+        return self._batch_product.prepare(X, y, self._mc_samples, self._generator)
 
     def _matmat_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]

@@ -60,9 +60,28 @@ def make_batch_ggn_type_product(
         The batch product in list format (entries ``[*p.shape, K]``), with a keyword
         ``max_columns`` (columns per chunk). ``make_middle(output, y)`` is called once per
         batch (e.g. to draw samples) and returns the output-space factor ``middle(JM,
-        batched)``, which is applied to every chunk's :math:`\mathbf{J}\mathbf{M}`.
+        batched)``, which is applied to every chunk's :math:`\mathbf{J}\mathbf{M}`. Its
+        attribute ``prepare(X, y, make_middle)`` runs the forward pass alone and returns
+        ``multiply(M_chunk)`` (used by the product cache).
     """
     f = make_functional_model(model_func, params)
+
+    def prepare(
+        X: Union[Tensor, MutableMapping], y: Tensor, make_middle: MakeMiddleFactor
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        with second_order_context():
+            leaves = detached_leaves(params)
+            output = f(leaves, X)
+            jvp = linearize(output, leaves)
+            middle = make_middle(output.detach(), y)
+
+        def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+            M_cols, batched = columns_first(M_chunk)
+            T = middle(jvp(M_cols, batched), batched)
+            result = vjp([output], leaves, [T], batched)
+            return columns_last([r.detach() for r in result], batched)
+
+        return multiply
 
     def ggn_type_product(
         X: Union[Tensor, MutableMapping],
@@ -71,20 +90,9 @@ def make_batch_ggn_type_product(
         *M: Tensor,
         max_columns: int = MAX_COLUMNS_PER_CHUNK,
     ) -> Tuple[Tensor, ...]:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            output = f(leaves, X)
-            jvp = linearize(output, leaves)
-            middle = make_middle(output.detach(), y)
+        return tuple(in_column_chunks(prepare(X, y, make_middle), M, max_columns))
 
-            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-                M_cols, batched = columns_first(M_chunk)
-                T = middle(jvp(M_cols, batched), batched)
-                result = vjp([output], leaves, [T], batched)
-                return columns_last([r.detach() for r in result], batched)
-
-            return tuple(in_column_chunks(multiply, M, max_columns))
-
+    ggn_type_product.prepare = prepare
     return ggn_type_product
 
 
@@ -173,6 +181,7 @@ def make_batch_ggn_matrix_product(
     def ggn_matrix_product(X, y, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
         return product(X, y, loss_hessian, *M, **kwargs)
 
+    ggn_matrix_product.prepare = lambda X, y: product.prepare(X, y, loss_hessian)
     return ggn_matrix_product
 
 

@@ -86,9 +86,7 @@ def make_batch_gradient_moment_product(
     """
     product = make_batch_ggn_type_product(model_func, params)
 
-    def gradient_moment_product(
-        X, y: Tensor, output_grads: OutputGradients, *M: Tensor, **kwargs
-    ) -> Tuple[Tensor, ...]:
+    def middle_of(output_grads: OutputGradients):
         def make_middle(output: Tensor, y: Tensor) -> Callable[[Tensor, bool], Tensor]:
             grads = output_grads(*flatten_output_and_labels(loss_func, output, y))  # once
 
@@ -98,8 +96,16 @@ def make_batch_gradient_moment_product(
 
             return middle
 
-        return product(X, y, make_middle, *M, **kwargs)
+        return make_middle
 
+    def gradient_moment_product(
+        X, y: Tensor, output_grads: OutputGradients, *M: Tensor, **kwargs
+    ) -> Tuple[Tensor, ...]:
+        return product(X, y, middle_of(output_grads), *M, **kwargs)
+
+    gradient_moment_product.prepare = lambda X, y, output_grads: product.prepare(
+        X, y, middle_of(output_grads)
+    )
     return gradient_moment_product
 
 
@@ -126,6 +132,7 @@ def make_batch_ef_matrix_product(
     def ef_matrix_product(X, y: Tensor, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
         return product(X, y, loss_gradients, *M, **kwargs)
 
+    ef_matrix_product.prepare = lambda X, y: product.prepare(X, y, loss_gradients)
     return ef_matrix_product
 
 

@@ -64,10 +64,36 @@ def make_batch_hessian_matrix_product(
         ``hessian_matrix_product(X, y, *M, max_columns=16)`` returning ``H_b M`` in list
         format (entries ``[*p.shape, K]``), with ``H_b`` the Hessian of
         ``loss_func(model_func(X), y)``. Columns are multiplied in chunks of at most
-        ``max_columns`` after one forward and one (recorded) backward pass.
+        ``max_columns`` after one forward and one (recorded) backward pass. Its attribute
+        ``prepare(X, y)`` runs those two passes alone and returns ``multiply(M_chunk)``,
+        which then costs one backward pass per call (used by the product cache).
     """
     f = make_functional_model(model_func, params)
     groups = parameter_groups(len(params), block_sizes)
+
+    def prepare(
+        X: Union[Tensor, MutableMapping], y: Tensor
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        with second_order_context():
+            leaves = detached_leaves(params)
+            loss = loss_func(f(leaves, X), y)
+            grad = vjp([loss], leaves, [loss.new_ones(())], batched=False, create_graph=True)
+
+        def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+            M_cols, batched = columns_first(M_chunk)
+            HM = [None] * len(params)
+            for group in groups:
+                products = vjp(
+                    [grad[i] for i in group],
+                    [leaves[i] for i in group],
+                    [M_cols[i] for i in group],
+                    batched=batched,
+                )
+                for i, product in zip(group, products):
+                    HM[i] = product.detach()
+            return columns_last(HM, batched)
+
+        return multiply
 
     def hessian_matrix_product(
         X: Union[Tensor, MutableMapping],
@@ -75,27 +101,9 @@ def make_batch_hessian_matrix_product(
         *M: Tensor,
         max_columns: int = MAX_COLUMNS_PER_CHUNK,
     ) -> Tuple[Tensor, ...]:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            loss = loss_func(f(leaves, X), y)
-            grad = vjp([loss], leaves, [loss.new_ones(())], batched=False, create_graph=True)
+        return tuple(in_column_chunks(prepare(X, y), M, max_columns))
 
-            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-                M_cols, batched = columns_first(M_chunk)
-                HM = [None] * len(params)
-                for group in groups:
-                    products = vjp(
-                        [grad[i] for i in group],
-                        [leaves[i] for i in group],
-                        [M_cols[i] for i in group],
-                        batched=batched,
-                    )
-                    for i, product in zip(group, products):
-                        HM[i] = product.detach()
-                return columns_last(HM, batched)
-
-            return tuple(in_column_chunks(multiply, M, max_columns))
-
+    hessian_matrix_product.prepare = prepare
     return hessian_matrix_product
 
 
