@@ -20,7 +20,9 @@ loss and gradient by plain autograd; every other time is reported as a ratio to 
   the GGN by the double-vjp trick with plain autograd and by ``torch.func`` vmap-of-jvp plus
   vmap-of-vjp, both with the loss Hessian w.r.t. the output (double backward, resp. jvp of grad)
   in the middle;
-- operator construction with the default determinism check.
+- operator construction with the default determinism check;
+- the same operators after ``A.compile()`` (``torch.compile`` with inductor of the mini-batch
+  product; compilation happens during warm-up and is logged, not timed).
 
 Each floor is checked against the corresponding curvlinops product. All timings are medians
 over repeats after warm-up, measured in one process with the measurements interleaved (one call
@@ -269,8 +271,14 @@ def relative_error(a: list, b: list) -> float:
     return (diff / sum(z.square().sum() for z in b).sqrt()).item()
 
 
-def bench_problem(name: str, repeats: int, warmup: int, log: Callable[[str], None]) -> dict:
-    """Time everything for one problem (interleaved); return the JSON-ready results."""
+def bench_problem(
+    name: str, repeats: int, warmup: int, log: Callable[[str], None], compiled: str = "all"
+) -> dict:
+    """Time everything for one problem (interleaved); return the JSON-ready results.
+
+    ``compiled`` is ``"all"`` (every operator also under ``torch.compile``), ``"ggn"`` or
+    ``"none"``.
+    """
     model, X, y = PROBLEMS[name]()
     loss_func = LOSSES[name]()
     params = list(model.parameters())
@@ -304,6 +312,20 @@ def bench_problem(name: str, repeats: int, warmup: int, log: Callable[[str], Non
             V = columns[K].squeeze(-1) if K == 1 else columns[K]
             products[kind, K] = op @ V
             add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
+
+    # compiled products (inductor), each shape compiled during the warm-up
+    compiled_kinds = OPERATORS if compiled == "all" else {"ggn": OPERATORS["ggn"]}
+    if compiled != "none":
+        for kind, cls in compiled_kinds.items():
+            op = cls(model, loss_func, params, data, check_deterministic=False).compile()
+            for K in NUM_COLUMNS:
+                V = columns[K].squeeze(-1) if K == 1 else columns[K]
+                start = time.perf_counter()
+                out = op @ V
+                log(f"  compiled {kind}, K={K}: {time.perf_counter() - start:.1f} s to compile")
+                difference = relative_error([out], [products[kind, K]])
+                result.setdefault("compiled_relative_errors", {})[f"{kind} | K={K}"] = difference
+                add(kind, "curvlinops compiled", K, lambda op=op, V=V: op @ V)
 
     floors = make_floors(model, loss_func, X, y)
     errors = result["floor_relative_errors"] = {}
@@ -373,12 +395,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compiled_default(name: str, quick: bool) -> str:
+    """Which operators to compile: all; in quick mode only the MLP's GGN (compiling is slow)."""
+    if not quick:
+        return "all"
+    return "ggn" if name == "mlp" else "none"
+
+
 def main():
     """Run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per product")
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument(
+        "--compiled",
+        choices=["all", "ggn", "none"],
+        default=None,
+        help="operators also timed under torch.compile (default: all; quick: the MLP's GGN)",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = 1 if args.quick else 2
@@ -394,7 +429,16 @@ def main():
         warnings.simplefilter("always")
         # Raised by torch.func.jvp (forward-AD decompositions) in the floors, not by curvlinops.
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-        results = {name: bench_problem(name, repeats, warmup, log=print) for name in args.problems}
+        results = {
+            name: bench_problem(
+                name,
+                repeats,
+                warmup,
+                log=print,
+                compiled=args.compiled or compiled_default(name, args.quick),
+            )
+            for name in args.problems
+        }
     print(format_table(results))
     messages = sorted(
         {f"{w.category.__name__} ({Path(w.filename).name}:{w.lineno}): {w.message}" for w in caught}
