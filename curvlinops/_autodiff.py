@@ -193,7 +193,7 @@ def columns_first(M: Sequence[Tensor]) -> Tuple[List[Tensor], bool]:
     """
     batched = M[0].shape[-1] > 1
     if batched:
-        return [m.movedim(-1, 0) for m in M], True
+        return [m.movedim(-1, 0).contiguous() for m in M], True
     return [m.squeeze(-1) for m in M], False
 
 
