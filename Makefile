@@ -23,8 +23,10 @@ format:
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
 
+# The command-line report on the built-in problem: a table on stdout and the density in report.png.
 demo: install
-	$(PYTHON) docs/examples/demo_quickstart.py
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
+	$(PYTHON) -m curvlinops report --plot report.png
 
 .PHONY: bench bench-quick
 
@@ -35,6 +37,7 @@ bench: install
 	$(PYTHON) benchmarks/bench_diagonals.py
 	$(PYTHON) benchmarks/bench_eigsh.py
 	$(PYTHON) benchmarks/bench_estimators.py
+	$(PYTHON) benchmarks/targets.py
 
 bench-quick: install
 	$(PYTHON) benchmarks/bench_products.py --quick
@@ -42,3 +45,4 @@ bench-quick: install
 	$(PYTHON) benchmarks/bench_diagonals.py --quick
 	$(PYTHON) benchmarks/bench_eigsh.py --quick
 	$(PYTHON) benchmarks/bench_estimators.py --quick
+	$(PYTHON) benchmarks/targets.py
