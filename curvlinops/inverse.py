@@ -144,13 +144,17 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
         residual_norm = residual.norm(dim=0, keepdim=True)
         converged_mean = False
         num_iter = 0
+        # ``eps`` guards divisions by the squared quantities p^T A p and r^T z, so it is
+        # compared with their square roots: residuals far below sqrt(eps) must still update
+        # (comparing r^T z itself with eps froze CG at residuals of about 1e-5).
+        tiny = eps**2
         for num_iter in range(1, max_iter + 1):
             Ap = self._A @ p
             pAp = (p * Ap).sum(0, keepdim=True)
-            alpha = rz / pAp.masked_fill(pAp.abs() < eps, 1.0)
+            alpha = rz / pAp.masked_fill(pAp.abs() < tiny, 1.0)
             # Safe division and frozen columns: a zero step keeps x and the residual.
             alpha = alpha.masked_fill(
-                (pAp.abs() < eps) | (residual_norm < hp["stop_updating_after"]), 0.0
+                (pAp.abs() < tiny) | (residual_norm < hp["stop_updating_after"]), 0.0
             )
             x.addcmul_(alpha.expand_as(p), p)
             residual.addcmul_(alpha.expand_as(Ap), Ap, value=-1.0)
@@ -161,8 +165,8 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
                 break
             z = precondition(residual)
             rz_new = (residual * z).sum(0, keepdim=True)
-            beta = rz_new / rz.masked_fill(rz.abs() < eps, 1.0)
-            beta = beta.masked_fill(rz.abs() < eps, 0.0)
+            beta = rz_new / rz.masked_fill(rz.abs() < tiny, 1.0)
+            beta = beta.masked_fill(rz.abs() < tiny, 0.0)
             p = z + beta * p
             rz = rz_new
 

@@ -182,3 +182,13 @@ def test_neumann_divergence_raises():
         NeumannInverseLinearOperator(A, num_terms=50) @ torch.ones(10, dtype=DT)
     with pytest.raises(ValueError, match="num_terms"):
         NeumannInverseLinearOperator(A, num_terms=-1)
+
+
+def test_cg_reaches_tight_tolerances():
+    """Residuals below sqrt(eps) keep updating (a regression: CG once froze near 1e-5)."""
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=gen))[0]
+    A = Q @ torch.diag(torch.linspace(0.1, 1.5, 60, dtype=torch.float64)) @ Q.T
+    B = torch.randn(60, 3, dtype=torch.float64, generator=gen)
+    X = CGInverseLinearOperator(TensorLinearOperator(A), tolerance=1e-9, max_iter=200) @ B
+    assert ((A @ X - B).norm(dim=0) / B.norm(dim=0)).max() < 1e-8
