@@ -28,7 +28,13 @@ demo: install
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) -m curvlinops report --plot report.png
 
-.PHONY: bench bench-quick
+.PHONY: docs bench bench-quick
+
+# The Sphinx documentation in docs/_build/html; warnings are errors.
+docs: install
+	@$(PYTHON) -c "import sphinx" 2>/dev/null || $(PYTHON) -m pip install -q sphinx
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs built: docs/_build/html/index.html"
 
 # Product costs relative to a gradient (see benchmarks/README.md); writes benchmarks/results/.
 bench: install
