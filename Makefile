@@ -43,6 +43,7 @@ bench: install
 	$(PYTHON) benchmarks/bench_diagonals.py
 	$(PYTHON) benchmarks/bench_eigsh.py
 	$(PYTHON) benchmarks/bench_estimators.py
+	$(PYTHON) benchmarks/bench_memory.py
 	$(PYTHON) benchmarks/targets.py
 
 bench-quick: install
@@ -51,4 +52,5 @@ bench-quick: install
 	$(PYTHON) benchmarks/bench_diagonals.py --quick
 	$(PYTHON) benchmarks/bench_eigsh.py --quick
 	$(PYTHON) benchmarks/bench_estimators.py --quick
+	$(PYTHON) benchmarks/bench_memory.py --quick
 	$(PYTHON) benchmarks/targets.py
