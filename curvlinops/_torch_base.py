@@ -608,7 +608,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     # ----------------------------------------------------------------- products
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Multiply with a matrix in list format in one pass: ``sum_b w_b A_b M``."""
-        if self._cache_max_bytes is not None and self._compiled_batch_product is None:
+        if self._product_cache_max_bytes is not None and self._compiled_batch_product is None:
             entries = self._cache_entries()
             if entries is not None:
                 return self._accumulate(
@@ -634,9 +634,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         return result
 
     # ----------------------------------------------------------------- product cache
-    _cache_max_bytes: Optional[int] = None
-    _cache: Optional[Tuple[tuple, list]] = None
-    _cache_overflowed_at: Optional[tuple] = None
+    _product_cache_max_bytes: Optional[int] = None
+    _product_cache: Optional[Tuple[tuple, list]] = None
+    _product_cache_overflowed_at: Optional[tuple] = None
 
     def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
         """Keep what each batch's product needs between products (opt-in, in place).
@@ -673,12 +673,14 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 "are computed without it."
             )
         self.clear_cache()
-        self._cache_max_bytes = max_bytes
+        self._product_cache_max_bytes = max_bytes
         return self
 
     def clear_cache(self):
         """Free the product cache and stop caching (undoes :meth:`cache`)."""
-        self._cache = self._cache_overflowed_at = self._cache_max_bytes = None
+        self._product_cache = self._product_cache_overflowed_at = self._product_cache_max_bytes = (
+            None
+        )
 
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor
@@ -693,10 +695,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
         """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
         state = self._parameter_state()
-        if self._cache is not None and self._cache[0] == state:
-            return self._cache[1]
-        self._cache = None
-        if self._cache_overflowed_at == state:
+        if self._product_cache is not None and self._product_cache[0] == state:
+            return self._product_cache[1]
+        self._product_cache = None
+        if self._product_cache_overflowed_at == state:
             return None
         parameter_storages = {p.untyped_storage().data_ptr() for p in self._params}
         saved: dict = {}
@@ -711,17 +713,17 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         for X, y in self._loop_over_data(desc="cache"):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 multiply = self._prepare_batch(X, y)
-            if sum(saved.values()) > self._cache_max_bytes:
+            if sum(saved.values()) > self._product_cache_max_bytes:
                 warnings.warn(
                     f"{type(self).__name__}: the product cache would exceed max_bytes="
-                    f"{self._cache_max_bytes}; products run uncached until the parameters "
+                    f"{self._product_cache_max_bytes}; products run uncached until the parameters "
                     "change. Pass a larger max_bytes to cache().",
                     stacklevel=4,
                 )
-                self._cache_overflowed_at = state
+                self._product_cache_overflowed_at = state
                 return None
             entries.append((self._get_normalization_factor(X, y), multiply))
-        self._cache = (state, entries)
+        self._product_cache = (state, entries)
         return entries
 
     def _matmat_batch(

@@ -94,16 +94,16 @@ def test_cache_over_memory_bound_warns_and_stays_correct():
     passes = data.passes
     assert_close(H @ M, expected)  # uncached now, and without another warning
     assert data.passes == passes + 1
-    assert H._cache is None
+    assert H._product_cache is None
 
 
 def test_cache_bound_admits_a_large_enough_budget():
     c = make_case("mlp_ce", "mean")
     H = HessianLinearOperator(*c.tensors()).cache(max_bytes=10**8)
     H @ columns(H.shape[1], 1, 0)
-    assert H._cache is not None and len(H._cache[1]) == len(c.data)
+    assert H._product_cache is not None and len(H._product_cache[1]) == len(c.data)
     H.clear_cache()
-    assert H._cache is None and H._cache_max_bytes is None
+    assert H._product_cache is None and H._product_cache_max_bytes is None
 
 
 def test_cache_errors():
