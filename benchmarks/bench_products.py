@@ -407,7 +407,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per product")
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        choices=list(PROBLEMS),
+        default=None,
+        help="default: all; quick: the three problems with targets (not the regression MLP)",
+    )
     parser.add_argument(
         "--compiled",
         choices=["all", "ggn", "none"],
@@ -415,7 +421,9 @@ def main():
         help="operators also timed under torch.compile (default: all; quick: the MLP's GGN)",
     )
     args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 15)
+    if args.problems is None:
+        args.problems = ["mlp", "cnn", "transformer"] if args.quick else list(PROBLEMS)
+    repeats = args.repeats or (2 if args.quick else 15)
     warmup = 1 if args.quick else 2
 
     torch.set_num_threads(1)
