@@ -49,6 +49,18 @@ class _InversePyTorchLinearOperator(PyTorchLinearOperator):
         """The dtype of the inverted operator."""
         return self._A.dtype
 
+    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
+        """Compile the products of ``A`` in place; the solver's iteration stays eager.
+
+        Args:
+            **compile_kwargs: Passed on to ``A.compile``.
+
+        Returns:
+            The inverse itself.
+        """
+        self._A.compile(**compile_kwargs)
+        return self
+
     def _flatten(self, X: List[Tensor]) -> Tensor:
         """Stack list-format columns (entries ``[*shape, K]``) into one ``[D, K]`` matrix."""
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in X])

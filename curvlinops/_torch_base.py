@@ -377,6 +377,20 @@ class _CompositeLinearOperator(PyTorchLinearOperator):
 
     _A: PyTorchLinearOperator
 
+    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
+        """Compile the operands' products in place; the composition itself stays eager.
+
+        Args:
+            **compile_kwargs: Passed on to each operand's ``compile``.
+
+        Returns:
+            The composite itself.
+        """
+        for operand in (self._A, getattr(self, "_B", None)):
+            if isinstance(operand, PyTorchLinearOperator):
+                operand.compile(**compile_kwargs)
+        return self
+
     @property
     def device(self) -> torch.device:
         """The first operand's device."""
@@ -762,7 +776,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         reverse-over-reverse, which ``torch.compile`` cannot differentiate); the loop over the
         data, the weighting and the chunking over columns stay eager. Results equal the eager
         products up to floating-point round-off. Shapes are static unless ``dynamic`` is
-        passed, so each new batch or column shape compiles once.
+        passed, so each new batch or column shape compiles once. All operators of one class
+        share one compiled function, so compiling many operators (or shapes) in one process
+        can reach ``torch._dynamo.config.recompile_limit`` (then ``torch.compile`` falls back
+        to eager products, or raises with ``fullgraph=True``).
 
         Args:
             **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from curvlinops._ekfac_correction import batched_eigh
 from curvlinops._inverse_base import _InversePyTorchLinearOperator
+from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.kfac import KFACLinearOperator, block_left, block_right, block_scale
 
@@ -84,6 +85,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
     """
 
     SELF_ADJOINT: bool = True
+
+    # Its product is plain algebra on the inverted factors: compile all of it, not ``A``'s.
+    compile = PyTorchLinearOperator.compile
 
     def __init__(
         self,

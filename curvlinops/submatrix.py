@@ -66,6 +66,18 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
         self._col_idxs = list(col_idxs)
         super().__init__([(len(self._col_idxs),)], [(len(self._row_idxs),)])
 
+    def compile(self, **compile_kwargs) -> "SubmatrixLinearOperator":
+        """Compile the products of ``A`` in place; selecting rows and columns stays eager.
+
+        Args:
+            **compile_kwargs: Passed on to ``A.compile``.
+
+        Returns:
+            The sub-matrix operator itself.
+        """
+        self._A.compile(**compile_kwargs)
+        return self
+
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         (x,) = X
         embedded = x.new_zeros(self._A.shape[1], x.shape[-1])

@@ -125,3 +125,33 @@ def test_compiled_through_aot_autograd():
     M = columns(G, K=1)
     assert_close(G @ M, cached_reference("ggn", "mlp_ce", "mean") @ M)
     assert_close(H @ M, cached_reference("hessian", "mlp_ce", "mean") @ M)
+
+
+def test_compiling_composites_inverses_and_submatrices_compiles_their_operands():
+    from curvlinops import CGInverseLinearOperator, SubmatrixLinearOperator
+    from curvlinops.examples import IdentityLinearOperator
+
+    c = make_case("mlp_ce", "mean")
+    G = GGNLinearOperator(*c.tensors())
+    identity = IdentityLinearOperator([p.shape for p in c.params], G.device, G.dtype)
+    expected = cached_reference("ggn", "mlp_ce", "mean")
+    damped_dense = expected + 0.5 * torch.eye(G.shape[0], dtype=G.dtype)
+    M = columns(G)
+
+    backend = CountingBackend()
+    damped = (G + 0.5 * identity).compile(backend=backend, fullgraph=True)
+    assert_close(damped @ M, damped_dense @ M)
+    assert G._compiled_batch_product is not None and backend.graphs >= 1
+
+    torch._dynamo.reset()  # each operator compiles its own graphs; stay below the recompile limit
+    inverse = CGInverseLinearOperator(GGNLinearOperator(*c.tensors()) + 0.5 * identity)
+    inverse.compile(backend=CountingBackend(), fullgraph=True)
+    inverse._hp.update(tolerance=1e-10, max_iter=200)
+    assert_close(inverse @ M, torch.linalg.solve(damped_dense, M), rtol=1e-8, atol_scale=1e-10)
+
+    torch._dynamo.reset()
+    rows, cols = [0, 3, 5], [1, 2, 7, 9]
+    S = SubmatrixLinearOperator(GGNLinearOperator(*c.tensors()), rows, cols)
+    S.compile(backend=CountingBackend(), fullgraph=True)
+    V = torch.randn(len(cols), 2, dtype=torch.float64)
+    assert_close(S @ V, expected[rows][:, cols] @ V)
