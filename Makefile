@@ -12,7 +12,7 @@ install: install-torch
 	@$(PYTHON) -c "import curvlinops, pytest, xdist" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[test]"
 
 test: install
-	$(PYTHON) -m pytest -n 2 -q test
+	$(PYTHON) -m pytest -n 2 --dist loadgroup -q test
 
 lint:
 	@$(PYTHON) -c "import ruff" 2>/dev/null || $(PYTHON) -m pip install -q ruff

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="top eigenvalues, trace, spectral density and per-layer table of a model",
         description=(
             "Report a model's curvature: the top-k eigenvalues (Lanczos), the trace "
-            "(Hutchinson with Rademacher vectors; 95%% confidence interval mean +- 1.96 "
+            "(Hutchinson with Rademacher vectors; 95% confidence interval mean +- 1.96 "
             "std/sqrt(n), a normal approximation), a per-layer table (trace of the layer's "
             "diagonal block from the same products, its share of the total, and the block's "
             "top eigenvalue) and the spectral density (Lanczos, --plot)."

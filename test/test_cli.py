@@ -184,3 +184,11 @@ def test_plot_without_matplotlib(capsys, monkeypatch, tmp_path):
     assert code == 2
     assert "pip install curvlinops[plot]" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_help_states_the_interval(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "95% confidence interval" in out and "%%" not in out

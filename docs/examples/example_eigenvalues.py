@@ -44,7 +44,12 @@ def main(quick: bool = False):
     smallest = eigsh(H, k=2, which="SA", generator=generator, return_eigenvectors=False)
     print("largest 3 eigenvalues:", " ".join(f"{x:.10e}" for x in largest.flip(0)))
     print("smallest 2 eigenvalues:", " ".join(f"{x:.10e}" for x in smallest))
-    print("top eigenvector, shapes:", [tuple(v[..., -1].shape) for v in vectors])
+    # list format: one tensor per parameter with the k eigenvectors on the trailing axis
+    top_vector = [v[..., -1] for v in vectors]
+    print("top eigenvector, shapes:", [tuple(v.shape) for v in top_vector])
+    Hv = H @ top_vector
+    residual = sum(((a - largest[-1] * v) ** 2).sum() for a, v in zip(Hv, top_vector)).sqrt()
+    print(f"top eigenpair: residual ||H v - lambda v|| = {residual:.1e}")
 
     arpack = scipy_eigsh(H.to_scipy(), k=3, which="LA", return_eigenvectors=False)[::-1]
     print("largest 3 eigenvalues (scipy):", " ".join(f"{x:.10e}" for x in arpack))

@@ -37,13 +37,20 @@ def main(quick: bool = False):
 
     v = torch.ones(D, dtype=torch.float64)
     print("H @ ones, first 3 entries:", " ".join(f"{x:.10e}" for x in (H @ v)[:3]))
-    M = torch.eye(D, dtype=torch.float64)[:, :4]  # four columns in one pass over the data
-    print("G @ first four unit vectors, entry [0, 0]:", f"{(G @ M)[0, 0]:.10e}")
-    list_input = [torch.ones_like(p) for p in params]  # list format: shaped like the params
-    print("list format gives one tensor per parameter:", [tuple(t.shape) for t in G @ list_input])
+    # K columns in one pass over the data: here the first four columns of G itself
+    M = torch.eye(D, dtype=torch.float64)[:, :4]
+    GM = G @ M
+    print(f"G @ M: shape {tuple(GM.shape)}")
+    print("G @ M, column norms:", " ".join(f"{x:.10e}" for x in GM.norm(dim=0)))
+    # list format: one tensor per parameter in, one per parameter out
+    list_result = G @ [torch.ones_like(p) for p in params]
+    print("G @ list of ones, shapes:", [tuple(t.shape) for t in list_result])
+    flat_result = torch.cat([t.reshape(-1) for t in list_result])
+    print(f"list format vs flat vector: max difference {(flat_result - G @ v).abs().max():.1e}")
 
     G_scipy = G.to_scipy()  # a scipy.sparse.linalg.LinearOperator working on NumPy arrays
-    top = eigsh(G_scipy, k=3, which="LA", return_eigenvectors=False)[::-1]
+    v0 = np.random.default_rng(0).standard_normal(D)  # ARPACK's start vector, reproducible
+    top = eigsh(G_scipy, k=3, which="LA", v0=v0, return_eigenvectors=False)[::-1]
     print("top 3 GGN eigenvalues (scipy eigsh):", " ".join(f"{x:.10e}" for x in top))
 
     # A damped Gauss-Newton step: solve (G + damping I) x = gradient with SciPy's CG.

@@ -49,6 +49,15 @@ def main(quick: bool = False):
     dense_coupling = coupling @ torch.eye(coupling.shape[1], dtype=torch.float64)
     print(f"first-layer block: trace {torch.trace(dense_block):.10e}")
     print(f"coupling block: Frobenius norm {dense_coupling.norm():.10e}")
+    print(
+        "coupling block, row 0, first 3 entries:",
+        " ".join(f"{x:.10e}" for x in dense_coupling[0, :3]),
+    )
+    # Indices need not be contiguous: every third parameter, rows and columns alike.
+    scattered = list(range(0, G.shape[0], 3))
+    sub = SubmatrixLinearOperator(G, scattered, scattered)
+    dense_sub = sub @ torch.eye(sub.shape[1], dtype=torch.float64)
+    print(f"every third parameter: block {sub.shape}, Frobenius norm {dense_sub.norm():.10e}")
     top = eigsh(block, k=1, generator=torch.Generator().manual_seed(0), return_eigenvectors=False)
     print(f"first-layer block: top eigenvalue {top[0]:.10e}")
 
