@@ -16,9 +16,10 @@ r"""A curvature report: what a model's curvature looks like, in numbers.
   \operatorname{tr} \mathbf{A}_{ll}`, so it costs nothing extra), its share of the total, and
   the top eigenvalue of the block (an operator on the layer's parameters only).
 
-All products over the data are cached between Lanczos iterations (``A.cache()``), and every
-random draw comes from a ``torch.Generator`` seeded with ``seed``, so a report is
-reproducible.
+All products over the data are cached between Lanczos iterations (``A.cache()``). Every
+random draw comes from a ``torch.Generator`` seeded with ``seed`` (the Monte-Carlo Fisher
+gets ``seed`` as its sampling seed, for the full matrix and its layer blocks alike, so the
+blocks are the full matrix's blocks), so a report is reproducible.
 """
 
 import math
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.eigen import eigsh
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
@@ -50,6 +52,10 @@ MATRICES: Dict[str, type] = {
 #: The matrices that are positive semi-definite (their density is shown on a log scale).
 PSD_MATRICES = ("ggn", "ef", "mc_fisher")
 LOG_EPSILON = 1e-6
+
+
+class ProblemError(ValueError):
+    """The model, loss and data do not work with the requested matrix (message says why)."""
 
 
 def layer_groups(model: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
@@ -85,7 +91,8 @@ def curvature_report(
         num_samples: Rademacher vectors of the trace estimate (at least 2).
         lanczos_steps: Lanczos steps of the spectral density (capped at the dimension).
         num_points: Grid points of the density.
-        seed: Seed of every random draw.
+        seed: Seed of every random draw (start vectors, trace vectors and, for
+            ``"mc_fisher"``, the Monte-Carlo samples of the labels).
         progressbar: Show ``tqdm`` progress bars.
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
 
@@ -96,6 +103,8 @@ def curvature_report(
     Raises:
         ValueError: For an unknown matrix, ``k`` not in ``[1, D)``, fewer than 2 samples,
             or a model without trainable parameters.
+        ProblemError: If building the operator fails on the model, loss and data (e.g.
+            mismatched shapes, a non-deterministic model, a loss the matrix does not support).
     """
     if matrix not in MATRICES:
         raise ValueError(f"unknown matrix {matrix!r}; choose one of {', '.join(MATRICES)}.")
@@ -109,10 +118,23 @@ def curvature_report(
     if num_samples < 2:
         raise ValueError(f"num_samples={num_samples} must be at least 2 for an interval.")
     kwargs = {} if batch_size_fn is None else {"batch_size_fn": batch_size_fn}
+    if matrix == "mc_fisher":
+        # The blocks then draw the same samples as the full matrix, so they are its blocks.
+        kwargs["seed"] = seed
     cls = MATRICES[matrix]
     stages = tqdm(total=4, desc=f"curvlinops report ({matrix})", disable=not progressbar)
     stages.set_postfix_str("operator and determinism check")
-    A = cls(model, loss_func, params, data, **kwargs).cache()
+    try:
+        # The first passes over the data run the user's model and loss: a failure there is
+        # a property of the problem (wrong shapes, dropout left on, unsupported loss).
+        A = cls(model, loss_func, params, data, **kwargs)
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as error:
+        stages.close()
+        raise ProblemError(
+            f"the {matrix} cannot be built for this model, loss and data: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    A.cache()
     generator = torch.Generator(A.device).manual_seed(seed)
     stages.update()
 
@@ -132,7 +154,10 @@ def curvature_report(
 
     steps = min(lanczos_steps, dim)
     stages.set_postfix_str(f"spectral density ({steps} Lanczos steps)")
-    ritz_values, ritz_vectors = fast_lanczos(A, steps, generator=generator)
+    with tqdm(total=steps, desc="Lanczos (products)", disable=not progressbar) as bar:
+        ritz_values, ritz_vectors = fast_lanczos(
+            _CountingOperator(A, bar), steps, generator=generator
+        )
     if matrix in PSD_MATRICES:
         top = max(float(ritz_values.abs().max()), float(eigenvalues[0]))
         grid, density = lanczos_approximate_log_spectrum_from_iter(
@@ -195,6 +220,31 @@ def curvature_report(
         },
         "layers": layers,
     }
+
+
+class _CountingOperator(PyTorchLinearOperator):
+    """``A`` itself, advancing a progress bar at every product (Lanczos has no bar of its own)."""
+
+    SELF_ADJOINT = True
+
+    def __init__(self, A: PyTorchLinearOperator, bar: tqdm):
+        super().__init__(A._in_shape, A._out_shape)
+        self._A, self._bar = A, bar
+
+    @property
+    def device(self) -> torch.device:
+        """The device of ``A``."""
+        return self._A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of ``A``."""
+        return self._A.dtype
+
+    def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        result = self._A._matmat(X)
+        self._bar.update()
+        return result
 
 
 def _mean_and_interval(terms: Tensor) -> dict:
