@@ -135,6 +135,13 @@ def eigsh(
                 F = F - (F @ Q.T) @ Q
             block, R_last = _normalize_rows(F)
             block = block[:p]
+            if block.shape[0] == 0 and size < dim:
+                # The basis spans an invariant subspace (e.g. a zero or low-rank operator):
+                # continue with a random direction orthogonal to it.
+                fresh = torch.randn(1, dim, dtype=dtype, device=device, generator=generator)
+                for _ in range(2):
+                    fresh = fresh - (fresh @ Q.T) @ Q
+                block, _ = _normalize_rows(fresh)
             if size <= k:
                 continue
             # Krylov relation A Q^T = Q^T H + F^T E_last: a Ritz pair's residual is F's part

@@ -109,3 +109,15 @@ def test_errors():
         curvlinops.eigsh(A, which="BE")
     with pytest.raises(ValueError, match="square"):
         curvlinops.eigsh(TensorLinearOperator(torch.zeros(3, 4, dtype=DT)))
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_eigsh_on_operators_of_rank_below_k(rank):
+    """An exhausted Krylov space (invariant subspace) restarts from a fresh direction."""
+    gen = torch.Generator().manual_seed(3)
+    U = torch.randn(30, rank, dtype=torch.float64, generator=gen)
+    A = U @ U.T
+    evals, evecs = curvlinops.eigsh(TensorLinearOperator(A), k=4, generator=gen)
+    expected = torch.linalg.eigvalsh(A)[-4:]
+    assert torch.allclose(evals, expected, atol=1e-10 * max(1.0, expected.abs().max().item()))
+    assert torch.allclose(A @ evecs, evecs * evals, atol=1e-9 * max(1.0, A.norm().item()))
