@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops._torch_base import PyTorchLinearOperator, _CompositeLinearOperator
 from curvlinops.eigen import eigsh
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
@@ -222,7 +222,7 @@ def curvature_report(
     }
 
 
-class _CountingOperator(PyTorchLinearOperator):
+class _CountingOperator(_CompositeLinearOperator):
     """``A`` itself, advancing a progress bar at every product (Lanczos has no bar of its own)."""
 
     SELF_ADJOINT = True
@@ -230,16 +230,6 @@ class _CountingOperator(PyTorchLinearOperator):
     def __init__(self, A: PyTorchLinearOperator, bar: tqdm):
         super().__init__(A._in_shape, A._out_shape)
         self._A, self._bar = A, bar
-
-    @property
-    def device(self) -> torch.device:
-        """The device of ``A``."""
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of ``A``."""
-        return self._A.dtype
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         result = self._A._matmat(X)
