@@ -9,7 +9,7 @@ install-torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 
 install: install-torch
-	@$(PYTHON) -c "import curvlinops, pytest, xdist" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[test]"
+	@$(PYTHON) -c "import curvlinops, pytest, xdist, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[test]"
 
 test: install
 	$(PYTHON) -m pytest -n 2 --dist loadgroup -q test
