@@ -178,6 +178,14 @@ def guarded_models(models: Iterable[nn.Module]) -> Iterator[None]:
                 restore_buffers(snapshot)
 
 
+def _is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False  # pragma: no cover - older torch
+
+
 def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str]:
     """Find the names under which ``model_func`` owns each tensor of ``params``.
 
@@ -229,8 +237,10 @@ def substituted_parameters(
         Nothing; ``model_func`` evaluates with ``values`` inside the block.
     """
     replacement = {id(p): v for p, v in zip(params, values)}
-    # the swap is visible to every thread: hold the model's lock (see locked_models)
-    with locked_models([model_func]):
+    # The swap is visible to every thread: hold the model's lock (see locked_models). While
+    # torch.compile traces, the caller (a product) already holds it, and dynamo cannot trace
+    # the lock.
+    with locked_models([] if _is_compiling() else [model_func]):
         swapped = []
         for module in model_func.modules():
             for name, p in module._parameters.items():

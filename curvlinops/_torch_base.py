@@ -790,7 +790,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 if isinstance(X, Tensor):
                     X = X.to(device)
                 y = y.to(device)
-                _check_batch_values(X, y, num_batches, dtype)
+                # operators without a loss (Jacobians) only carry y along
+                _check_batch_values(X, y, num_batches, dtype, check_y=self._loss_func is not None)
                 yield X, y
                 num_batches += 1
                 # not in a finally: a generator abandoned after an error may be closed much
@@ -813,7 +814,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         missing = [i for i, p in enumerate(self._params) if id(p) not in present]
         if missing:
             raise RuntimeError(
-                f"params{missing} are no longer parameters of model_func: they were replaced "
+                f"{', '.join(f'params[{i}]' for i in missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} no longer a parameter of model_func: "
+                "replaced "
                 "after the operator was built (e.g. by load_state_dict(..., assign=True) or by "
                 "assigning a new nn.Parameter), so the operator would treat them as constants. "
                 "Rebuild the operator with the model's current parameters (changing values in "
@@ -867,7 +870,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     # ----------------------------------------------------------------- product cache
     _product_cache_max_bytes: Optional[int] = None
-    _product_cache: Optional[Tuple[tuple, list]] = None
+    _product_cache: Optional[Tuple[list, list, list]] = None
     _product_cache_overflowed_at: Optional[tuple] = None
 
     def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
@@ -883,9 +886,14 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         ``load_state_dict``; this is detected by comparing the parameters with a copy of
         their values taken when the cache was built (one comparison per product, the memory
         of one copy of ``params``). Replacing a parameter object raises (rebuild the
-        operator). The cache does not follow anything else: changes of the data, of the
-        model's buffers or of parameters that are not in ``params`` go unnoticed, so call
-        :meth:`clear_cache` (or :meth:`cache` again) after such changes. If the tensors that the
+        operator). In-place edits of the batch tensors (``X``, the tensor values of a
+        dict-like ``X``, ``y``) that bump their version counter (``X.mul_``, ``X.copy_``,
+        ``X[0] = ...``) also rebuild the cache, when the data already live on the operator's
+        device (otherwise the cache holds its own copy, consistent with the old data). The
+        cache does not follow anything else: batches replaced or added in ``data``, edits
+        through ``X.data``, changes of the model's buffers or of parameters that are not in
+        ``params`` go unnoticed, so call :meth:`clear_cache` (or :meth:`cache` again) after
+        such changes. If the tensors that the
         graphs save would exceed ``max_bytes``, a warning is issued and products run
         uncached until the parameters change.
 
@@ -944,7 +952,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
         """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
         self._check_parameters_present()  # cached products do not pass over the data
-        if self._product_cache is not None and self._same_parameters(self._product_cache[0]):
+        if (
+            self._product_cache is not None
+            and self._same_parameters(self._product_cache[0])
+            and all(_data_versions(t) == v for t, v in self._product_cache[2])
+        ):
             return self._product_cache[1]
         self._product_cache = None
         if self._same_parameters(self._product_cache_overflowed_at):
@@ -959,8 +971,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 saved[storage.data_ptr()] = storage.nbytes()
             return t
 
-        entries = []
+        entries, data_versions = [], []
         for X, y in self._loop_over_data(desc="cache"):
+            data_versions.append(((X, y), _data_versions((X, y))))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 multiply = self._prepare_batch(X, y)
             if sum(saved.values()) > self._product_cache_max_bytes:
@@ -973,7 +986,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 self._product_cache_overflowed_at = state
                 return None
             entries.append((self._get_normalization_factor(X, y), multiply))
-        self._product_cache = (state, entries)
+        self._product_cache = (state, entries, data_versions)
         return entries
 
     def _matmat_batch(
@@ -1261,11 +1274,15 @@ def _unpack_batch(batch, index: int) -> Tuple[Union[Tensor, MutableMapping], Ten
     return X, y
 
 
-def _check_batch_values(X: Union[Tensor, MutableMapping], y: Tensor, index: int, dtype):
+def _check_batch_values(
+    X: Union[Tensor, MutableMapping], y: Tensor, index: int, dtype, check_y: bool = True
+):
     """Raise a ``ValueError`` for floating-point data of another dtype or non-finite data."""
-    named = [("X", X), ("y", y)]
+    named = [("X", X)]
     if isinstance(X, MutableMapping):
-        named = [(f"X[{k!r}]", v) for k, v in X.items() if isinstance(v, Tensor)] + [("y", y)]
+        named = [(f"X[{k!r}]", v) for k, v in X.items() if isinstance(v, Tensor)]
+    if check_y:
+        named.append(("y", y))
     for name, t in named:
         if not (t.is_floating_point() or t.is_complex()):
             continue
@@ -1290,3 +1307,10 @@ def _check_finite_result(t: Tensor, what: str, index: int):
             "Check the model's parameters and buffers for non-finite values (and for "
             "overflow, e.g. in float16)."
         )
+
+
+def _data_versions(batch) -> tuple:
+    """Version counters of the tensors of a batch ``(X, y)`` (bumped by in-place edits)."""
+    X, y = batch
+    tensors = list(X.values()) if isinstance(X, MutableMapping) else [X]
+    return tuple(t._version for t in [*tensors, y] if isinstance(t, Tensor))
