@@ -27,6 +27,7 @@ subclass implements only the product of its mini-batch matrix with a matrix in l
 """
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from itertools import zip_longest
@@ -505,6 +506,14 @@ def validate_params(params, model_func=None) -> List[Tensor]:
             as ``model.parameters()``), is empty, holds the same tensor twice, or holds a
             tensor that is not a parameter of ``model_func``.
     """
+    _check_params_structure(params)
+    if isinstance(model_func, nn.Module):
+        parameter_names(model_func, params)  # raises early for foreign tensors
+    return params if isinstance(params, list) else list(params)
+
+
+def _check_params_structure(params):
+    """The model-independent checks of :func:`validate_params`."""
     if isinstance(params, Tensor) or not isinstance(params, Sequence):
         raise ValueError(
             f"params must be a list of tensors, got {type(params).__name__}. Pass e.g. "
@@ -529,9 +538,6 @@ def validate_params(params, model_func=None) -> List[Tensor]:
                 "duplicate (tied weights are one parameter)."
             )
         first_position[id(p)] = i
-    if isinstance(model_func, nn.Module):
-        parameter_names(model_func, params)  # raises early for foreign tensors
-    return params if isinstance(params, list) else list(params)
 
 
 def _check_flag(value, name: str):
@@ -541,12 +547,24 @@ def _check_flag(value, name: str):
 
 
 def _guarded_init(init: Callable) -> Callable:
-    """Run a constructor with its model locked and its buffers restored afterwards."""
+    """Run a constructor with its model locked and its buffers restored afterwards.
+
+    A ``params`` argument is checked first (:func:`_check_params_structure`), so that
+    subclasses which inspect ``params`` before the base constructor (KFAC's layer mapping)
+    report a generator, an empty list or a duplicate tensor as such.
+    """
     if getattr(init, "_curvlinops_guarded", False):
         return init
+    signature = inspect.signature(init)
 
     @functools.wraps(init)
     def guarded(self, *args, **kwargs):
+        try:
+            arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # let the constructor report its own signature errors
+            arguments = {}
+        if "params" in arguments:
+            _check_params_structure(arguments["params"])
         model = args[0] if args else kwargs.get("model_func")
         with guarded_models([model] if isinstance(model, nn.Module) else []):
             init(self, *args, **kwargs)

@@ -147,7 +147,7 @@ def test_in_place_parameter_changes_are_fine():
 # ------------------------------------------------------------------------------------------------
 # 3. the same tensor twice in params
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", LOSS_OPERATORS + JACOBIANS)
+@pytest.mark.parametrize("cls", LOSS_OPERATORS + JACOBIANS + [KFACLinearOperator])
 def test_duplicate_params_name_both_positions(cls):
     model, loss_func, data = make_problem()
     W = model[0].weight
@@ -365,7 +365,7 @@ def test_data_of_another_dtype(cls):
         build(cls, model, loss_func, list(model.parameters()), data)
 
 
-@pytest.mark.parametrize("cls", LOSS_OPERATORS + JACOBIANS)
+@pytest.mark.parametrize("cls", LOSS_OPERATORS + JACOBIANS + [KFACLinearOperator])
 def test_bad_params(cls):
     model, loss_func, data = make_problem()
     with pytest.raises(ValueError, match=r"params is empty"):
@@ -492,3 +492,71 @@ def test_cache_does_not_follow_replaced_batches_as_documented():
     fresh = GGNLinearOperator(model, loss_func, list(model.parameters()), data)
     assert not torch.allclose(fresh @ v, old)
     torch.testing.assert_close(A.cache() @ v, fresh @ v, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument audit of the other public constructors and functions in the base files
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", JACOBIANS)
+@pytest.mark.parametrize("num_data", [8, 10])
+def test_jacobian_num_data_must_match_the_data(cls, num_data):
+    model, loss_func, data = make_problem()
+    with pytest.raises(ValueError, match=rf"data points, but num_data={num_data}"):
+        build(cls, model, loss_func, list(model.parameters()), data, num_data=num_data)
+    J = build(
+        cls,
+        model,
+        loss_func,
+        list(model.parameters()),
+        data,
+        num_data=num_data,
+        check_deterministic=False,
+    )
+    with pytest.raises(ValueError, match=rf"data points, but num_data={num_data}"):
+        J @ torch.zeros(J.shape[1], dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "activation, match",
+    [
+        (("0", "output"), r"activation must be a tuple"),
+        ((0, "output", 0), r"activation\[0\] must be a module name"),
+        (("0", "output", -1), r"activation\[2\].*non-negative integer, got -1"),
+        (("0", "output", 0.0), r"activation\[2\].*non-negative integer, got 0.0"),
+        (("0", "outputs", 0), r"'input' or 'output'"),
+        (("nope", "output", 0), r"No module named 'nope'"),
+    ],
+)
+def test_activation_hessian_arguments(activation, match):
+    from curvlinops.experimental import ActivationHessianLinearOperator
+
+    model, loss_func, data = make_problem()
+    with pytest.raises(ValueError, match=match):
+        ActivationHessianLinearOperator(model, loss_func, activation, data[:1])
+
+
+def test_activation_hessian_one_shot_data_and_parameter_free_model():
+    from curvlinops.experimental import ActivationHessianLinearOperator
+
+    model, loss_func, data = make_problem()
+    with pytest.raises(ValueError, match=r"one-shot iterator"):
+        ActivationHessianLinearOperator(model, loss_func, ("0", "output", 0), iter(data[:1]))
+    X, y = data[0]
+    with pytest.raises(ValueError, match=r"model_func has no parameters"):
+        ActivationHessianLinearOperator(nn.Tanh(), loss_func, ("", "input", 0), [(X, y)])
+
+
+def test_utils_argument_checks():
+    from curvlinops.utils import assert_divisible_by, assert_matvecs_subseed_dim, split_list
+
+    with pytest.raises(ValueError, match=r"sizes must be non-negative integers"):
+        split_list([1, 2, 3], [4, -1])
+    with pytest.raises(ValueError, match=r"sizes must be non-negative integers"):
+        split_list([1, 2, 3], [1.5, 1.5])
+    assert split_list([1, 2, 3], [1, 0, 2]) == [[1], [], [2, 3]]
+    A = torch.zeros(5, 5)
+    for bad in [0, -2, 2.0, True]:
+        with pytest.raises(ValueError, match=r"num_matvecs must be a positive integer"):
+            assert_matvecs_subseed_dim(A, bad)
+    with pytest.raises(ValueError, match=r"divisor of num_matvecs must be a positive integer"):
+        assert_divisible_by(4, 0, "num_matvecs")
