@@ -83,6 +83,10 @@ class ModelLock:
             self._count += 1
         return me
 
+    def held_by_current_thread(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
     def release(self, token: int):
         """Undo one :meth:`acquire` of the thread identified by ``token`` (from any thread)."""
         with self._condition:
@@ -156,8 +160,17 @@ def restore_buffers(snapshot: List[Tuple[nn.Module, str, torch.Tensor, torch.Ten
                 module._buffers[name] = buffer
             if buffer.shape != values.shape or buffer.dtype != values.dtype:
                 buffer.data = values
-            elif not torch.equal(buffer, values):
+            elif not _same_values(buffer, values):
                 buffer.copy_(values)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality that counts NaN as equal to NaN (buffers may hold NaN on purpose)."""
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 @contextmanager

@@ -47,6 +47,7 @@ from curvlinops._autodiff import (
     in_column_chunks,
     locked_models,
     make_functional_model,
+    model_lock,
     parameter_names,
     restore_buffers,
     second_order_context,
@@ -800,7 +801,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         dtypes = {p.dtype for p in self._params}
         dtype = dtypes.pop() if len(dtypes) == 1 else None  # mixed: the products will raise
         models = [self._model_func] if isinstance(self._model_func, nn.Module) else []
-        with locked_models(models):
+        # Under a public entry point (product, construction) this thread holds the lock
+        # already; not taking it again means a pass abandoned after an error holds nothing.
+        with locked_models([m for m in models if not model_lock(m).held_by_current_thread()]):
             buffers = [snapshot_buffers(m) for m in models]
             num_batches = 0
             for batch in data_iter:

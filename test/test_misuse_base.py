@@ -560,3 +560,39 @@ def test_utils_argument_checks():
             assert_matvecs_subseed_dim(A, bad)
     with pytest.raises(ValueError, match=r"divisor of num_matvecs must be a positive integer"):
         assert_divisible_by(4, 0, "num_matvecs")
+
+
+class FailingModel(nn.Module):
+    """Wraps a model; its forward raises while ``fail`` is set."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.fail = model, False
+
+    def forward(self, X):
+        if self.fail:
+            raise RuntimeError("forward failed on purpose")
+        return self.model(X)
+
+
+def test_a_failed_product_kept_in_a_traceback_does_not_block_other_threads():
+    model, loss_func, data = make_problem(batch_norm=True)
+    wrapped = FailingModel(model)
+    G = GGNLinearOperator(wrapped, loss_func, list(wrapped.parameters()), data)
+    v = vector(G)
+    expected = G @ v
+    before = model_state(wrapped)
+    wrapped.fail = True
+    try:
+        G @ v
+    except RuntimeError as e:
+        kept = e  # keeps the traceback, hence the interrupted pass over the data, alive
+    wrapped.fail = False
+    assert_state_unchanged(wrapped, before)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(G @ v))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the failed product left the model locked"
+    torch.testing.assert_close(results[0], expected, rtol=1e-10, atol=1e-12)
+    assert "on purpose" in str(kept)
