@@ -596,3 +596,12 @@ def test_a_failed_product_kept_in_a_traceback_does_not_block_other_threads():
     assert not thread.is_alive(), "the failed product left the model locked"
     torch.testing.assert_close(results[0], expected, rtol=1e-10, atol=1e-12)
     assert "on purpose" in str(kept)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5])
+def test_max_columns_per_chunk_must_be_positive(chunk):
+    model, loss_func, data = make_problem()
+    G = GGNLinearOperator(model, loss_func, list(model.parameters()), data)
+    G.MAX_COLUMNS_PER_CHUNK = chunk
+    with pytest.raises(ValueError, match=r"MAX_COLUMNS_PER_CHUNK must be a positive integer"):
+        G @ torch.zeros(G.shape[1], 3, dtype=DT)
