@@ -21,9 +21,12 @@ curvature therefore runs inside :func:`second_order_context`, which selects the 
 ("math") scaled-dot-product attention that is differentiable to any order.
 """
 
+import itertools
+import threading
+import weakref
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +50,153 @@ def second_order_context() -> Iterator[None]:
         else:
             with sdpa_kernel([SDPBackend.MATH]):
                 yield
+
+
+class ModelLock:
+    """Re-entrant lock of one model that any thread may release on the owner's behalf.
+
+    Unlike ``threading.RLock``, :meth:`release` takes the token returned by :meth:`acquire`,
+    so a generator holding the lock may be finalised (closed) in another thread than the one
+    that started it without raising or leaking the lock.
+
+    Attributes:
+        order: Creation rank; locks of several models are always taken in this order, so two
+            threads multiplying with composites of the same models cannot deadlock.
+    """
+
+    _counter = itertools.count()
+
+    def __init__(self):
+        """Create an unlocked lock."""
+        self.order = next(ModelLock._counter)
+        self._condition = threading.Condition(threading.Lock())
+        self._owner = None
+        self._count = 0
+
+    def acquire(self) -> int:
+        """Block until the calling thread owns the lock (re-entrant); return its token."""
+        me = threading.get_ident()
+        with self._condition:
+            while self._owner is not None and self._owner != me:
+                self._condition.wait()
+            self._owner = me
+            self._count += 1
+        return me
+
+    def held_by_current_thread(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+    def release(self, token: int):
+        """Undo one :meth:`acquire` of the thread identified by ``token`` (from any thread)."""
+        with self._condition:
+            if self._owner != token or self._count == 0:
+                return  # already released (e.g. a generator closed twice)
+            self._count -= 1
+            if self._count == 0:
+                self._owner = None
+                self._condition.notify_all()
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, ModelLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> ModelLock:
+    """The process-wide lock of ``model`` (created on first use, freed with the model)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = ModelLock()
+        return lock
+
+
+@contextmanager
+def locked_models(models: Iterable[nn.Module]) -> Iterator[None]:
+    r"""Hold the locks of ``models`` (re-entrant, in a global order) inside the block.
+
+    Every forward and backward pass that the library runs over a model happens while its
+    lock is held, because evaluating with substituted parameters
+    (:func:`substituted_parameters`) and layer hooks are visible to every thread: products
+    over the same model from several threads are serialised, products over different
+    models run in parallel.
+    """
+    locks = sorted({id(m): model_lock(m) for m in models}.values(), key=lambda lk: lk.order)
+    tokens = []
+    try:
+        for lock in locks:
+            tokens.append((lock, lock.acquire()))
+        yield
+    finally:
+        for lock, token in reversed(tokens):
+            lock.release(token)
+
+
+def _buffer_slots(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor]]:
+    """Every ``(module, name, buffer)`` of ``model`` (aliases included)."""
+    return [
+        (module, name, buffer)
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+
+
+def snapshot_buffers(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """Record every buffer of ``model`` (object and a copy of its values)."""
+    return [(m, name, b, b.detach().clone()) for m, name, b in _buffer_slots(model)]
+
+
+def restore_buffers(snapshot: List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]]):
+    """Put every recorded buffer back: the same object, with the recorded values.
+
+    Values are written only where they changed, so buffers that autograd saved for a
+    backward pass (e.g. batch-norm statistics in evaluation mode) keep their version and
+    cached graphs stay valid.
+    """
+    with torch.no_grad():
+        for module, name, buffer, values in snapshot:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
+            if buffer.shape != values.shape or buffer.dtype != values.dtype:
+                buffer.data = values
+            elif not _same_values(buffer, values):
+                buffer.copy_(values)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality that counts NaN as equal to NaN (buffers may hold NaN on purpose)."""
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+@contextmanager
+def guarded_models(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Hold the models' locks and restore all their buffers on exit, also after an error.
+
+    The library never changes a module's buffers: forward passes of layers in training mode
+    (e.g. ``BatchNorm`` updating ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``) are undone, in place, when the block ends.
+    """
+    models = list({id(m): m for m in models}.values())
+    with locked_models(models):
+        snapshots = [snapshot_buffers(m) for m in models]
+        try:
+            yield
+        finally:
+            for snapshot in snapshots:
+                restore_buffers(snapshot)
+
+
+def _is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False  # pragma: no cover - older torch
 
 
 def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str]:
@@ -100,18 +250,22 @@ def substituted_parameters(
         Nothing; ``model_func`` evaluates with ``values`` inside the block.
     """
     replacement = {id(p): v for p, v in zip(params, values)}
-    swapped = []
-    for module in model_func.modules():
-        for name, p in module._parameters.items():
-            if p is not None and id(p) in replacement:
-                swapped.append((module, name, p))
-    try:
-        for module, name, p in swapped:
-            module._parameters[name] = replacement[id(p)]
-        yield
-    finally:
-        for module, name, p in swapped:
-            module._parameters[name] = p
+    # The swap is visible to every thread: hold the model's lock (see locked_models). While
+    # torch.compile traces, the caller (a product) already holds it, and dynamo cannot trace
+    # the lock.
+    with locked_models([] if _is_compiling() else [model_func]):
+        swapped = []
+        for module in model_func.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) in replacement:
+                    swapped.append((module, name, p))
+        try:
+            for module, name, p in swapped:
+                module._parameters[name] = replacement[id(p)]
+            yield
+        finally:
+            for module, name, p in swapped:
+                module._parameters[name] = p
 
 
 def make_functional_model(

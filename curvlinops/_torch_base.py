@@ -26,10 +26,12 @@ subclass implements only the product of its mini-batch matrix with a matrix in l
 (:meth:`CurvatureLinearOperator._matmat_batch`).
 """
 
+import functools
+import inspect
 import warnings
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from itertools import zip_longest
-from numbers import Real
+from numbers import Integral, Real
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -41,10 +43,15 @@ from tqdm import tqdm
 from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
+    guarded_models,
     in_column_chunks,
+    locked_models,
     make_functional_model,
+    model_lock,
     parameter_names,
+    restore_buffers,
     second_order_context,
+    snapshot_buffers,
 )
 from curvlinops._losses import check_reduction
 from curvlinops.utils import allclose_report
@@ -101,6 +108,12 @@ class PyTorchLinearOperator:
         Returns:
             The product in the same format as ``X``, or a lazy product operator.
 
+        A matrix with zero columns gives an empty result of the right shape.
+
+        The models that the product evaluates are locked for its duration (products over
+        the same model from several threads run one after the other) and their buffers are
+        restored afterwards, also when the product raises.
+
         Raises:
             ValueError: If ``X`` has an unsupported type, shape, dtype or device.
         """
@@ -109,7 +122,18 @@ class PyTorchLinearOperator:
         X_list, is_vector, as_tensor = self._to_list_format(X)
         self._check_dtype_and_device(X_list)
         num_columns = X_list[0].shape[-1] if X_list else 0
-        with torch.no_grad():
+        chunk = getattr(self, "MAX_COLUMNS_PER_CHUNK", 1)
+        if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk <= 0:
+            raise ValueError(
+                f"MAX_COLUMNS_PER_CHUNK must be a positive integer, got {chunk!r} (set on "
+                f"{type(self).__name__} or the instance)."
+            )
+        if num_columns == 0:  # autograd cannot batch over zero columns; nothing to compute
+            like = X_list[0] if X_list else X
+            if as_tensor:
+                return like.new_zeros(self.shape[0], 0)
+            return [like.new_zeros(*s, 0) for s in self._out_shape]
+        with torch.no_grad(), guarded_models(self._models()):
             AX = self._matmat(X_list)
         self._check_output(AX, num_columns)
         if as_tensor:
@@ -123,6 +147,27 @@ class PyTorchLinearOperator:
                     block.view(t.shape).copy_(t)
             return flat.squeeze(-1) if is_vector else flat
         return [t.squeeze(-1) for t in AX] if is_vector else list(AX)
+
+    def _models(self) -> List[nn.Module]:
+        """The models whose forward passes this operator's products run (found recursively).
+
+        Looks for ``_model_func`` modules in this operator and in every operator it holds
+        (composites, inverses), so that :meth:`__matmul__` can lock them.
+        """
+        models, stack, seen = [], [self], set()
+        while stack:
+            op = stack.pop()
+            if id(op) in seen:
+                continue
+            seen.add(id(op))
+            for name, value in vars(op).items():
+                if name == "_model_func" and isinstance(value, nn.Module):
+                    models.append(value)
+                elif isinstance(value, PyTorchLinearOperator):
+                    stack.append(value)
+                elif type(value) in (list, tuple) and name not in ("_data", "_params"):
+                    stack.extend(v for v in value if isinstance(v, PyTorchLinearOperator))
+        return models
 
     def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
         """Run this operator's products through ``torch.compile`` from now on (in place).
@@ -449,6 +494,92 @@ class _ProductLinearOperator(_CompositeLinearOperator):
 
 
 # ------------------------------------------------------------------------ data-driven
+def validate_params(params, model_func=None) -> List[Tensor]:
+    """Check the ``params`` argument of a curvature operator and return it as a list.
+
+    Called first by every data-driven operator's construction (subclasses that inspect
+    ``params`` before the base class, like KFAC, can call it themselves).
+
+    Args:
+        params: The ``params`` argument.
+        model_func: The model; if an ``nn.Module``, every tensor must be one of its
+            parameters.
+
+    Returns:
+        ``params`` (a new list if a tuple was passed).
+
+    Raises:
+        ValueError: If ``params`` is not a list or tuple of tensors (e.g. a generator such
+            as ``model.parameters()``), is empty, holds the same tensor twice, or holds a
+            tensor that is not a parameter of ``model_func``.
+    """
+    _check_params_structure(params)
+    if isinstance(model_func, nn.Module):
+        parameter_names(model_func, params)  # raises early for foreign tensors
+    return params if isinstance(params, list) else list(params)
+
+
+def _check_params_structure(params):
+    """The model-independent checks of :func:`validate_params`."""
+    if isinstance(params, Tensor) or not isinstance(params, Sequence):
+        raise ValueError(
+            f"params must be a list of tensors, got {type(params).__name__}. Pass e.g. "
+            "list(model.parameters()) or [p for p in model.parameters() if p.requires_grad]."
+        )
+    if len(params) == 0:
+        raise ValueError(
+            "params is empty: pass a non-empty list of the model's parameters, e.g. "
+            "list(model.parameters())."
+        )
+    first_position = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ValueError(
+                f"params[{i}] is a {type(p).__name__}, not a tensor. Pass the model's "
+                "parameters, e.g. list(model.parameters())."
+            )
+        if id(p) in first_position:
+            raise ValueError(
+                f"params[{first_position[id(p)]}] and params[{i}] are the same tensor "
+                f"(shape {tuple(p.shape)}); each parameter may appear only once. Remove the "
+                "duplicate (tied weights are one parameter)."
+            )
+        first_position[id(p)] = i
+
+
+def _check_flag(value, name: str):
+    """Raise a ``ValueError`` unless ``value`` is a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def _guarded_init(init: Callable) -> Callable:
+    """Run a constructor with its model locked and its buffers restored afterwards.
+
+    A ``params`` argument is checked first (:func:`_check_params_structure`), so that
+    subclasses which inspect ``params`` before the base constructor (KFAC's layer mapping)
+    report a generator, an empty list or a duplicate tensor as such.
+    """
+    if getattr(init, "_curvlinops_guarded", False):
+        return init
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def guarded(self, *args, **kwargs):
+        try:
+            arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # let the constructor report its own signature errors
+            arguments = {}
+        if "params" in arguments:
+            _check_params_structure(arguments["params"])
+        model = args[0] if args else kwargs.get("model_func")
+        with guarded_models([model] if isinstance(model, nn.Module) else []):
+            init(self, *args, **kwargs)
+
+    guarded._curvlinops_guarded = True
+    return guarded
+
+
 class CurvatureLinearOperator(PyTorchLinearOperator):
     r"""Base class of operators defined by a model, a loss function and data.
 
@@ -468,6 +599,29 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         MAX_COLUMNS_PER_CHUNK: Most columns multiplied at once. After each batch's forward
             pass, more columns are processed in chunks of this size, so peak memory stays that
             of ``MAX_COLUMNS_PER_CHUNK`` simultaneous products. May be set per instance.
+
+    What is checked (at construction and on every pass over the data):
+
+    - ``data`` must be re-iterable (a list, a ``DataLoader``): one-shot iterators such as
+      generators raise ``ValueError``, as does a pass that yields no batch.
+    - every batch must be an ``(X, y)`` pair with a tensor ``y``, floating-point tensors in
+      the parameters' dtype, and finite values (``ValueError`` naming the batch).
+    - every tensor in ``params`` must still be a parameter of the model (``RuntimeError``
+      after ``load_state_dict(..., assign=True)`` or assigning a new ``nn.Parameter``:
+      rebuild the operator). Editing parameter values in place is fine.
+
+    What is left as it was: the model's parameters, ``.grad`` fields, hooks, train/eval mode
+    and buffers. Layers in training mode (``BatchNorm``) evaluate with batch statistics as
+    usual, and the library puts their running statistics and ``num_batches_tracked`` back,
+    in place, after every pass, product and construction (also when one raises), so the
+    operator represents the curvature of the training-mode function while the model's
+    state does not move. The global random number generator is only used for the
+    determinism probe, whose draw is undone.
+
+    Thread safety: constructions, products and data passes hold a per-model lock while they
+    evaluate the model, so operators over the same model can be used from several threads
+    (their model evaluations run one after the other); the caller must not change the model
+    from other threads meanwhile.
     """
 
     SELF_ADJOINT: bool = False
@@ -475,6 +629,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     FIXED_DATA_ORDER: bool = False
     MAX_COLUMNS_PER_CHUNK: int = MAX_COLUMNS_PER_CHUNK
 
+    def __init_subclass__(cls, **kwargs):
+        """Guard every subclass constructor like the base one (lock, buffers restored)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _guarded_init(cls.__dict__["__init__"])
+
+    @_guarded_init
     def __init__(
         self,
         model_func: Callable[[Union[Tensor, MutableMapping]], Tensor],
@@ -506,33 +667,56 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 ``X.shape[0]``; required for dict-like ``X``.
 
         Raises:
-            ValueError: For empty data, dict-like inputs without ``batch_size_fn``, invalid
-                ``block_sizes``, or an unsupported loss reduction.
+            ValueError: For empty or one-shot data, batches that are not ``(X, y)`` pairs,
+                dict-like inputs without ``batch_size_fn``, invalid ``params`` (see
+                :func:`validate_params`), ``block_sizes``, ``num_data`` or flags, or an
+                unsupported loss reduction.
         """
+        data_iter = _iterate(data)
         try:
-            X0, _ = next(iter(data))
+            batch0 = next(data_iter)
         except StopIteration:
             raise ValueError(
                 "data is empty: pass an iterable of (X, y) batches with at least one batch."
             ) from None
+        X0, _ = _unpack_batch(batch0, 0)
+        del data_iter, batch0
         if isinstance(X0, MutableMapping) and batch_size_fn is None:
             raise ValueError(
                 "The inputs X are dict-like, so batch_size_fn must be given to count the "
                 "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
             )
+        params = validate_params(params, model_func)
+        _check_flag(progressbar, "progressbar")
+        _check_flag(check_deterministic, "check_deterministic")
+        if num_data is not None and (
+            isinstance(num_data, bool) or not isinstance(num_data, Integral) or num_data <= 0
+        ):
+            raise ValueError(
+                f"num_data must be positive, got {num_data!r}: pass the total number of data "
+                "points (an integer > 0), or None to count them."
+            )
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise ValueError(
+                f"batch_size_fn must be callable (X -> number of data points), got "
+                f"{type(batch_size_fn).__name__}."
+            )
         if block_sizes is not None:
             if not self.SUPPORTS_BLOCKS:
                 raise ValueError(f"{type(self).__name__} does not support block_sizes; pass None.")
-            if sum(block_sizes) != len(params) or any(s <= 0 for s in block_sizes):
+            if (
+                not isinstance(block_sizes, Sequence)
+                or any(isinstance(s, bool) or not isinstance(s, Integral) for s in block_sizes)
+                or sum(block_sizes) != len(params)
+                or any(s <= 0 for s in block_sizes)
+            ):
                 raise ValueError(
                     f"block_sizes {block_sizes} must be positive and sum to the number of "
-                    f"parameter tensors ({len(params)})."
+                    f"parameter tensors ({len(params)}): a list of positive integers."
                 )
         if loss_func is not None:
             check_reduction(loss_func)
-        if isinstance(model_func, nn.Module):
-            parameter_names(model_func, params)  # raises early for foreign tensors
-        self._block_sizes = [len(params)] if block_sizes is None else list(block_sizes)
+        self._block_sizes = [len(params)] if block_sizes is None else [int(s) for s in block_sizes]
 
         self._model_func = model_func
         self._loss_func = loss_func
@@ -541,9 +725,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._progressbar = progressbar
         self._batch_size_fn = (lambda X: X.shape[0]) if batch_size_fn is None else batch_size_fn
         self._N_data = (
-            sum(self._batch_size_fn(X) for X, _ in self._loop_over_data(desc="num_data"))
+            sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
             if num_data is None
-            else num_data
+            else int(num_data)
         )
         if self._N_data <= 0:
             raise ValueError(f"num_data must be positive, got {self._N_data}.")
@@ -598,10 +782,21 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             desc: Label of the progress bar.
             add_device_to_desc: Whether to add the device to the label.
 
+        Every pass checks that ``params`` are still the model's parameters and that each
+        batch is a well-formed, finite ``(X, y)`` pair in the parameters' dtype. The model is
+        locked during the pass (so the caller's forward passes between the batches are too),
+        and its buffers are put back after every batch.
+
         Yields:
             The batches ``(X, y)``.
+
+        Raises:
+            ValueError: If ``data`` is a one-shot iterator, the pass yields no batch, or a
+                batch is malformed, non-finite or of another dtype than the parameters.
+            RuntimeError: If a tensor in ``params`` is no longer a parameter of the model.
         """
-        data_iter = iter(self._data)
+        self._check_parameters_present()
+        data_iter = _iterate(self._data)
         if self._progressbar:
             label = f"{type(self).__name__}.{desc}"
             if add_device_to_desc:
@@ -609,15 +804,68 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             total = len(self._data) if hasattr(self._data, "__len__") else None
             data_iter = tqdm(data_iter, desc=label, total=total)
         device = self.device
-        for X, y in data_iter:
-            if isinstance(X, Tensor):
-                X = X.to(device)
-            yield X, y.to(device)
+        dtypes = {p.dtype for p in self._params}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None  # mixed: the products will raise
+        models = [self._model_func] if isinstance(self._model_func, nn.Module) else []
+        # Under a public entry point (product, construction) this thread holds the lock
+        # already; not taking it again means a pass abandoned after an error holds nothing.
+        with locked_models([m for m in models if not model_lock(m).held_by_current_thread()]):
+            buffers = [snapshot_buffers(m) for m in models]
+            num_batches = 0
+            for batch in data_iter:
+                X, y = _unpack_batch(batch, num_batches)
+                if isinstance(X, Tensor):
+                    X = X.to(device)
+                y = y.to(device)
+                # operators without a loss (Jacobians) only carry y along
+                _check_batch_values(X, y, num_batches, dtype, check_y=self._loss_func is not None)
+                yield X, y
+                num_batches += 1
+                # not in a finally: a generator abandoned after an error may be closed much
+                # later, when restoring would undo the user's own changes; the guards of the
+                # public entry points restore on errors
+                for snapshot in buffers:
+                    restore_buffers(snapshot)
+        if num_batches == 0:
+            raise ValueError(
+                "A pass over data yielded no batch. data must be re-iterable and non-empty "
+                "on every pass: pass a list of (X, y) batches or a DataLoader, not a "
+                "generator or another one-shot iterator."
+            )
+
+    def _check_parameters_present(self):
+        """Raise a ``RuntimeError`` if a tensor in ``params`` left the model (was replaced)."""
+        if not isinstance(self._model_func, nn.Module):
+            return
+        present = {id(p) for p in self._model_func.parameters()}
+        missing = [i for i, p in enumerate(self._params) if id(p) not in present]
+        if missing:
+            raise RuntimeError(
+                f"{', '.join(f'params[{i}]' for i in missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} no longer a parameter of model_func: "
+                "replaced "
+                "after the operator was built (e.g. by load_state_dict(..., assign=True) or by "
+                "assigning a new nn.Parameter), so the operator would treat them as constants. "
+                "Rebuild the operator with the model's current parameters (changing values in "
+                "place, e.g. with load_state_dict without assign or an optimizer step, is fine)."
+            )
+
+    def _batch_size(self, X: Union[Tensor, MutableMapping]) -> int:
+        """``batch_size_fn(X)``, checked to be a non-negative integer."""
+        size = self._batch_size_fn(X)
+        if isinstance(size, Tensor) and size.numel() == 1 and not size.is_floating_point():
+            size = size.item()
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
+            raise ValueError(
+                f"batch_size_fn returned {size!r} for a batch; it must return the number of "
+                "data points in X as a non-negative integer (e.g. X['x'].shape[0])."
+            )
+        return int(size)
 
     def _get_normalization_factor(self, X: Union[Tensor, MutableMapping], y: Tensor) -> float:
         """Weight ``w_b`` of a batch: 1 for sum reduction, ``B_b / N`` for mean."""
         reduction = check_reduction(self._loss_func)
-        return 1.0 if reduction == "sum" else self._batch_size_fn(X) / self._N_data
+        return 1.0 if reduction == "sum" else self._batch_size(X) / self._N_data
 
     # ----------------------------------------------------------------- products
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
@@ -649,7 +897,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     # ----------------------------------------------------------------- product cache
     _product_cache_max_bytes: Optional[int] = None
-    _product_cache: Optional[Tuple[tuple, list]] = None
+    _product_cache: Optional[Tuple[list, list, list]] = None
     _product_cache_overflowed_at: Optional[tuple] = None
 
     def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
@@ -660,8 +908,19 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         batch and, for the Hessian, the first backward pass. The first product records, per
         batch, the autograd graph that later products only differentiate through again;
         afterwards a product costs the remaining backward passes. The cache is rebuilt when
-        a parameter in ``params`` changes (in place or by assignment); it assumes that the
-        data and everything else the model reads stay the same. If the tensors that the
+        the value of a parameter in ``params`` changes, however it was changed: in place
+        (``p.add_``, an optimizer step, ``p.data.copy_``), by ``p.data = ...``, or by
+        ``load_state_dict``; this is detected by comparing the parameters with a copy of
+        their values taken when the cache was built (one comparison per product, the memory
+        of one copy of ``params``). Replacing a parameter object raises (rebuild the
+        operator). In-place edits of the batch tensors (``X``, the tensor values of a
+        dict-like ``X``, ``y``) that bump their version counter (``X.mul_``, ``X.copy_``,
+        ``X[0] = ...``) also rebuild the cache, when the data already live on the operator's
+        device (otherwise the cache holds its own copy, consistent with the old data). The
+        cache does not follow anything else: batches replaced or added in ``data``, edits
+        through ``X.data``, changes of the model's buffers or of parameters that are not in
+        ``params`` go unnoticed, so call :meth:`clear_cache` (or :meth:`cache` again) after
+        such changes. If the tensors that the
         graphs save would exceed ``max_bytes``, a warning is issued and products run
         uncached until the parameters change.
 
@@ -702,18 +961,34 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """Run a batch's matrix-independent work; return ``multiply(M_chunk)`` for it."""
         return self._batch_product.prepare(X, y)
 
-    def _parameter_state(self) -> tuple:
-        """Changes whenever a parameter is modified in place or replaced."""
-        return tuple((p.data_ptr(), p._version) for p in self._params)
+    def _parameter_state(self) -> List[Tensor]:
+        """A copy of the parameter values (compared exactly by :meth:`_same_parameters`).
+
+        Values rather than ``_version`` counters: ``p.data.copy_(...)`` does not bump
+        ``p._version``, and ``p.data = ...`` may reuse the old storage address.
+        """
+        return [p.detach().clone() for p in self._params]
+
+    def _same_parameters(self, state: Optional[List[Tensor]]) -> bool:
+        """Whether the parameters still have the values recorded in ``state``."""
+        return state is not None and all(
+            s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p.detach())
+            for s, p in zip(state, self._params)
+        )
 
     def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
         """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
-        state = self._parameter_state()
-        if self._product_cache is not None and self._product_cache[0] == state:
+        self._check_parameters_present()  # cached products do not pass over the data
+        if (
+            self._product_cache is not None
+            and self._same_parameters(self._product_cache[0])
+            and all(_data_versions(t) == v for t, v in self._product_cache[2])
+        ):
             return self._product_cache[1]
         self._product_cache = None
-        if self._product_cache_overflowed_at == state:
+        if self._same_parameters(self._product_cache_overflowed_at):
             return None
+        state = self._parameter_state()
         parameter_storages = {p.untyped_storage().data_ptr() for p in self._params}
         saved: dict = {}
 
@@ -723,8 +998,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 saved[storage.data_ptr()] = storage.nbytes()
             return t
 
-        entries = []
+        entries, data_versions = [], []
         for X, y in self._loop_over_data(desc="cache"):
+            data_versions.append(((X, y), _data_versions((X, y))))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 multiply = self._prepare_batch(X, y)
             if sum(saved.values()) > self._product_cache_max_bytes:
@@ -737,7 +1013,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 self._product_cache_overflowed_at = state
                 return None
             entries.append((self._get_normalization_factor(X, y), multiply))
-        self._product_cache = (state, entries)
+        self._product_cache = (state, entries, data_versions)
         return entries
 
     def _matmat_batch(
@@ -837,18 +1113,25 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             ``((X, y), prediction, loss, gradient)`` with ``loss`` = ``w_b * loss_b``
             (detached) and ``gradient`` its detached gradient shaped like ``params``; both
             ``None`` without a loss function.
+
+        Raises:
+            RuntimeError: If a batch's prediction or loss is not finite (the data are checked
+                before, see :meth:`_loop_over_data`).
         """
         f = make_functional_model(self._model_func, self._params)
-        for X, y in self._loop_over_data(desc=desc):
+        for index, (X, y) in enumerate(self._loop_over_data(desc=desc)):
             if self._loss_func is None:
                 with torch.no_grad():
                     prediction = f(self._params, X)
+                _check_finite_result(prediction, "model output", index)
                 yield (X, y), prediction, None, None
                 continue
             with second_order_context():
                 leaves = detached_leaves(self._params)
                 prediction = f(leaves, X)
+                _check_finite_result(prediction, "model output", index)
                 loss = self._loss_func(prediction, y) * self._get_normalization_factor(X, y)
+                _check_finite_result(loss, "loss", index)
                 gradient = torch.autograd.grad(
                     loss, leaves, allow_unused=True, materialize_grads=True
                 )
@@ -870,6 +1153,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """
         if self._loss_func is None:
             raise ValueError("gradient_and_loss needs a loss function, got None.")
+        with guarded_models(self._models()):
+            return self._gradient_and_loss()
+
+    def _gradient_and_loss(self) -> Tuple[List[Tensor], Tensor]:
+        """:meth:`gradient_and_loss` without the model guard."""
         total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
         total_grad = [torch.zeros_like(p) for p in self._params]
         for _, _, loss, gradient in self.data_prediction_loss_gradient(desc="gradient_and_loss"):
@@ -905,10 +1193,26 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
             )
 
-        passes = zip_longest(
-            self.data_prediction_loss_gradient(desc="_check_deterministic"),
-            self.data_prediction_loss_gradient(desc="_check_deterministic"),
-        )
+        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        try:
+            self._compare_passes(zip_longest(first, second), close, fail)
+        finally:  # release the passes (and the model lock they hold) now, also on failure
+            first.close()
+            second.close()
+
+        # the probe must not advance the caller's random number generator
+        device = self.device
+        devices = []
+        if device.type == "cuda":
+            devices = [torch.cuda.current_device() if device.index is None else device.index]
+        with torch.random.fork_rng(devices=devices):
+            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
+        if not close(self @ v, self @ v):
+            fail("matrix-vector product")
+
+    def _compare_passes(self, passes, close: Callable, fail: Callable):
+        """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
         loss1 = loss2 = None
         grad1 = grad2 = None
         for batch1, batch2 in passes:
@@ -938,10 +1242,6 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             if not all(close(a, b) for a, b in zip(grad1, grad2)):
                 fail("gradient")
 
-        v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
-        if not close(self @ v, self @ v):
-            fail("matrix-vector product")
-
 
 def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:
     """Compare two inputs: tensors, or the tensor values of dict-like inputs."""
@@ -954,3 +1254,90 @@ def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:
             if isinstance(X1[k], Tensor) and isinstance(X2[k], Tensor)
         )
     return close(X1, X2)
+
+
+def _iterate(data) -> Iterator:
+    """A fresh iterator over ``data``; ``ValueError`` if ``data`` is not re-iterable."""
+    try:
+        data_iter = iter(data)
+    except TypeError:
+        raise ValueError(
+            f"data must be an iterable of (X, y) batches, got {type(data).__name__}: pass a "
+            "list of (X, y) batches or a DataLoader."
+        ) from None
+    if data_iter is data:
+        raise ValueError(
+            f"data is a one-shot iterator ({type(data).__name__}), but operators pass over the "
+            "data many times (every product) and it would be used up after the first pass. "
+            "Pass a list of (X, y) batches, e.g. list(your_generator), or a DataLoader."
+        )
+    return data_iter
+
+
+def _unpack_batch(batch, index: int) -> Tuple[Union[Tensor, MutableMapping], Tensor]:
+    """Split a batch into ``(X, y)``, with a ``ValueError`` naming the batch if malformed."""
+    if isinstance(batch, (Tensor, str, bytes, MutableMapping)) or not isinstance(batch, Sequence):
+        raise ValueError(
+            f"Batch {index} of data is a {type(batch).__name__}, not an (X, y) pair. data must "
+            "yield (X, y) tuples or lists, e.g. [(X1, y1), (X2, y2)] or a DataLoader over a "
+            "TensorDataset(X, y)."
+        )
+    if len(batch) != 2:
+        raise ValueError(
+            f"Batch {index} of data has {len(batch)} entries, expected an (X, y) pair. Wrap "
+            "extra inputs into a dict X (with batch_size_fn) and yield (X, y)."
+        )
+    X, y = batch
+    if not isinstance(X, (Tensor, MutableMapping)):
+        raise ValueError(
+            f"Batch {index}: X is a {type(X).__name__}; it must be a torch.Tensor or a "
+            "dict-like of inputs. Convert it with torch.as_tensor."
+        )
+    if not isinstance(y, Tensor):
+        raise ValueError(
+            f"Batch {index}: y is a {type(y).__name__}; it must be a torch.Tensor (also for "
+            "operators that ignore it, e.g. Jacobians). Convert it with torch.as_tensor."
+        )
+    return X, y
+
+
+def _check_batch_values(
+    X: Union[Tensor, MutableMapping], y: Tensor, index: int, dtype, check_y: bool = True
+):
+    """Raise a ``ValueError`` for floating-point data of another dtype or non-finite data."""
+    named = [("X", X)]
+    if isinstance(X, MutableMapping):
+        named = [(f"X[{k!r}]", v) for k, v in X.items() if isinstance(v, Tensor)]
+    if check_y:
+        named.append(("y", y))
+    for name, t in named:
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        if dtype is not None and name in ("X", "y") and t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(
+                f"Batch {index}: {name} has dtype {t.dtype}, but the parameters (and the "
+                f"operator) use {dtype}. Convert the data with .to({dtype}) or the model with "
+                f".to({t.dtype})."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"Batch {index}: {name} contains NaN or Inf. Remove or replace the non-finite "
+                "values in the data (curvature of a non-finite loss is undefined)."
+            )
+
+
+def _check_finite_result(t: Tensor, what: str, index: int):
+    """Raise a ``RuntimeError`` if the model evaluation of a batch gave NaN or Inf."""
+    if not bool(torch.isfinite(t).all()):
+        raise RuntimeError(
+            f"Batch {index}: the {what} contains NaN or Inf although the data are finite. "
+            "Check the model's parameters and buffers for non-finite values (and for "
+            "overflow, e.g. in float16)."
+        )
+
+
+def _data_versions(batch) -> tuple:
+    """Version counters of the tensors of a batch ``(X, y)`` (bumped by in-place edits)."""
+    X, y = batch
+    tensors = list(X.values()) if isinstance(X, MutableMapping) else [X]
+    return tuple(t._version for t in [*tensors, y] if isinstance(t, Tensor))

@@ -97,6 +97,21 @@ def make_batch_transposed_jacobian_matrix_product(
     return transposed_jacobian_matrix_product
 
 
+def _check_num_data(op: CurvatureLinearOperator, total: int):
+    """Raise a ``ValueError`` if the data hold another number of points than ``num_data``.
+
+    The Jacobians' output space has one row block per data point, so a wrong ``num_data``
+    would misalign the rows with the data.
+    """
+    if total != op._N_data:
+        at_least = "at least " if total > op._N_data else ""
+        raise ValueError(
+            f"The data hold {at_least}{total} data points, but num_data={op._N_data}: the "
+            "Jacobian has one row per data point. Pass num_data equal to the total number of "
+            "data points (or None to count them), and keep the data unchanged."
+        )
+
+
 class _JacobianBase(CurvatureLinearOperator):
     """Shared set-up of the Jacobian and its transpose (no loss, fixed data order)."""
 
@@ -194,7 +209,9 @@ class JacobianLinearOperator(_JacobianBase):
         products = [
             product(X, *M, max_columns=max_columns) for X, _ in self._loop_over_data(desc="_matmat")
         ]
-        return [torch.cat([p if isinstance(p, Tensor) else p[0] for p in products])]
+        result = torch.cat([p if isinstance(p, Tensor) else p[0] for p in products])
+        _check_num_data(self, result.shape[0])
+        return [result]
 
     @property
     def _functional_batch_product(self) -> Callable[..., Tuple[Tensor]]:
@@ -245,11 +262,14 @@ class TransposedJacobianLinearOperator(_JacobianBase):
         start = 0
         product = self._product()
         for X, _ in self._loop_over_data(desc="_matmat"):
-            end = start + self._batch_size_fn(X)
+            end = start + self._batch_size(X)
+            if end > V.shape[0]:
+                _check_num_data(self, end)
             batch_result = product(X, V[start:end], max_columns=self.MAX_COLUMNS_PER_CHUNK)
             for r, p in zip(result, batch_result):
                 r.add_(p)
             start = end
+        _check_num_data(self, start)
         return result
 
     @property

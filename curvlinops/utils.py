@@ -14,6 +14,7 @@ flattened consistently, so the loss value is unchanged.
 """
 
 from collections.abc import Callable
+from numbers import Integral
 from typing import List, Optional, Tuple, Union
 
 import numpy
@@ -36,8 +37,11 @@ def split_list(x: Union[list, tuple], sizes: List[int]) -> List[list]:
         The chunks, each a list, in order.
 
     Raises:
-        ValueError: If the sizes do not sum to the length of ``x``.
+        ValueError: If a size is not a non-negative integer or the sizes do not sum to the
+            length of ``x``.
     """
+    if any(isinstance(s, bool) or not isinstance(s, Integral) or s < 0 for s in sizes):
+        raise ValueError(f"sizes must be non-negative integers, got {list(sizes)}.")
     if len(x) != sum(sizes):
         raise ValueError(f"Sum of sizes ({sum(sizes)}) does not match the list length ({len(x)}).")
     chunks, start = [], 0
@@ -142,9 +146,11 @@ def assert_matvecs_subseed_dim(A, num_matvecs: int):
         num_matvecs: Number of matrix-vector products.
 
     Raises:
-        ValueError: If ``num_matvecs`` is greater than or equal to any dimension of
-            ``A``.
+        ValueError: If ``num_matvecs`` is not a positive integer, or is greater than or equal
+            to any dimension of ``A``.
     """
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, Integral) or num_matvecs <= 0:
+        raise ValueError(f"num_matvecs must be a positive integer, got {num_matvecs!r}.")
     if any(num_matvecs >= d for d in A.shape):
         raise ValueError(
             f"num_matvecs ({num_matvecs}) must be less than every dimension of A "
@@ -161,8 +167,11 @@ def assert_divisible_by(num: int, divisor: int, name: str):
         name: Name of the number, used in the error message.
 
     Raises:
-        ValueError: If ``num`` is not divisible by ``divisor``.
+        ValueError: If ``divisor`` is not a positive integer or ``num`` is not divisible by
+            ``divisor``.
     """
+    if isinstance(divisor, bool) or not isinstance(divisor, Integral) or divisor <= 0:
+        raise ValueError(f"The divisor of {name} must be a positive integer, got {divisor!r}.")
     if num % divisor != 0:
         raise ValueError(f"{name} ({num}) must be divisible by {divisor}.")
 

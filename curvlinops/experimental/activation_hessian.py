@@ -26,7 +26,7 @@ from curvlinops._autodiff import (
     second_order_context,
     vjp,
 )
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, _iterate
 
 
 def _named_module(model: nn.Module, module_name: str) -> nn.Module:
@@ -164,16 +164,35 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             ValueError: If ``data`` has more than one batch, or ``activation`` names an
                 unknown module or io type.
         """
-        batches = iter(data)
+        batches = _iterate(data)  # a one-shot iterator raises here, before it is consumed
         next(batches, None)
         if next(batches, None) is not None:
             raise ValueError(
                 "ActivationHessianLinearOperator needs data with exactly one batch, got more."
             )
-        module_name, io_type, _ = activation
+        if not isinstance(activation, (tuple, list)) or len(activation) != 3:
+            raise ValueError(
+                "activation must be a tuple (module_name, 'input' | 'output', index), got "
+                f"{activation!r}."
+            )
+        module_name, io_type, io_idx = activation
+        if not isinstance(module_name, str):
+            raise ValueError(
+                f"activation[0] must be a module name (str), got {type(module_name).__name__}."
+            )
         _named_module(model_func, module_name)
         if io_type not in store_activation.SUPPORTED_IO_TYPES:
             raise ValueError(f"activation io type must be 'input' or 'output', got {io_type!r}.")
+        if isinstance(io_idx, bool) or not isinstance(io_idx, int) or io_idx < 0:
+            raise ValueError(
+                f"activation[2] (the index into the module's inputs or outputs) must be a "
+                f"non-negative integer, got {io_idx!r}."
+            )
+        if not any(True for _ in model_func.parameters()):
+            raise ValueError(
+                "model_func has no parameters; ActivationHessianLinearOperator takes its "
+                "dtype and device from them. Give the model at least one parameter."
+            )
         self._activation = activation
         super().__init__(
             model_func,
