@@ -190,10 +190,14 @@ def check_report_against(report, A: torch.Tensor, k: int, sizes, rtol=1e-8):
 def test_shipped_data_file_is_the_generator_output(tmp_path):
     X, y = load_data()
     X_new, y_new = synthetic_classification(0)
-    assert torch.equal(X, X_new) and torch.equal(y, y_new)
+    # torch.sin's last bit depends on the CPU's vector instructions: the file, written on one
+    # machine, matches the generator on another only up to round-off
+    torch.testing.assert_close(X_new, X, rtol=1e-13, atol=1e-13)
+    assert torch.equal(y, y_new)  # integer labels: exact
     assert X.shape == (1024, 10) and X.dtype == torch.float64
     assert torch.equal(torch.bincount(y), torch.full((4,), 256))
-    assert load_data(write_data_file(tmp_path / "copy.npz"))[0].equal(X)
+    # the .npz round trip itself is lossless (same process, same values)
+    assert load_data(write_data_file(tmp_path / "copy.npz"))[0].equal(X_new)
     assert DATA_FILE.stat().st_size < 200_000
     with pytest.raises(FileNotFoundError, match="python -m curvlinops._default_problem"):
         load_data(tmp_path / "missing.npz")
