@@ -1,6 +1,7 @@
 """The ``curvlinops report`` command against dense matrices built here, and its error paths."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from curvlinops._default_problem import (
     write_data_file,
 )
 from curvlinops.cli import main
+from curvlinops.report import curvature_report
 
 THIS_FILE = Path(__file__).resolve()
 
@@ -385,3 +387,43 @@ def test_help_states_the_interval_and_the_default_problem(capsys):
     assert exit_info.value.code == 0
     assert "95% confidence interval" in out and "%%" not in out
     assert "mean +- 1.96" in out and "float64" in out and "pip install curvlinops[plot]" in out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, "k=0 must be at least 1"),
+        ({"k": -2}, "k=-2 must be at least 1"),
+        ({"k": 2.0}, "k must be an integer, got 2.0"),
+        ({"k": True}, "k must be an integer, got True"),
+        ({"num_samples": 1}, "num_samples=1 must be at least 2"),
+        ({"num_samples": 0}, "num_samples=0 must be at least 2"),
+        ({"num_samples": 10.5}, "num_samples must be an integer"),
+        ({"lanczos_steps": 1}, "lanczos_steps=1 must be at least 2"),
+        ({"lanczos_steps": 0}, "lanczos_steps=0 must be at least 2"),
+        ({"lanczos_steps": "8"}, "lanczos_steps must be an integer"),
+        ({"num_points": 1}, "num_points=1 must be at least 2"),
+        ({"num_points": -5}, "num_points=-5 must be at least 2"),
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ({"seed": None}, "seed must be an integer, got None"),
+        ({"batch_size_fn": 3}, "batch_size_fn must be a callable"),
+        ({"matrix": "fisher"}, "unknown matrix 'fisher'"),
+    ],
+)
+def test_curvature_report_rejects_out_of_range_arguments(kwargs, message):
+    """Each bad argument is named before any pass over the data (which would fail later)."""
+    model, loss_func, data = tiny_problem()
+
+    def poisoned():  # the data is never touched when an argument is wrong
+        raise AssertionError("data read before the arguments were checked")
+        yield
+
+    class Untouchable:
+        def __iter__(self):
+            return poisoned()
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        curvature_report(model, loss_func, Untouchable(), **kwargs)
+    # and the same problem with valid arguments runs (the range limits are inclusive)
+    if "k" in kwargs:
+        curvature_report(model, loss_func, data, k=1, num_samples=2, lanczos_steps=2, num_points=2)
