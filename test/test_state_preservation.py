@@ -36,6 +36,8 @@ from curvlinops import (
     JacobianLinearOperator,
     KFACInverseLinearOperator,
     KFACLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
     TransposedJacobianLinearOperator,
 )
 from curvlinops.diagonal.exact import ef_diagonal, fisher_mc_diagonal, ggn_diagonal
@@ -226,6 +228,15 @@ def cg_inverse(model, loss_func, params, data, **kwargs):
     )
 
 
+def lsmr_inverse(model, loss_func, params, data, **kwargs):
+    return LSMRInverseLinearOperator(damped_ggn(model, loss_func, params, data, **kwargs))
+
+
+def neumann_inverse(model, loss_func, params, data, **kwargs):
+    A = damped_ggn(model, loss_func, params, data, **kwargs)
+    return NeumannInverseLinearOperator(A, num_terms=5, scale=0.1)
+
+
 OPERATORS = {
     "hessian": lambda m, lf, p, d, **kw: HessianLinearOperator(m, lf, p, d, **kw),
     "ggn": lambda m, lf, p, d, **kw: GGNLinearOperator(m, lf, p, d, **kw),
@@ -244,6 +255,8 @@ OPERATORS = {
     "ekfac_inverse": ekfac_inverse,
     "activation_hessian": activation_hessian,
     "cg_inverse": cg_inverse,
+    "lsmr_inverse": lsmr_inverse,
+    "neumann_inverse": neumann_inverse,
 }
 # Functions that do all their work in one call (construction and "product" at once).
 FUNCTIONS = {
