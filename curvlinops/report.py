@@ -104,13 +104,16 @@ def curvature_report(
     Raises:
         ValueError: For an unknown matrix, ``k`` not in ``[1, D)``, ``num_samples``,
             ``lanczos_steps`` or ``num_points`` below 2, a non-integer count or ``seed``, a
-            ``batch_size_fn`` that is not callable, or a model without trainable parameters.
+            ``batch_size_fn`` that is not callable, a ``model`` that is not an ``nn.Module``
+            or has no trainable parameters.
         ProblemError: If building the operator fails on the model, loss and data (e.g.
             mismatched shapes, a non-deterministic model, a loss the matrix does not support).
     """
     if matrix not in MATRICES:
         raise ValueError(f"unknown matrix {matrix!r}; choose one of {', '.join(MATRICES)}.")
     # Checked before any pass over the data, so a typo costs nothing.
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}.")
     _check_integer("k", k, 1)
     _check_integer("num_samples", num_samples, 2, "for an interval")
     _check_integer("lanczos_steps", lanczos_steps, 2, "for a density")

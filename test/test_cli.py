@@ -408,6 +408,7 @@ def test_help_states_the_interval_and_the_default_problem(capsys):
         ({"seed": None}, "seed must be an integer, got None"),
         ({"batch_size_fn": 3}, "batch_size_fn must be a callable"),
         ({"matrix": "fisher"}, "unknown matrix 'fisher'"),
+        ({"model": lambda X: X}, "model must be an nn.Module, got function"),
     ],
 )
 def test_curvature_report_rejects_out_of_range_arguments(kwargs, message):
@@ -422,8 +423,9 @@ def test_curvature_report_rejects_out_of_range_arguments(kwargs, message):
         def __iter__(self):
             return poisoned()
 
+    kwargs = {"model": model, **kwargs}
     with pytest.raises(ValueError, match=re.escape(message)):
-        curvature_report(model, loss_func, Untouchable(), **kwargs)
+        curvature_report(loss_func=loss_func, data=Untouchable(), **kwargs)
     # and the same problem with valid arguments runs (the range limits are inclusive)
-    if "k" in kwargs:
+    if "k" in kwargs and kwargs["k"] == 0:
         curvature_report(model, loss_func, data, k=1, num_samples=2, lanczos_steps=2, num_points=2)
