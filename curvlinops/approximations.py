@@ -28,6 +28,7 @@ Hutchinson noise). Parameters are ``[p for p in model.parameters() if p.requires
 that does not influence the output raises a ``ValueError``.
 """
 
+import numbers
 from typing import Callable, Iterable, List
 
 import torch
@@ -51,6 +52,38 @@ def _trainable(model: nn.Module) -> List[Tensor]:
     if not params:
         raise ValueError("The model has no parameters that require gradients.")
     return params
+
+
+def _check_num_samples(num_samples) -> None:
+    """``num_samples`` is unused (the traces are exact) but must still be a positive integer."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise ValueError(
+            f"num_samples must be a positive integer, got {num_samples!r} "
+            f"({type(num_samples).__name__})."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+
+
+def _check_batch(inputs, targets, targets_optional: bool = False) -> None:
+    """``inputs`` and ``targets`` must be tensors with the same number of data points.
+
+    ``targets_optional``: ``None`` is accepted for targets the function does not use.
+    """
+    if targets is None and targets_optional:
+        targets = inputs
+    for name, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+        if value.ndim == 0:
+            raise ValueError(f"{name} must have a leading batch axis, got a 0-d tensor.")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs have {inputs.shape[0]} data points but targets {targets.shape[0]}; pass "
+            "the targets of exactly these inputs (same first axis)."
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs and targets are empty (0 data points); pass at least one.")
 
 
 def _check_reachable(model: nn.Module, outputs: Tensor, params: List[Tensor]):
@@ -96,6 +129,7 @@ def empirical_fisher_diagonal(
         ValueError: If a parameter does not influence the output.
         NotImplementedError: For other losses.
     """
+    _check_batch(inputs, targets)
     params = _trainable(model)
     with torch.enable_grad():
         _check_reachable(model, model(inputs), params)
@@ -124,8 +158,7 @@ def empirical_fisher_trace(
     Raises:
         ValueError: If ``num_samples`` is not positive or a parameter is unreachable.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    _check_num_samples(num_samples)
     return sum(d.sum() for d in empirical_fisher_diagonal(model, loss_fn, inputs, targets))
 
 
@@ -160,6 +193,7 @@ def gauss_newton_matrix_approximation(
             f"The Gauss-Newton matrix J^T J is defined for least-squares (MSE) losses, got "
             f"{type(loss_fn).__name__}. Use curvlinops.diagonal.exact.ggn_diagonal for others."
         )
+    _check_batch(inputs, targets, targets_optional=True)
     params = _trainable(model)
     with torch.enable_grad():
         outputs = model(inputs)
@@ -201,14 +235,19 @@ def generalized_fisher_diagonal(
     """
     if loss_type != "nll":
         raise NotImplementedError(f"loss_type {loss_type!r} is not supported; use 'nll'.")
+    if not isinstance(outputs, Tensor):
+        raise ValueError(f"outputs must be a torch.Tensor of logits, got {type(outputs).__name__}.")
     if outputs.ndim != 2:
         raise NotImplementedError(
             f"Expected logits of shape [N, C], got {list(outputs.shape)}; flatten sequence "
             "outputs into rows first."
         )
-    if targets.shape[0] != outputs.shape[0]:
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
+    if targets.ndim == 0 or targets.shape[0] != outputs.shape[0]:
         raise ValueError(
-            f"targets have {targets.shape[0]} entries but outputs {outputs.shape[0]} rows."
+            f"targets have {targets.shape[0] if targets.ndim else 'no'} entries but outputs "
+            f"{outputs.shape[0]} rows; pass the labels of exactly these outputs."
         )
     params = _trainable(model)
     _check_reachable(model, outputs, params)
@@ -260,7 +299,6 @@ def generalized_fisher_trace(
     Raises:
         ValueError: If ``num_samples`` is not positive.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    _check_num_samples(num_samples)
     diagonal = generalized_fisher_diagonal(model, outputs, targets, loss_type, create_graph)
     return sum(d.sum() for d in diagonal)

@@ -23,6 +23,7 @@ blocks are the full matrix's blocks), so a report is reproducible.
 """
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Dict, List, Optional, Tuple
 
@@ -101,13 +102,28 @@ def curvature_report(
         ``eigenvalues``, ``trace``, ``density`` and ``layers``.
 
     Raises:
-        ValueError: For an unknown matrix, ``k`` not in ``[1, D)``, fewer than 2 samples,
-            or a model without trainable parameters.
+        ValueError: For an unknown matrix, ``k`` not in ``[1, D)``, ``num_samples``,
+            ``lanczos_steps`` or ``num_points`` below 2, a non-integer count or ``seed``, a
+            ``batch_size_fn`` that is not callable, a ``model`` that is not an ``nn.Module``
+            or has no trainable parameters.
         ProblemError: If building the operator fails on the model, loss and data (e.g.
             mismatched shapes, a non-deterministic model, a loss the matrix does not support).
     """
     if matrix not in MATRICES:
         raise ValueError(f"unknown matrix {matrix!r}; choose one of {', '.join(MATRICES)}.")
+    # Checked before any pass over the data, so a typo costs nothing.
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}.")
+    _check_integer("k", k, 1)
+    _check_integer("num_samples", num_samples, 2, "for an interval")
+    _check_integer("lanczos_steps", lanczos_steps, 2, "for a density")
+    _check_integer("num_points", num_points, 2, "for a density grid")
+    _check_integer("seed", seed, None)
+    if batch_size_fn is not None and not callable(batch_size_fn):
+        raise ValueError(
+            "batch_size_fn must be a callable X -> int or None, got "
+            f"{type(batch_size_fn).__name__}."
+        )
     groups = layer_groups(model)
     params = [p for _, group in groups for p in group]
     if not params:
@@ -235,6 +251,21 @@ class _CountingOperator(_CompositeLinearOperator):
         result = self._A._matmat(X)
         self._bar.update()
         return result
+
+
+def _check_integer(name: str, value, minimum: Optional[int], why: str = ""):
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an ``int`` >= ``minimum``.
+
+    ``bool`` is refused although it is an ``int`` subclass: ``k=True`` is a mistake, not 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. "
+            f"{name}=int(...)."
+        )
+    if minimum is not None and value < minimum:
+        reason = f" {why}" if why else ""
+        raise ValueError(f"{name}={value} must be at least {minimum}{reason}.")
 
 
 def _mean_and_interval(terms: Tensor) -> dict:

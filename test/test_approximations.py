@@ -120,3 +120,44 @@ def test_errors():
         empirical_fisher_diagonal(w, nn.CrossEntropyLoss(), X, y)
     with pytest.raises(ValueError, match="num_samples"):
         empirical_fisher_trace(model, nn.CrossEntropyLoss(), X, y, num_samples=0)
+
+
+@pytest.mark.parametrize("num_samples", [0, -3, 2.5, True, "4"])
+@pytest.mark.parametrize("trace", ["empirical", "generalized"])
+def test_num_samples_out_of_range(num_samples, trace):
+    model, X = problem()
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="num_samples must be a?.*positive"):
+        if trace == "empirical":
+            empirical_fisher_trace(model, nn.CrossEntropyLoss(), X, y, num_samples=num_samples)
+        else:
+            generalized_fisher_trace(model, model(X), y, num_samples=num_samples)
+
+
+def test_mismatched_or_malformed_batches():
+    model, X = problem()
+    y = torch.randint(0, 3, (6,))
+    ce, mse = nn.CrossEntropyLoss(), nn.MSELoss()
+    # before: a deep broadcasting error, or a silently shorter sum over the first 5 points
+    with pytest.raises(ValueError, match="inputs have 6 data points but targets 5"):
+        empirical_fisher_diagonal(model, ce, X, y[:5])
+    with pytest.raises(ValueError, match="inputs have 6 data points but targets 4"):
+        empirical_fisher_trace(model, mse, X, torch.randn(4, 3, dtype=DT))
+    with pytest.raises(ValueError, match="inputs have 6 data points but targets 2"):
+        gauss_newton_matrix_approximation(model, mse, X, torch.randn(2, 3, dtype=DT))
+    with pytest.raises(ValueError, match="targets must be a torch.Tensor, got list"):
+        empirical_fisher_diagonal(model, ce, X, y.tolist())
+    with pytest.raises(ValueError, match="inputs must be a torch.Tensor, got ndarray"):
+        empirical_fisher_diagonal(model, ce, X.numpy(), y)
+    with pytest.raises(ValueError, match="0 data points"):
+        empirical_fisher_diagonal(model, ce, X[:0], y[:0])
+    with pytest.raises(ValueError, match="targets have 5 entries but outputs 6 rows"):
+        generalized_fisher_diagonal(model, model(X), y[:5])
+    with pytest.raises(ValueError, match="targets must be a torch.Tensor"):
+        generalized_fisher_trace(model, model(X), None)
+    with pytest.raises(ValueError, match="outputs must be a torch.Tensor"):
+        generalized_fisher_diagonal(model, model(X).tolist(), y)
+    # the Gauss-Newton matrix of least squares does not use the targets: None is fine
+    expected = gauss_newton_matrix_approximation(model, mse, X, torch.randn(6, 3, dtype=DT))
+    for actual, exp in zip(gauss_newton_matrix_approximation(model, mse, X, None), expected):
+        assert_close(actual, exp)

@@ -131,3 +131,22 @@ def test_demo_products_match_dense_matrices(demo_output, dense_reference):
         rf"max \|\(GGN \+ 1e-3 I\) v - \(GGN v \+ 1e-3 v\)\| = ({FLOAT})", demo_output
     )
     assert match is not None and float(match.group(1)) < 1e-12
+
+
+def test_example_operators_reject_malformed_arguments():
+    from curvlinops.examples import IdentityLinearOperator, OuterProductLinearOperator
+
+    for shape in ([(2, -1)], [(2, 1.5)], [(True,)], (2, 3), "2x3", [3]):
+        # before: negative sizes gave a (-2, -2) operator, others a deep TypeError
+        with pytest.raises(ValueError, match="shape must be a list of tensor shapes"):
+            IdentityLinearOperator(shape, "cpu", torch.float64)
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype"):
+        IdentityLinearOperator([(2,)], "cpu", "float64")
+    identity = IdentityLinearOperator(
+        [torch.Size([2, 3]), (np.int64(4),), (0,)], "cpu", torch.float64
+    )
+    assert identity.shape == (10, 10)
+    with pytest.raises(ValueError, match="c and A must be tensors, got list"):
+        OuterProductLinearOperator([1.0, 2.0], torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"c of shape \[K\] and A of shape \[D, K\]"):
+        OuterProductLinearOperator(torch.ones(3), torch.ones(3, 2))

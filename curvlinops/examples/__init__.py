@@ -6,6 +6,7 @@ r"""Small linear operators for examples, tests and composition with curvature op
 - :class:`OuterProductLinearOperator` is :math:`\sum_i c_i \mathbf{a}_i \mathbf{a}_i^\top`.
 """
 
+import numbers
 from typing import List, Tuple
 
 import torch
@@ -56,6 +57,11 @@ class TensorLinearOperator(PyTorchLinearOperator):
         return TensorLinearOperator(self._A.mH)
 
 
+def _is_size(n) -> bool:
+    """A tensor dimension: a non-negative integer (``bool`` excluded)."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0
+
+
 class IdentityLinearOperator(PyTorchLinearOperator):
     """The identity on a tensor-product space, e.g. ``[p.shape for p in params]``."""
 
@@ -68,7 +74,20 @@ class IdentityLinearOperator(PyTorchLinearOperator):
             shape: Shapes of the tensors forming the space.
             device: Device of the operator.
             dtype: Data type of the operator.
+
+        Raises:
+            ValueError: If ``shape`` is not a list of shapes with non-negative integer sizes,
+                or ``dtype`` is not a ``torch.dtype``.
         """
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(s, (list, tuple)) and all(_is_size(n) for n in s) for s in shape
+        ):
+            raise ValueError(
+                "shape must be a list of tensor shapes with non-negative integer sizes, e.g. "
+                f"[p.shape for p in params], got {shape!r}."
+            )
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype such as torch.float64, got {dtype!r}.")
         super().__init__(shape, shape)
         self._device = torch.device(device)
         self._dtype = dtype
@@ -102,6 +121,10 @@ class OuterProductLinearOperator(PyTorchLinearOperator):
         Raises:
             ValueError: If the shapes do not fit.
         """
+        if not isinstance(c, Tensor) or not isinstance(A, Tensor):
+            raise ValueError(
+                f"c and A must be tensors, got {type(c).__name__} and {type(A).__name__}."
+            )
         if A.ndim != 2 or c.ndim != 1 or c.shape[0] != A.shape[1]:
             raise ValueError(
                 f"Expected c of shape [K] and A of shape [D, K], got {list(c.shape)} and "
