@@ -82,3 +82,48 @@ def leave_one_out_basis(Y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
     S = torch.linalg.solve_triangular(R, eye, upper=True).mT  # (R^T)^{-1} = (R^{-1})^T
     return Q, R, S / S.norm(dim=0, keepdim=True)
+
+
+def sketch_is_rank_deficient(R: Tensor) -> bool:
+    """Whether the sketch's triangular factor is (numerically) singular.
+
+    Then the leave-one-out formula of :func:`leave_one_out_basis` divides by zero (an exactly
+    zero or low-rank operator, or dependent test vectors) and
+    :func:`leave_one_out_projectors` must be used instead.
+    """
+    diagonal = R.diagonal().abs()
+    if diagonal.numel() == 0:
+        return False
+    threshold = 1e3 * R.shape[0] * torch.finfo(R.dtype).eps * diagonal.max()
+    return bool((diagonal <= threshold).any())
+
+
+def leave_one_out_projectors(Y: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Orthonormal basis of a possibly rank-deficient sketch and its leave-one-out projectors.
+
+    With :math:`\mathbf{Q}` ``[D, r]`` an orthonormal basis of the range of
+    :math:`\mathbf{Y}` (``r`` its numerical rank, possibly 0), the projector onto the span of
+    all sketch columns but the :math:`i`-th is :math:`\mathbf{Q}\mathbf{P}_i\mathbf{Q}^\top`.
+    Costs small SVDs only (no products with the operator).
+
+    Args:
+        Y: The sketch ``[D, k]``.
+
+    Returns:
+        ``Q`` ``[D, r]`` and ``P`` ``[k, r, r]``.
+    """
+    k = Y.shape[1]
+    U, sigma, Vh = torch.linalg.svd(Y, full_matrices=False)
+    threshold = max(Y.shape) * torch.finfo(Y.dtype).eps * sigma.max().clamp_min(0)
+    r = int((sigma > threshold).sum().item()) if sigma.max() > 0 else 0
+    Q = U[:, :r]
+    coordinates = sigma[:r, None] * Vh[:r]  # Q^T Y, [r, k]
+    P = Y.new_zeros(k, r, r)
+    for i in range(k):
+        others = torch.cat([coordinates[:, :i], coordinates[:, i + 1 :]], dim=1)
+        if r == 0 or others.numel() == 0:
+            continue
+        U_i, sigma_i, _ = torch.linalg.svd(others, full_matrices=False)
+        rank_i = int((sigma_i > threshold).sum().item())
+        P[i] = U_i[:, :rank_i] @ U_i[:, :rank_i].mT
+    return Q, P
