@@ -6,6 +6,7 @@ its algorithm run under the same ``torch.manual_seed`` (or the same ``generator`
 products with :math:`\mathbf{A}` are multi-column products.
 """
 
+from numbers import Integral
 from typing import Optional, Tuple, Union
 
 import torch
@@ -16,25 +17,69 @@ from curvlinops.sampling import rademacher_columns, random_vector
 from curvlinops.utils import assert_divisible_by, assert_is_square, assert_matvecs_subseed_dim
 
 Operand = Union[Tensor, PyTorchLinearOperator]
+DISTRIBUTIONS = ("rademacher", "normal")
 
 
-def check_square(A: Operand, num_matvecs: int, divisor: int = 1) -> int:
+def check_num_matvecs(num_matvecs: int, divisor: int = 1):
+    """Raise a ``ValueError`` unless ``num_matvecs`` is an integer of at least ``divisor``.
+
+    Args:
+        num_matvecs: Number of matrix-vector products an estimator may use.
+        divisor: Smallest allowed value (the required divisor).
+    """
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, Integral):
+        raise ValueError(
+            f"num_matvecs must be an integer, got {num_matvecs!r} ({type(num_matvecs).__name__})."
+        )
+    if num_matvecs < divisor:
+        raise ValueError(f"num_matvecs must be at least {divisor}, got {num_matvecs}.")
+
+
+def check_sampling(distribution: str, generator: Optional[torch.Generator]):
+    """Raise a ``ValueError`` for an unknown distribution or a generator of the wrong type.
+
+    Args:
+        distribution: Name of the distribution of the test vectors.
+        generator: Random number generator or ``None``.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}."
+        )
+
+
+def check_square(
+    A: Operand,
+    num_matvecs: int,
+    divisor: int = 1,
+    distribution: str = "rademacher",
+    generator: Optional[torch.Generator] = None,
+) -> int:
     """Validate in the contract's order: square, ``num_matvecs < dim``, divisibility.
+
+    ``num_matvecs`` must be an integer (checked right after squareness) and at least
+    ``divisor`` (checked last); ``distribution`` and ``generator`` are checked before any
+    product or draw.
 
     Args:
         A: The matrix or operator.
         num_matvecs: Number of matrix-vector products the estimator may use.
         divisor: Required divisor of ``num_matvecs``.
+        distribution: Name of the distribution of the test vectors.
+        generator: Random number generator or ``None``.
 
     Returns:
         The dimension of ``A``.
     """
     dim = assert_is_square(A)
+    check_num_matvecs(num_matvecs, 1)
     assert_matvecs_subseed_dim(A, num_matvecs)
     if divisor > 1:
         assert_divisible_by(num_matvecs, divisor, "num_matvecs")
-    if num_matvecs < divisor:
-        raise ValueError(f"num_matvecs must be at least {divisor}, got {num_matvecs}.")
+    check_num_matvecs(num_matvecs, divisor)
+    check_sampling(distribution, generator)
     return dim
 
 

@@ -45,7 +45,7 @@ def xdiag(A: Operand, num_matvecs: int, generator: Optional[torch.Generator] = N
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large or odd.
     """
-    dim = check_square(A, num_matvecs, divisor=2)
+    dim = check_square(A, num_matvecs, 2, generator=generator)
     k = num_matvecs // 2
     W = draw(A, dim, k, "rademacher", generator)
     Y = A @ W

@@ -50,7 +50,7 @@ def xtrace(
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large or odd.
     """
-    dim = check_square(A, num_matvecs, divisor=2)
+    dim = check_square(A, num_matvecs, 2, distribution, generator)
     W = draw(A, dim, num_matvecs // 2, distribution, generator)
     Y = A @ W
     Q, R, S = leave_one_out_basis(Y)
