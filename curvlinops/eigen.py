@@ -13,6 +13,14 @@ r"""Extreme eigenpairs of symmetric operators, on the operator's device.
    product. Stop when all ``k`` are below ``tol`` times the largest :math:`|\theta|`.
 3. Restart: keep the best ``k + p`` Ritz vectors (and their products), continue with the
    dominant directions of their residuals, which span the next Krylov block.
+4. Repeated eigenvalues: a Krylov space of one start vector holds only one direction per
+   distinct eigenvalue, so Lanczos alone can return a converged but incomplete answer (one
+   zero of a low-rank GGN instead of ``k``). When the Krylov space is exhausted (an
+   invariant subspace), the iteration continues from random directions orthogonal to it;
+   and after convergence a second Lanczos search looks for the most wanted eigenvalue on
+   the complement of the ``k`` found eigenvectors, swapping it in while it beats the least
+   wanted one (one more run, plus one per missed copy). The result is complete up to the
+   usual Krylov caveat (a start vector without a component along an eigenvector).
 
 Everything stays in PyTorch on ``A.device`` (no host round trip per product, unlike ARPACK
 through ``A.to_scipy()``); the only host synchronisation per restart is the convergence test.
@@ -105,15 +113,16 @@ def eigsh(
         k: Number of eigenpairs.
         which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or ``"LM"``
             (largest magnitude).
-        tol: Relative residual tolerance: stop once every wanted pair has
-            ``||A x - theta x|| <= tol * max |theta|``.
-        max_iter: Most restarts.
-        block_size: Columns ``p`` per product. The default 1 (thick-restart Lanczos) needs
-            the fewest products; a larger block multiplies ``p`` columns at once, which pays
-            when multi-column products are much cheaper per column (e.g. on a GPU) and is
-            needed to resolve eigenvalues of multiplicity above 1.
-        ncv: Basis size before a restart (default ``max(2 k + 4 p, 20)``, capped at the
-            dimension).
+        tol: Relative residual tolerance (>= 0; 0 means machine precision): stop once
+            every wanted pair has ``||A x - theta x|| <= tol * max |theta|``.
+        max_iter: Most restarts (an integer >= 1).
+        block_size: Columns ``p`` per product, an integer in ``[1, D - k]``. The default 1
+            (thick-restart Lanczos) needs the fewest products; a larger block multiplies
+            ``p`` columns at once, which pays when multi-column products are much cheaper
+            per column (e.g. on a GPU) and finds repeated eigenvalues (multiplicity up to
+            ``p``) without the extra search of step 4.
+        ncv: Basis size before a restart, an integer of at least ``k + p`` (default
+            ``max(2 k + 4 p, 20)``, capped at the dimension).
         generator: Random number generator for the start block (global one if ``None``).
         return_eigenvectors: Also return the eigenvectors.
         list_format: Return the eigenvectors as a list shaped like ``A``'s input space
@@ -125,8 +134,14 @@ def eigsh(
         (column ``i`` belongs to eigenvalue ``i``).
 
     Raises:
-        ValueError: If ``A`` is not square, ``k`` is not in ``[1, D)``, or ``which`` is
-            unknown.
+        ValueError: If ``A`` is not square, ``which`` is unknown, or ``k``, ``max_iter``,
+            ``tol``, ``block_size``, ``ncv`` or ``generator`` is outside its range (each
+            message names the argument and the range).
+
+    Warns:
+        RuntimeWarning: If the iteration (or the search for repeated eigenvalues) did not
+            converge within ``max_iter`` restarts; the returned pairs are then the best
+            Ritz approximations, not eigenpairs to ``tol``.
     """
     dim = assert_is_square(A)
     if which not in _WHICH:
@@ -154,6 +169,109 @@ def eigsh(
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}.")
+    evals, evecs, converged, certified, a_norm = _lanczos(
+        A, dim, k, which, tol, max_iter, p, ncv, generator, progressbar
+    )
+    if converged and not certified:
+        evals, evecs = _find_missed_copies(
+            A, dim, evals, evecs, which, tol, max_iter, ncv, generator, a_norm
+        )
+    if not return_eigenvectors:
+        return evals
+    if list_format:
+        sizes = [s.numel() for s in A._in_shape] if hasattr(A, "_in_shape") else [dim]
+        shapes = A._in_shape if hasattr(A, "_in_shape") else [torch.Size([dim])]
+        evecs = [block_.reshape(*shape, k) for block_, shape in zip(evecs.split(sizes), shapes)]
+    return evals, evecs
+
+
+class _Deflated:
+    """``A`` on the complement of the orthonormal columns ``X``, shifted away on ``X``.
+
+    ``(I - X X^T) A (I - X X^T) + shift X X^T``: on the complement it acts like ``A``; the
+    directions of ``X`` get the least wanted value ``shift``, so a search for the most
+    wanted eigenvalue never returns them again (even after round-off leaks into them).
+    """
+
+    def __init__(self, A, X: Tensor, shift: float):
+        self._A, self._X, self._shift = A, X, shift
+        self.shape, self.dtype, self.device = (X.shape[0], X.shape[0]), X.dtype, X.device
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        coefficients = self._X.T @ V
+        projected = V - self._X @ coefficients
+        AV = self._A @ projected
+        return AV - self._X @ (self._X.T @ AV) + self._shift * (self._X @ coefficients)
+
+
+def _find_missed_copies(
+    A,
+    dim: int,
+    evals: Tensor,
+    evecs: Tensor,
+    which: str,
+    tol: float,
+    max_iter: int,
+    ncv: Optional[int],
+    generator: Optional[torch.Generator],
+    a_norm: float,
+) -> Tuple[Tensor, Tensor]:
+    """Search the complement of the found eigenvectors for a more wanted eigenvalue.
+
+    A Krylov space of one start vector holds one direction per distinct eigenvalue (in
+    exact arithmetic), so Lanczos finds further copies of a repeated eigenvalue (e.g. the
+    null space of a low-rank GGN) only by round-off or not at all, and its converged but
+    incomplete answer looks fine. Hence a second search for the single most wanted
+    eigenvalue of ``A`` restricted to the complement of the ``k`` found eigenvectors: while
+    it beats the least wanted of them, it replaces it (one more copy found) and the search
+    repeats. Costs roughly one more Lanczos run, plus one per missed copy.
+    """
+    k = evals.numel()
+    for _ in range(dim - k):
+        scale = evals.abs().max().item()
+        # a value less wanted than every found one, for the directions already found
+        shift = {
+            "LA": evals.min().item() - scale - 1.0,
+            "SA": evals.max().item() + scale + 1.0,
+        }.get(which, 0.0)
+        deflated = _Deflated(A, evecs, shift)
+        # tolerances relative to ||A||, not to the deflated operator (e.g. zero)
+        value, vector, converged, _, _ = _lanczos(
+            deflated, dim, 1, which, tol, max_iter, 1, ncv, generator, False, a_norm
+        )
+        order = _order(evals, which)
+        least = order[-1]
+        slack = tol * max(scale, abs(value.item()))
+        if not converged or not _more_wanted(value.item(), evals[least].item(), which, slack):
+            break
+        evals, evecs = evals.clone(), evecs.clone()
+        evals[least], evecs[:, least] = value[0], vector[:, 0]
+        ascending = torch.argsort(evals)
+        evals, evecs = evals[ascending], evecs[:, ascending]
+    return evals, evecs
+
+
+def _lanczos(
+    A,
+    dim: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    p: int,
+    ncv: Optional[int],
+    generator: Optional[torch.Generator],
+    progressbar: bool,
+    norm_floor: float = 0.0,
+) -> Tuple[Tensor, Tensor, bool, bool, float]:
+    """The restarted block Lanczos iteration behind :func:`eigsh` (arguments checked).
+
+    Returns:
+        The ``k`` wanted eigenvalues (ascending), their eigenvectors ``[D, k]``, whether
+        the iteration converged, whether the basis spanned the whole space (then the result
+        is exact and complete), and a lower bound of ``||A||_2`` (at least ``norm_floor``,
+        which also bounds the tolerances' scale from below).
+    """
     m = min(dim, ncv or max(2 * k + 4 * p, 20))
     dtype, device = A.dtype, A.device
     if tol == 0:
@@ -170,7 +288,7 @@ def eigsh(
     # they hold only one direction per distinct eigenvalue, so further copies of a wanted
     # eigenvalue can only show up in the new run, which therefore must converge as well.
     fresh_start: Optional[int] = None
-    a_norm = 0.0  # running lower bound of ||A||_2 from the products so far
+    a_norm = norm_floor  # running lower bound of ||A||_2 from the products so far
     # relative size of F below which the basis counts as an invariant subspace; below the
     # tolerance so that the neglected part does not spoil the residual estimates
     exhausted = min(max(0.1 * tol, 1e4 * torch.finfo(dtype).eps), 1e-3)
@@ -218,7 +336,7 @@ def eigsh(
             order = _order(theta, which)
             wanted = order[:k]
             residuals = (R_last @ Y[start_row:size, wanted]).norm(dim=0)
-            scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            scale = theta.abs().max().clamp_min(max(torch.finfo(dtype).tiny, norm_floor))
             worst = (residuals / scale).max().item()
             complete = True
             if size < dim and completed_start is not None:
@@ -254,6 +372,7 @@ def eigsh(
         size = len(keep)
         H.zero_()
         H[:size, :size] = torch.diag(theta[keep])
+    certified = converged and size >= dim
     if not converged:
         warnings.warn(
             f"eigsh did not converge in {max_iter} restarts (largest relative residual "
@@ -261,31 +380,12 @@ def eigsh(
             "further copies of wanted eigenvalues must converge too); increase max_iter or "
             "ncv, or pass a block_size of at least the largest multiplicity.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         # the basis was just restarted: recompute its (diagonal) Rayleigh quotient's pairs
         theta, Y = torch.linalg.eigh(H[:size, :size])
         wanted = _order(theta, which)[:k]
     ascending = torch.argsort(theta[wanted])
     evals = theta[wanted][ascending]
-    if p == 1 and fresh_start is None and k > 1:
-        # Single-vector Lanczos holds one direction per distinct eigenvalue (in exact
-        # arithmetic); a repeated value it found came from round-off, so further copies
-        # may be missing. Runs after an exhausted Krylov space search for copies themselves.
-        gaps = evals.diff().abs()
-        if (gaps <= 10 * tol * evals.abs().max().clamp_min(torch.finfo(dtype).tiny)).any():
-            warnings.warn(
-                "eigsh found a repeated eigenvalue with block_size=1: single-vector Lanczos "
-                "may miss further copies of it. Pass a block_size of at least the largest "
-                "multiplicity to resolve repeated eigenvalues.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    if not return_eigenvectors:
-        return evals
     evecs = (Y[:, wanted[ascending]].T @ Q_buffer[:size]).T
-    if list_format:
-        sizes = [s.numel() for s in A._in_shape] if hasattr(A, "_in_shape") else [dim]
-        shapes = A._in_shape if hasattr(A, "_in_shape") else [torch.Size([dim])]
-        evecs = [block_.reshape(*shape, k) for block_, shape in zip(evecs.split(sizes), shapes)]
-    return evals, evecs
+    return evals, evecs, converged, certified, a_norm

@@ -100,16 +100,35 @@ def test_eigsh_zero_operator():
     assert torch.allclose(vecs.T @ vecs, torch.eye(3, dtype=DT), atol=1e-12)
 
 
-def test_eigsh_repeated_value_with_single_vector_lanczos_is_reported():
-    """Full rank, repeated top eigenvalue: block_size=1 may miss copies, so it warns."""
-    A = with_spectrum([5.0] * 3 + [4.0] * 3 + list(np.linspace(0, 1, 20)), seed=0)
-    with pytest.warns(RuntimeWarning, match="repeated eigenvalue.*block_size"):
-        curvlinops.eigsh(TensorLinearOperator(A), k=4, generator=torch.Generator().manual_seed(0))
-    # a block at least as large as the multiplicity resolves it
+@pytest.mark.parametrize("which, k", [("LA", 4), ("LA", 6), ("SA", 3)])
+def test_eigsh_repeated_values_without_exhausted_krylov_space(which, k):
+    """Full rank, repeated extreme eigenvalues: block_size=1 returned [4, 4, 5, 5]."""
+    A = with_spectrum([5.0] * 3 + [4.0] * 3 + list(np.linspace(1, 2, 17)) + [0.5] * 3, seed=0)
+    for block_size in (None, 3):
+        vals, vecs = curvlinops.eigsh(
+            TensorLinearOperator(A),
+            k=k,
+            which=which,
+            block_size=block_size,
+            generator=torch.Generator().manual_seed(0),
+        )
+        check_eigenpairs(A, vals, vecs, which, k)
+
+
+@pytest.mark.parametrize("which", ["SA", "LM"])
+def test_eigsh_null_space_larger_than_basis(which):
+    """Rank 17 of 25 (8 zeros), k = 6: the Krylov space is not exhausted within ncv."""
+    A = low_rank_psd(dim=25, rank=17, seed=7)
+    if which == "LM":
+        A = low_rank_psd(dim=25, rank=3, seed=7)  # LM wants three values and three zeros
     vals, vecs = curvlinops.eigsh(
-        TensorLinearOperator(A), k=4, block_size=3, generator=torch.Generator().manual_seed(0)
+        TensorLinearOperator(A), k=6, which=which, generator=torch.Generator().manual_seed(7)
     )
-    check_eigenpairs(A, vals, vecs, "LA", 4)
+    true = np.linalg.eigvalsh(A.numpy())
+    expected = np.sort(true[np.argsort(-np.abs(true))[:6]]) if which == "LM" else true[:6]
+    np.testing.assert_allclose(vals.numpy(), expected, rtol=0, atol=1e-9 * np.abs(true).max())
+    residuals = (A @ vecs - vecs * vals).norm(dim=0)
+    assert residuals.max() <= 1e-6 * np.abs(true).max()
 
 
 @pytest.mark.parametrize(
