@@ -241,7 +241,9 @@ def _find_missed_copies(
         )
         order = _order(evals, which)
         least = order[-1]
-        slack = tol * max(scale, abs(value.item()))
+        # round-off of the shifted directions leaking into the search is no improvement
+        eps = torch.finfo(evals.dtype).eps
+        slack = max(tol * max(scale, abs(value.item()), a_norm), 1e2 * eps * (abs(shift) + a_norm))
         if not converged or not _more_wanted(value.item(), evals[least].item(), which, slack):
             break
         evals, evecs = evals.clone(), evecs.clone()

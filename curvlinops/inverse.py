@@ -40,6 +40,10 @@ class CGNotConvergedWarning(RuntimeWarning):
     """Conjugate gradients stopped before reaching the requested tolerance."""
 
 
+class LSMRNotConvergedWarning(RuntimeWarning):
+    """LSMR stopped at its iteration limit before reaching ``atol``/``btol``."""
+
+
 _CG_DEFAULTS: Dict[str, Any] = {
     "initial_guess": None,
     "tolerance": 1.0,
@@ -278,7 +282,8 @@ class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
     Each column is solved separately on the host on ``A.to_scipy()`` (float64) with SciPy's
     keywords (``damp``, ``atol``, ``btol``, ``conlim``, ``maxiter``, ``show``, ``x0``). The
     information LSMR returns per column (``istop, itn, normr, normar, norma, conda, normx``)
-    is kept in ``_lsmr_info`` after each product.
+    is kept in ``_lsmr_info`` after each product. A column that stops at the iteration limit
+    (``istop = 7``) emits an :class:`LSMRNotConvergedWarning` (a ``RuntimeWarning``).
     """
 
     def __init__(self, A: PyTorchLinearOperator, **lsmr_hyperparameters):
@@ -309,6 +314,16 @@ class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
             result = lsmr(self._A_scipy, b, **self._lsmr_hyperparameters)
             solutions.append(result[0])
             self._lsmr_info.append(tuple(result[1:]))
+        stopped = [i for i, info in enumerate(self._lsmr_info) if info[0] == 7]
+        if stopped:
+            # istop = 7: SciPy's iteration limit, not a solution to the requested atol/btol
+            warnings.warn(
+                f"LSMR reached its iteration limit (maxiter) before atol/btol for column(s) "
+                f"{stopped} (istop = 7 in _lsmr_info): the result is not converged. Increase "
+                "maxiter or relax atol/btol.",
+                LSMRNotConvergedWarning,
+                stacklevel=3,
+            )
         flat = torch.from_numpy(np.stack(solutions, axis=1)).to(self.device, self.dtype)
         return self._unflatten(flat)
 
@@ -404,7 +419,7 @@ class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
                         "result is no approximate inverse)"
                     ),
                     NeumannDivergenceWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
         return self._unflatten(self._scale * partial_sum)
 
