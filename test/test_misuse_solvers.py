@@ -433,3 +433,24 @@ def test_lsmr_iteration_limit_warns():
     with pytest.warns(LSMRNotConvergedWarning, match="iteration limit"):
         inv @ torch.ones(12, 2, dtype=DT)
     assert [info[0] for info in inv._lsmr_info] == [7, 7]
+
+
+@pytest.mark.parametrize("which", ["SA", "LA"])
+def test_eigsh_low_rank_ggn(which):
+    """The issue's setting: a GGN with D = 26 parameters and rank 6 (3 samples, 2 outputs)."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, dtype=DT, generator=gen))
+    params = list(model.parameters())
+    data = [
+        (torch.randn(3, 5, dtype=DT, generator=gen), torch.randn(3, 2, dtype=DT, generator=gen))
+    ]
+    G = curvlinops.GGNLinearOperator(model, torch.nn.MSELoss(), params, data)
+    dense = G @ torch.eye(26, dtype=DT)
+    assert torch.linalg.matrix_rank(dense).item() == 6
+    vals, vecs = curvlinops.eigsh(G, k=4, which=which, generator=torch.Generator().manual_seed(1))
+    check_eigenpairs(dense, vals, vecs, which, 4)
