@@ -111,7 +111,11 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
 
     With the defaults CG stops after about 11 iterations (a rough solution); pass e.g.
     ``eps=0, tolerance=1e-5`` or a larger ``max_iter`` for accuracy. Missing the tolerance
-    emits a :class:`CGNotConvergedWarning` (a ``RuntimeWarning``).
+    emits a :class:`CGNotConvergedWarning` (a ``RuntimeWarning``). A search direction with
+    negative curvature :math:`\mathbf{p}^\top\mathbf{A}\mathbf{p} < 0` (beyond round-off)
+    proves that :math:`\mathbf{A}` is not positive definite: the product raises a
+    ``ValueError`` instead of returning CG's meaningless iterate (checked on the device and
+    read at the existing once-per-iteration synchronisation, so it costs no extra one).
     """
 
     def __init__(self, A: PyTorchLinearOperator, **cg_hyperparameters):
@@ -124,7 +128,10 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
                 (20), ``preconditioner`` (None), ``n_tridiag`` (0).
 
         Raises:
-            ValueError: For unknown keywords or a non-square ``A``.
+            ValueError: For unknown keywords, a non-square ``A``, or a keyword outside its
+                range: ``tolerance``, ``eps``, ``stop_updating_after`` finite and >= 0,
+                ``max_iter`` an integer >= 1, ``max_tridiag_iter`` an integer >= 0,
+                ``preconditioner`` callable, ``initial_guess`` a tensor ``[D]`` or ``[D, K]``.
             RuntimeError: If ``max_tridiag_iter > max_iter``.
             NotImplementedError: If ``n_tridiag != 0``.
         """
