@@ -378,9 +378,14 @@ def _lanczos(
     if not converged:
         warnings.warn(
             f"eigsh did not converge in {max_iter} restarts (largest relative residual "
-            f"{worst:.1e}, tol {tol:.1e}; after an exhausted Krylov space the search for "
-            "further copies of wanted eigenvalues must converge too); increase max_iter or "
-            "ncv, or pass a block_size of at least the largest multiplicity.",
+            f"{worst:.1e}, tol {tol:.1e}"
+            + (
+                "; after an exhausted Krylov space the search for further copies of wanted "
+                "eigenvalues must converge too"
+                if fresh_start is not None
+                else ""
+            )
+            + "); the returned pairs are Ritz approximations. Increase max_iter or ncv.",
             RuntimeWarning,
             stacklevel=3,
         )
