@@ -159,7 +159,7 @@ def leave_one_out_projectors(Y: Tensor) -> Tuple[Tensor, Tensor]:
     """
     k = Y.shape[1]
     U, sigma, Vh = torch.linalg.svd(Y, full_matrices=False)
-    threshold = max(Y.shape) * torch.finfo(Y.dtype).eps * sigma.max().clamp_min(0)
+    threshold = 1e2 * k * torch.finfo(Y.dtype).eps * sigma.max().clamp_min(0)
     r = int((sigma > threshold).sum().item()) if sigma.max() > 0 else 0
     Q = U[:, :r]
     coordinates = sigma[:r, None] * Vh[:r]  # Q^T Y, [r, k]
