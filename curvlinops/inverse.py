@@ -15,6 +15,8 @@ of inverse of :math:`\mathbf{A}^\top` with the same hyper-parameters.
 """
 
 import warnings
+from math import inf
+from numbers import Integral, Real
 from typing import Any, Callable, Dict, List
 
 import numpy as np
@@ -38,6 +40,10 @@ class CGNotConvergedWarning(RuntimeWarning):
     """Conjugate gradients stopped before reaching the requested tolerance."""
 
 
+class LSMRNotConvergedWarning(RuntimeWarning):
+    """LSMR stopped at its iteration limit before reaching ``atol``/``btol``."""
+
+
 _CG_DEFAULTS: Dict[str, Any] = {
     "initial_guess": None,
     "tolerance": 1.0,
@@ -48,6 +54,41 @@ _CG_DEFAULTS: Dict[str, Any] = {
     "preconditioner": None,
     "n_tridiag": 0,
 }
+
+
+def _is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), but not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """Whether ``value`` is a real number (not a bool)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_cg_hyperparameters(hp: Dict[str, Any], dim: int):
+    """Raise a ``ValueError`` naming the first CG keyword outside its range."""
+    for name in ("tolerance", "eps", "stop_updating_after"):
+        if not _is_number(hp[name]) or not 0 <= hp[name] < inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {hp[name]!r}.")
+    for name in ("max_iter", "max_tridiag_iter"):
+        low = 1 if name == "max_iter" else 0
+        if not _is_int(hp[name]) or hp[name] < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {hp[name]!r}.")
+    if hp["preconditioner"] is not None and not callable(hp["preconditioner"]):
+        raise ValueError(
+            "preconditioner must be None or a callable mapping a [D, K] residual to "
+            f"M^{{-1}} times it, got {type(hp['preconditioner']).__name__}."
+        )
+    guess = hp["initial_guess"]
+    if guess is not None:
+        if not isinstance(guess, Tensor):
+            raise ValueError(f"initial_guess must be None or a tensor, got {type(guess).__name__}.")
+        if guess.ndim not in (1, 2) or guess.shape[0] != dim:
+            raise ValueError(
+                f"initial_guess must have shape [D] or [D, K] with D = {dim}, got "
+                f"{list(guess.shape)}."
+            )
 
 
 class CGInverseLinearOperator(_InversePyTorchLinearOperator):
@@ -70,7 +111,11 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
 
     With the defaults CG stops after about 11 iterations (a rough solution); pass e.g.
     ``eps=0, tolerance=1e-5`` or a larger ``max_iter`` for accuracy. Missing the tolerance
-    emits a :class:`CGNotConvergedWarning` (a ``RuntimeWarning``).
+    emits a :class:`CGNotConvergedWarning` (a ``RuntimeWarning``). A search direction with
+    negative curvature :math:`\mathbf{p}^\top\mathbf{A}\mathbf{p} < 0` (beyond round-off)
+    proves that :math:`\mathbf{A}` is not positive definite: the product raises a
+    ``ValueError`` instead of returning CG's meaningless iterate (checked on the device and
+    read at the existing once-per-iteration synchronisation, so it costs no extra one).
     """
 
     def __init__(self, A: PyTorchLinearOperator, **cg_hyperparameters):
@@ -83,7 +128,10 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
                 (20), ``preconditioner`` (None), ``n_tridiag`` (0).
 
         Raises:
-            ValueError: For unknown keywords or a non-square ``A``.
+            ValueError: For unknown keywords, a non-square ``A``, or a keyword outside its
+                range: ``tolerance``, ``eps``, ``stop_updating_after`` finite and >= 0,
+                ``max_iter`` an integer >= 1, ``max_tridiag_iter`` an integer >= 0,
+                ``preconditioner`` callable, ``initial_guess`` a tensor ``[D]`` or ``[D, K]``.
             RuntimeError: If ``max_tridiag_iter > max_iter``.
             NotImplementedError: If ``n_tridiag != 0``.
         """
@@ -95,6 +143,7 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
             )
         self._cg_hyperparameters = dict(cg_hyperparameters)
         hp = {**_CG_DEFAULTS, **cg_hyperparameters}
+        _check_cg_hyperparameters(hp, sum(self._in_shape_flat))
         if hp["max_tridiag_iter"] > hp["max_iter"]:
             raise RuntimeError(
                 f"max_tridiag_iter ({hp['max_tridiag_iter']}) must not exceed max_iter "
@@ -107,6 +156,15 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return self._unflatten(self._solve(self._flatten(X)))
+
+    def _not_positive_definite(self, pAp: Tensor, p: Tensor, Ap: Tensor) -> Tensor:
+        """Whether a column has clearly negative curvature ``p^T A p`` (a device-side flag).
+
+        For a positive (semi-)definite ``A``, ``p^T A p`` is negative only by round-off, at
+        most about ``eps * ||p|| * ||A p||``.
+        """
+        slack = 1e2 * torch.finfo(p.dtype).eps * p.norm(dim=0, keepdim=True)
+        return (pAp < -slack * Ap.norm(dim=0, keepdim=True)).any()
 
     def _solve(self, rhs: Tensor) -> Tensor:
         """Solve ``A X = rhs`` for a ``[D, K]`` right-hand side."""
@@ -124,14 +182,16 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
             x = torch.zeros_like(rhs)
             residual = rhs.clone()
         else:
-            guess = guess.reshape(rhs.shape) if guess.ndim == 1 else guess
+            if guess.ndim == 1 and guess.numel() == rhs.numel():
+                guess = guess.reshape(rhs.shape)  # a vector for a single right-hand side
             if guess.shape != rhs.shape:
                 raise ValueError(
-                    f"initial_guess must have shape {list(rhs.shape)}, got {list(guess.shape)}."
+                    f"initial_guess must have shape {list(rhs.shape)} ([D, K] for K "
+                    f"right-hand sides, or [D] for one), got {list(guess.shape)}."
                 )
             x = guess.to(rhs) / rhs_norm
             residual = rhs - self._A @ x
-        if torch.isnan(residual).any():
+        if not torch.isfinite(residual).all():
             raise RuntimeError(
                 "NaNs in the initial CG residual: check A, the right-hand side and "
                 "initial_guess for NaNs or infinities."
@@ -148,9 +208,16 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
         # compared with their square roots: residuals far below sqrt(eps) must still update
         # (comparing r^T z itself with eps froze CG at residuals of about 1e-5).
         tiny = eps**2
+        # Negative curvature (A not positive definite) is flagged on the device and read at
+        # the existing host synchronisations, so that the check costs no extra one.
+        indefinite = torch.zeros((), dtype=torch.bool, device=rhs.device)
         for num_iter in range(1, max_iter + 1):
             Ap = self._A @ p
             pAp = (p * Ap).sum(0, keepdim=True)
+            active = residual_norm >= hp["stop_updating_after"]
+            indefinite = indefinite | self._not_positive_definite(
+                pAp.masked_fill(~active, 1.0), p, Ap
+            )
             alpha = rz / pAp.masked_fill(pAp.abs() < tiny, 1.0)
             # Safe division and frozen columns: a zero step keeps x and the residual.
             alpha = alpha.masked_fill(
@@ -160,9 +227,15 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
             residual.addcmul_(alpha.expand_as(Ap), Ap, value=-1.0)
             residual_norm = residual.norm(dim=0, keepdim=True)
             # One host synchronisation per iteration: the stopping decision.
-            if num_iter >= min_iter and residual_norm.mean().item() < tolerance:
-                converged_mean = True
-                break
+            if num_iter >= min_iter:
+                mean_residual, stop = torch.stack(
+                    [residual_norm.mean(), indefinite.to(residual_norm.dtype)]
+                ).tolist()
+                if stop:
+                    break
+                if mean_residual < tolerance:
+                    converged_mean = True
+                    break
             z = precondition(residual)
             rz_new = (residual * z).sum(0, keepdim=True)
             beta = rz_new / rz.masked_fill(rz.abs() < tiny, 1.0)
@@ -170,6 +243,19 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
             p = z + beta * p
             rz = rz_new
 
+        if indefinite.item():
+            raise ValueError(
+                "CGInverseLinearOperator: A is not positive definite: CG met a direction p "
+                f"with p^T A p < 0 (by iteration {num_iter}), so its result would be wrong. "
+                "CG needs a symmetric positive definite A (e.g. a GGN or Fisher plus "
+                "damping, not a Hessian); add damping, or use LSMRInverseLinearOperator for "
+                "indefinite A."
+            )
+        if not torch.isfinite(x).all():
+            raise RuntimeError(
+                f"CG produced non-finite values (by iteration {num_iter}): check A and the "
+                "preconditioner for NaNs or infinities, and that A is positive definite."
+            )
         if not converged_mean:
             warnings.warn(
                 f"CG stopped after {num_iter} iterations with mean residual norm "
@@ -184,13 +270,27 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
         return CGInverseLinearOperator(self._A.adjoint(), **self._cg_hyperparameters)
 
 
+def _check_lsmr_hyperparameters(hp: Dict[str, Any], dim: int):
+    """Raise a ``ValueError`` naming the first LSMR keyword outside its range."""
+    for name in ("damp", "atol", "btol", "conlim"):
+        if name in hp and (not _is_number(hp[name]) or not 0 <= hp[name] < inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {hp[name]!r}.")
+    maxiter = hp.get("maxiter")
+    if maxiter is not None and (not _is_int(maxiter) or maxiter < 1):
+        raise ValueError(f"maxiter must be None or an integer >= 1, got {maxiter!r}.")
+    x0 = hp.get("x0")
+    if x0 is not None and np.asarray(x0).shape != (dim,):
+        raise ValueError(f"x0 must be None or a vector of shape ({dim},), got {np.shape(x0)}.")
+
+
 class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
     r"""Inverse by SciPy's LSMR, which minimises :math:`\|\mathbf{A}\mathbf{x} - \mathbf{b}\|`.
 
     Each column is solved separately on the host on ``A.to_scipy()`` (float64) with SciPy's
     keywords (``damp``, ``atol``, ``btol``, ``conlim``, ``maxiter``, ``show``, ``x0``). The
     information LSMR returns per column (``istop, itn, normr, normar, norma, conda, normx``)
-    is kept in ``_lsmr_info`` after each product.
+    is kept in ``_lsmr_info`` after each product. A column that stops at the iteration limit
+    (``istop = 7``) emits an :class:`LSMRNotConvergedWarning` (a ``RuntimeWarning``).
     """
 
     def __init__(self, A: PyTorchLinearOperator, **lsmr_hyperparameters):
@@ -208,6 +308,7 @@ class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
         unknown = set(lsmr_hyperparameters) - allowed
         if unknown:
             raise ValueError(f"Unknown LSMR keyword(s) {sorted(unknown)}; supported: {allowed}.")
+        _check_lsmr_hyperparameters(lsmr_hyperparameters, sum(self._in_shape_flat))
         self._lsmr_hyperparameters = dict(lsmr_hyperparameters)
         self._A_scipy = A.to_scipy()
         self._lsmr_info: List[tuple] = []
@@ -220,11 +321,25 @@ class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
             result = lsmr(self._A_scipy, b, **self._lsmr_hyperparameters)
             solutions.append(result[0])
             self._lsmr_info.append(tuple(result[1:]))
+        stopped = [i for i, info in enumerate(self._lsmr_info) if info[0] == 7]
+        if stopped:
+            # istop = 7: SciPy's iteration limit, not a solution to the requested atol/btol
+            warnings.warn(
+                f"LSMR reached its iteration limit (maxiter) before atol/btol for column(s) "
+                f"{stopped} (istop = 7 in _lsmr_info): the result is not converged. Increase "
+                "maxiter or relax atol/btol.",
+                LSMRNotConvergedWarning,
+                stacklevel=3,
+            )
         flat = torch.from_numpy(np.stack(solutions, axis=1)).to(self.device, self.dtype)
         return self._unflatten(flat)
 
     def _adjoint(self) -> "LSMRInverseLinearOperator":
         return LSMRInverseLinearOperator(self._A.adjoint(), **self._lsmr_hyperparameters)
+
+
+class NeumannDivergenceWarning(RuntimeWarning):
+    """The terms of a Neumann series grew: the truncated series is not an inverse."""
 
 
 class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
@@ -236,6 +351,16 @@ class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
     with :math:`\alpha` = ``scale`` and :math:`K` = ``num_terms`` (:math:`K` products with
     :math:`\mathbf{A}`). The series converges iff all eigenvalues of :math:`\mathbf{A}` lie
     in :math:`(0, 2/\alpha)`.
+
+    Divergence is reported, never returned silently: with ``check_nan=True`` a NaN or
+    infinity in a partial sum raises a ``ValueError`` at that term; and after every product,
+    if the last term :math:`(\mathbf{I} - \alpha\mathbf{A})^K\mathbf{x}` of a column is
+    larger than its first term :math:`\mathbf{x}` (the series is not converging: some
+    eigenvalue lies outside :math:`[0, 2/\alpha]`), a :class:`NeumannDivergenceWarning` (a
+    ``RuntimeWarning``) is emitted. Turn it into an error with
+    ``warnings.simplefilter("error", NeumannDivergenceWarning)``. (A warning rather than an
+    error because a truncated series over a slightly indefinite or singular ``A`` is a
+    deliberate regulariser in some uses, e.g. LiSSA-style influence functions.)
     """
 
     def __init__(
@@ -249,32 +374,59 @@ class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
 
         Args:
             A: A square operator.
-            num_terms: Number of terms :math:`K` after the first.
-            scale: The scale :math:`\alpha`.
-            check_nan: Raise a ``ValueError`` as soon as a partial sum contains NaNs.
+            num_terms: Number of terms :math:`K` after the first (an integer >= 0).
+            scale: The scale :math:`\alpha` (a finite number > 0).
+            check_nan: Raise a ``ValueError`` as soon as a partial sum contains NaNs or
+                infinities (one host synchronisation per term).
 
         Raises:
-            ValueError: If ``A`` is not square or ``num_terms`` is negative.
+            ValueError: If ``A`` is not square, ``num_terms`` is not an integer >= 0,
+                ``scale`` is not a finite positive number or ``check_nan`` is not a bool.
         """
         super().__init__(A)
-        if num_terms < 0:
-            raise ValueError(f"num_terms must be non-negative, got {num_terms}.")
-        self._num_terms = num_terms
+        if not _is_int(num_terms) or num_terms < 0:
+            raise ValueError(f"num_terms must be an integer >= 0, got {num_terms!r}.")
+        if not _is_number(scale) or not 0 < scale < inf:
+            raise ValueError(
+                f"scale must be a finite number > 0, got {scale!r}; the series converges for "
+                "scale < 2 / (largest eigenvalue of A)."
+            )
+        if not isinstance(check_nan, bool):
+            raise ValueError(f"check_nan must be a bool, got {check_nan!r}.")
+        self._num_terms = int(num_terms)
         self._scale = scale
         self._check_nan = check_nan
         self.SELF_ADJOINT = A.SELF_ADJOINT
 
+    def _diverges_message(self, what: str) -> str:
+        return (
+            f"Neumann series {what}: it diverges because some eigenvalue of A lies outside "
+            f"(0, 2/scale) = (0, {2 / self._scale:.3g}). Decrease scale (below 2 / largest "
+            "eigenvalue of A) and make sure A is positive definite (e.g. add damping)."
+        )
+
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         term = self._flatten(X)
+        first_norm = term.norm(dim=0)
         partial_sum = term.clone()
         for k in range(1, self._num_terms + 1):
             term = term - self._scale * (self._A @ term)
             partial_sum.add_(term)
-            if self._check_nan and torch.isnan(partial_sum).any():
-                raise ValueError(
-                    f"Neumann series produced NaNs at term {k}: it diverges because some "
-                    f"eigenvalue of A lies outside (0, 2/scale) = (0, {2 / self._scale:.3g}). "
-                    "Decrease scale."
+            if self._check_nan and not torch.isfinite(partial_sum).all():
+                kind = "NaNs" if torch.isnan(partial_sum).any() else "infinities"
+                raise ValueError(self._diverges_message(f"produced {kind} at term {k}"))
+        if self._num_terms > 0:
+            # One host synchronisation per product: did any column's terms grow?
+            growth = (term.norm(dim=0) / first_norm)[first_norm > 0]
+            worst = growth.max().item() if growth.numel() > 0 else 0.0
+            if not worst <= 1.0:  # also catches NaN
+                warnings.warn(
+                    self._diverges_message(
+                        f"terms grew (the last is {worst:.3g} times the first, so the "
+                        "result is no approximate inverse)"
+                    ),
+                    NeumannDivergenceWarning,
+                    stacklevel=3,
                 )
         return self._unflatten(self._scale * partial_sum)
 

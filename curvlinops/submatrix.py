@@ -51,6 +51,11 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
                 is out of range.
         """
         for idxs, axis, name in ((row_idxs, 0, "row_idxs"), (col_idxs, 1, "col_idxs")):
+            if not isinstance(idxs, (list, tuple, range)):
+                raise ValueError(
+                    f"{name} must be a list of Python ints, got {type(idxs).__name__}; convert "
+                    "tensors or arrays with .tolist()."
+                )
             if any(isinstance(i, bool) or not isinstance(i, int) for i in idxs):
                 raise ValueError(
                     f"{name} must contain Python ints; convert tensors or arrays with .tolist()."

@@ -20,7 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvlinops._estimators import Operand, adjoint, check_square, draw, leave_one_out_basis
+from curvlinops._estimators import (
+    Operand,
+    adjoint,
+    check_square,
+    draw,
+    leave_one_out_basis,
+    leave_one_out_projectors,
+    sketch_is_rank_deficient,
+)
 
 
 def xdiag(A: Operand, num_matvecs: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -37,11 +45,13 @@ def xdiag(A: Operand, num_matvecs: int, generator: Optional[torch.Generator] = N
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large or odd.
     """
-    dim = check_square(A, num_matvecs, divisor=2)
+    dim = check_square(A, num_matvecs, 2, generator=generator)
     k = num_matvecs // 2
     W = draw(A, dim, k, "rademacher", generator)
     Y = A @ W
     Q, R, S = leave_one_out_basis(Y)
+    if sketch_is_rank_deficient(R):
+        return _xdiag_rank_deficient(A, W, Y)
     AtQ = adjoint(A) @ Q  # rows of Q^T A, transposed
     QS, AtQS = Q @ S, AtQ @ S
     # sum_i diag(Q (I - s_i s_i^T) Q^T A)
@@ -53,3 +63,19 @@ def xdiag(A: Operand, num_matvecs: int, generator: Optional[torch.Generator] = N
         1
     )  # Rademacher entries are +-1, so the division by W^2 is exact as a no-op
     return (basis_part + residual_part) / k
+
+
+def _xdiag_rank_deficient(A: Operand, W: Tensor, Y: Tensor) -> Tensor:
+    """XDiag for a rank-deficient sketch (e.g. a zero or low-rank operator).
+
+    The same estimate with general leave-one-out projectors ``Q P_i Q^T`` (``Q`` a basis of
+    the sketch's range); an exactly zero operator gives exactly 0.
+    """
+    k = W.shape[1]
+    Q, P = leave_one_out_projectors(Y)
+    AtQ = adjoint(A) @ Q  # rows of Q^T A, transposed
+    # sum_i diag(Q P_i Q^T A)
+    basis_part = torch.einsum("dr,rs,ds->d", Q, P.sum(0), AtQ)
+    # (I - Q P_i Q^T) A w_i = Y_i - Q P_i Q^T Y_i
+    residual = Y - Q @ torch.einsum("irs,si->ri", P, Q.mT @ Y)
+    return (basis_part + (W * residual).sum(1)) / k

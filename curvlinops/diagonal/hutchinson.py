@@ -35,6 +35,6 @@ def hutchinson_diag(
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large.
     """
-    dim = check_square(A, num_matvecs)
+    dim = check_square(A, num_matvecs, 1, distribution, generator)
     G = draw(A, dim, num_matvecs, distribution, generator)
     return (G * (A @ G)).sum(1) / num_matvecs

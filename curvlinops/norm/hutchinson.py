@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvlinops._estimators import Operand, adjoint, draw
+from curvlinops._estimators import Operand, adjoint, check_num_matvecs, check_sampling, draw
 
 
 def hutchinson_squared_fro(
@@ -34,15 +34,18 @@ def hutchinson_squared_fro(
         The estimate of the squared Frobenius norm (0-d tensor).
 
     Raises:
-        ValueError: If ``A`` is not 2-d or ``num_matvecs >= min(A.shape)``.
+        ValueError: If ``A`` is not 2-d, ``num_matvecs`` is not an integer in
+            ``[1, min(A.shape))``, or ``distribution`` or ``generator`` is invalid.
     """
     if len(A.shape) != 2:
         raise ValueError(f"Expected a 2-d matrix, got shape {tuple(A.shape)}.")
     rows, cols = A.shape
+    check_num_matvecs(num_matvecs)
     if num_matvecs >= min(rows, cols):
         raise ValueError(
             f"num_matvecs ({num_matvecs}) must be less than min(A.shape) = {min(rows, cols)}."
         )
+    check_sampling(distribution, generator)
     if cols > rows:  # wide: ||A||_F = ||A^T||_F with shorter test vectors
         A, cols = adjoint(A), rows
     G = draw(A, cols, num_matvecs, distribution, generator)

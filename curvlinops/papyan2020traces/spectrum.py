@@ -23,7 +23,8 @@ dtype; only the spectral boundaries come from SciPy's ``eigsh`` on ``A.to_scipy(
 """
 
 import warnings
-from math import log, pi, sqrt
+from math import isfinite, log, pi, sqrt
+from numbers import Integral, Real
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -37,14 +38,93 @@ from curvlinops.utils import assert_is_square
 Boundaries = Tuple[Optional[float], Optional[float]]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and isfinite(value)
+
+
 def _check(A: PyTorchLinearOperator, ncv: int, kappa: Optional[float] = None):
     assert_is_square(A)
-    if ncv < 2:
-        raise ValueError(f"ncv must be at least 2, got {ncv}.")
+    if not _is_int(ncv) or ncv < 2:
+        raise ValueError(f"ncv must be at least 2 (an integer), got {ncv!r}.")
     if ncv > A.shape[0]:
         raise ValueError(f"ncv ({ncv}) must not exceed the dimension {A.shape[0]}.")
-    if kappa is not None and kappa <= 1:
+    if kappa is not None:
+        _check_kappa(kappa)
+
+
+def _check_kappa(kappa: float):
+    if not _is_number(kappa) or kappa <= 1:
         raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+
+
+def _check_density_args(
+    num_points: int, kappa: float, margin: float, epsilon: Optional[float] = None
+):
+    """Raise a ``ValueError`` naming the first density argument outside its range."""
+    if not _is_int(num_points) or num_points < 1:
+        raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}.")
+    _check_kappa(kappa)
+    if not _is_number(margin) or margin < 0:
+        raise ValueError(
+            f"margin must be a finite number >= 0 (relative widening of the interval), got "
+            f"{margin!r}."
+        )
+    if epsilon is not None and (not _is_number(epsilon) or epsilon <= 0):
+        raise ValueError(
+            f"epsilon must be a finite number > 0 (it keeps log(|lambda| + epsilon) finite), "
+            f"got {epsilon!r}."
+        )
+
+
+def _check_given_boundaries(boundaries: Optional[Boundaries], magnitudes: bool = False):
+    """Check a (partially) given boundary pair before anything is computed."""
+    if boundaries is None:
+        return
+    if not isinstance(boundaries, (tuple, list)) or len(boundaries) != 2:
+        raise ValueError(f"boundaries must be None or a pair (lower, upper), got {boundaries!r}.")
+    for value in boundaries:
+        if value is not None and not _is_number(value):
+            raise ValueError(f"boundaries must hold finite numbers or None, got {boundaries}.")
+    lower, upper = boundaries
+    if magnitudes and lower is not None and upper is not None:
+        lower, upper = abs(lower), abs(upper)
+    if lower is not None and upper is not None and not lower < upper:
+        what = (
+            "eigenvalue magnitudes (min |lambda|, max |lambda|)"
+            if magnitudes
+            else ("eigenvalues (lambda_min, lambda_max)")
+        )
+        raise ValueError(
+            f"boundaries must be the extreme {what} with lower < upper, got {boundaries}; "
+            "swap them if reversed, or widen an interval of zero width around the spectrum."
+        )
+
+
+def _check_boundaries_tol(tol: float):
+    if not _is_number(tol) or tol < 0:
+        raise ValueError(
+            f"boundaries_tol must be a finite number >= 0 (0: machine precision), got {tol!r}."
+        )
+
+
+def _check_num_repeats(num_repeats: int):
+    if not _is_int(num_repeats) or num_repeats < 1:
+        raise ValueError(f"num_repeats must be an integer >= 1, got {num_repeats!r}.")
+
+
+def _check_lanczos_iter(lanczos_iter: Tuple[Tensor, Tensor]):
+    evals, evecs = lanczos_iter
+    n = evals.numel()
+    if evals.ndim != 1 or n < 2 or evecs.shape != (n, n):
+        raise ValueError(
+            "lanczos_iter must be the Ritz values [ncv] and tridiagonal eigenvectors "
+            f"[ncv, ncv] of fast_lanczos with ncv >= 2, got shapes {tuple(evals.shape)} and "
+            f"{tuple(evecs.shape)}."
+        )
 
 
 def fast_lanczos(
@@ -71,6 +151,10 @@ def fast_lanczos(
         ValueError: If ``A`` is not square or ``ncv`` is out of range.
     """
     _check(A, ncv)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}."
+        )
     dim = A.shape[0]
     v = torch.randn(dim, device=A.device, dtype=A.dtype, generator=generator)
     v = v / v.norm()
@@ -132,6 +216,8 @@ def approximate_boundaries(
         ``(lambda_min, lambda_max)``.
     """
     assert_is_square(A)
+    _check_boundaries_tol(tol)
+    _check_given_boundaries(boundaries)
     lower, upper = (None, None) if boundaries is None else boundaries
     if lower is None and upper is None:
         evals = eigsh(A.to_scipy(), k=2, which="BE", tol=tol, return_eigenvectors=False)
@@ -140,6 +226,7 @@ def approximate_boundaries(
         lower = _extreme_eigenvalue(A, "SA", tol)
     if upper is None:
         upper = _extreme_eigenvalue(A, "LA", tol)
+    _check_estimated(float(lower), float(upper), boundaries)
     return float(lower), float(upper)
 
 
@@ -157,12 +244,26 @@ def approximate_boundaries_abs(
         ``(min |lambda|, max |lambda|)``.
     """
     assert_is_square(A)
+    _check_boundaries_tol(tol)
+    _check_given_boundaries(boundaries, magnitudes=True)
     lower, upper = (None, None) if boundaries is None else boundaries
     if lower is None:
         lower = _extreme_eigenvalue(A, "SM", tol)
     if upper is None:
         upper = _extreme_eigenvalue(A, "LM", tol)
+    _check_estimated(abs(float(lower)), abs(float(upper)), boundaries)
     return abs(float(lower)), abs(float(upper))
+
+
+def _check_estimated(lower: float, upper: float, given: Optional[Boundaries]):
+    """A pair completed by estimation must still be ordered (a given value may be off)."""
+    if not lower < upper:
+        raise ValueError(
+            f"The spectrum boundaries ({lower:.6g}, {upper:.6g}) (given: {given}) are not "
+            "increasing: a given value lies beyond the estimated other end, or the "
+            "spectrum is a single point. Pass boundaries=(lower, upper) with lower < upper "
+            "that enclose the spectrum."
+        )
 
 
 def _sigma(ncv: int, kappa: float) -> float:
@@ -202,8 +303,9 @@ def lanczos_approximate_spectrum_from_iter(
     Raises:
         ValueError: If ``kappa <= 1``.
     """
-    if kappa <= 1:
-        raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+    _check_density_args(num_points, kappa, margin)
+    _check_lanczos_iter(lanczos_iter)
+    _check_given_boundaries(boundaries)
     evals, evecs = lanczos_iter
     lower, upper = _widen(*boundaries, margin)
     center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
@@ -239,8 +341,14 @@ def lanczos_approximate_log_spectrum_from_iter(
     Raises:
         ValueError: If ``kappa <= 1``.
     """
-    if kappa <= 1:
-        raise ValueError(f"kappa must be greater than 1, got {kappa}.")
+    _check_density_args(num_points, kappa, margin, epsilon)
+    _check_lanczos_iter(lanczos_iter)
+    _check_given_boundaries(boundaries)
+    if boundaries[0] < 0:
+        raise ValueError(
+            f"boundaries must be eigenvalue magnitudes (>= 0) for the log spectrum, got "
+            f"{boundaries}."
+        )
     evals, evecs = lanczos_iter
     lower, upper = _widen(log(boundaries[0] + epsilon), log(boundaries[1] + epsilon), margin)
     center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
@@ -279,6 +387,8 @@ def lanczos_approximate_spectrum(
         The grid and the density.
     """
     _check(A, ncv, kappa)
+    _check_density_args(num_points, kappa, margin)
+    _check_num_repeats(num_repeats)
     cache = LanczosApproximateSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
     return cache.approximate_spectrum(num_repeats, num_points, kappa, margin)
 
@@ -313,6 +423,8 @@ def lanczos_approximate_log_spectrum(
         The grid and the density.
     """
     _check(A, ncv, kappa)
+    _check_density_args(num_points, kappa, margin, epsilon)
+    _check_num_repeats(num_repeats)
     cache = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
     return cache.approximate_log_spectrum(num_repeats, num_points, kappa, margin, epsilon)
 
@@ -335,8 +447,7 @@ class _LanczosCache:
         self, num_repeats: int, density_from_run: Callable[[Tuple[Tensor, Tensor]], Tuple]
     ) -> Tuple[Tensor, Tensor]:
         """Grid of the first run and mean density over the first ``num_repeats`` runs."""
-        if num_repeats < 1:
-            raise ValueError(f"num_repeats must be positive, got {num_repeats}.")
+        _check_num_repeats(num_repeats)
         while len(self._runs) < num_repeats:
             self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
         results = [density_from_run(run) for run in self._runs[:num_repeats]]
@@ -385,6 +496,7 @@ class LanczosApproximateSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
+        _check_density_args(num_points, kappa, margin)
         return self._average(
             num_repeats,
             lambda run: lanczos_approximate_spectrum_from_iter(
@@ -438,6 +550,7 @@ class LanczosApproximateLogSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
+        _check_density_args(num_points, kappa, margin, epsilon)
         return self._average(
             num_repeats,
             lambda run: lanczos_approximate_log_spectrum_from_iter(

@@ -20,7 +20,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvlinops._estimators import Operand, check_square, draw, leave_one_out_basis
+from curvlinops._estimators import (
+    Operand,
+    check_square,
+    draw,
+    leave_one_out_basis,
+    leave_one_out_projectors,
+    sketch_is_rank_deficient,
+)
 
 
 def xtrace(
@@ -43,10 +50,12 @@ def xtrace(
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large or odd.
     """
-    dim = check_square(A, num_matvecs, divisor=2)
+    dim = check_square(A, num_matvecs, 2, distribution, generator)
     W = draw(A, dim, num_matvecs // 2, distribution, generator)
     Y = A @ W
     Q, R, S = leave_one_out_basis(Y)
+    if sketch_is_rank_deficient(R):
+        return _xtrace_rank_deficient(A, W, Y)
     Z = A @ Q
     H = Q.mT @ Z  # Q^T A Q
     T = W.mT @ Z  # row i: w_i^T A Q
@@ -59,5 +68,27 @@ def xtrace(
         - (T.mT * C_loo).sum(0)  # w_i^T A Q c_i
         - (C_loo * R).sum(0)  # c_i^T Q^T A w_i, with Q^T Y = R
         + (C_loo * (H @ C_loo)).sum(0)  # c_i^T Q^T A Q c_i
+    )
+    return (basis_part + residual_part).mean()
+
+
+def _xtrace_rank_deficient(A: Operand, W: Tensor, Y: Tensor) -> Tensor:
+    """XTrace for a rank-deficient sketch (e.g. a zero or low-rank operator).
+
+    The same estimate with general leave-one-out projectors ``Q P_i Q^T`` (``Q`` a basis of
+    the sketch's range); an exactly zero operator gives exactly 0.
+    """
+    Q, P = leave_one_out_projectors(Y)
+    Z = A @ Q
+    H = Q.mT @ Z  # Q^T A Q
+    T = W.mT @ Z  # row i: w_i^T A Q
+    C = Q.mT @ W  # column i: Q^T w_i
+    C_loo = torch.einsum("irs,si->ri", P, C)  # P_i Q^T w_i
+    basis_part = torch.einsum("irs,sr->i", P, H)  # tr(P_i Q^T A Q)
+    residual_part = (
+        (W * Y).sum(0)
+        - (T.mT * C_loo).sum(0)
+        - (C_loo * (Q.mT @ Y)).sum(0)
+        + (C_loo * (H @ C_loo)).sum(0)
     )
     return (basis_part + residual_part).mean()

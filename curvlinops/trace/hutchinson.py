@@ -38,6 +38,6 @@ def hutchinson_trace(
     Raises:
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large.
     """
-    dim = check_square(A, num_matvecs)
+    dim = check_square(A, num_matvecs, 1, distribution, generator)
     G = draw(A, dim, num_matvecs, distribution, generator)
     return (G * (A @ G)).sum() / num_matvecs

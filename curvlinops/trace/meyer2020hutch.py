@@ -43,7 +43,7 @@ def hutchpp_trace(
         ValueError: If ``A`` is not square or ``num_matvecs`` is too large or not
             divisible by 3.
     """
-    dim = check_square(A, num_matvecs, divisor=3)
+    dim = check_square(A, num_matvecs, 3, distribution, generator)
     n = num_matvecs // 3
     S = draw(A, dim, n, distribution, generator)
     Q, _ = torch.linalg.qr(A @ S)
