@@ -55,13 +55,15 @@ from torch.nn.functional import unfold
 
 from curvlinops._losses import (
     check_binary_targets,
+    check_positive_integer,
     check_sampling_options,
-    draw_labels,
+    check_seed,
+    draw_label,
     flatten_labels,
+    kfac_mc_grad_outputs,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
     row_loss_gradients,
-    sample_grad_outputs,
     seeded_generator,
     to_rows,
 )
@@ -220,6 +222,14 @@ class KFACLinearOperator(CurvatureLinearOperator):
             raise ValueError(
                 f"Invalid kfac_approx {kfac_approx!r}; supported: {[t.value for t in KFACType]}."
             )
+        self._check_arguments(seed, mc_samples, num_per_example_loss_terms)
+        if not isinstance(separate_weight_and_bias, bool) and separate_weight_and_bias not in (
+            0,
+            1,
+        ):
+            raise ValueError(
+                f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
+            )
         if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
             check_sampling_options(loss_func, type(self).__name__)
         self._mapping = self.compute_parameter_mapping(params, model_func)
@@ -250,6 +260,27 @@ class KFACLinearOperator(CurvatureLinearOperator):
             self._check_deterministic()
 
     # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _check_arguments(seed, mc_samples, num_per_example_loss_terms):
+        """Range checks of the numeric constructor arguments.
+
+        Raises:
+            ValueError: If ``seed`` is not an integer seed, ``mc_samples`` is not a positive
+                integer, or ``num_per_example_loss_terms`` is neither ``None`` nor a positive
+                integer.
+        """
+        check_seed(seed)
+        check_positive_integer(
+            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
+        )
+        if num_per_example_loss_terms is not None:
+            check_positive_integer(
+                num_per_example_loss_terms,
+                "num_per_example_loss_terms",
+                "It is the number of loss terms (output rows) per data point; pass None to "
+                "infer it from the labels.",
+            )
+
     @classmethod
     def compute_parameter_mapping(
         cls, params: List[Tensor], model_func: nn.Module
@@ -356,16 +387,24 @@ class KFACLinearOperator(CurvatureLinearOperator):
 
         Returns:
             MSE: ``output + sqrt(0.5) * noise``; CE: class indices ``[R]``; BCE: 0/1 floats.
+            The torch calls are those of 3.0.1 (API contract, section 20).
 
         Raises:
             ValueError: If ``output`` is not 2-d.
             NotImplementedError: For unsupported losses.
         """
         if output.ndim != 2:
-            raise ValueError(f"Expected a 2-d output [R, C], got shape {list(output.shape)}.")
+            raise ValueError(
+                f"Only 2d outputs [R, C] are supported by draw_label (a 2-d output is needed), got shape "
+                f"{list(output.shape)}."
+            )
         if self._generator is None:
             self._reseed_generator()
-        return draw_labels(self._loss_func, output.detach(), 1, self._generator)[0]
+        return draw_label(self._loss_func, output.detach(), self._generator)
+
+    def _mc_vectors(self, f: Tensor) -> Tensor:
+        """Monte-Carlo output gradients ``[M, R, C]``: ``M`` label draws in turn (section 20)."""
+        return kfac_mc_grad_outputs(self._loss_func, f, self._mc_samples, self._generator)
 
     # ----------------------------------------------------------------- data passes
     def _cotangents(self, X, y: Tensor, f_flat: Tensor, y_flat: Tensor) -> Tensor:
@@ -378,7 +417,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
                 check_binary_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
             vectors, num_samples = loss_hessian_sqrt_columns(loss_func, f), 1
         elif fisher_type == FisherType.MC:
-            vectors = sample_grad_outputs(loss_func, f, self._mc_samples, self._generator)
+            vectors = self._mc_vectors(f)
             num_samples = self._mc_samples
         else:
             vectors, num_samples = row_loss_gradients(loss_func, f, y_flat).unsqueeze(0), 1
