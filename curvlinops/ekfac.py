@@ -78,7 +78,7 @@ class EKFACLinearOperator(KFACLinearOperator):
     def _output_gradients(self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]):
         if output.ndim != 2 or y.ndim not in (1, 2):
             raise ValueError(
-                "EKFACLinearOperator supports 2-d model outputs with 1-d or 2-d labels only, "
+                "Only 2d output with 1-d or 2-d labels is supported by EKFACLinearOperator, "
                 f"got output {list(output.shape)} and labels {list(y.shape)}. Flatten sequence "
                 "outputs inside the model, or use KFACLinearOperator."
             )
@@ -276,20 +276,43 @@ class EKFACLinearOperator(KFACLinearOperator):
         )
         return state
 
-    def load_state_dict(self, state_dict: Dict):
-        """Restore a checkpoint (overwrites the model's parameters).
+    _EKFAC_KEYS = (
+        "input_covariances_eigenvectors",
+        "gradient_covariances_eigenvectors",
+        "cached_activations",
+        "corrected_eigenvalues",
+    )
 
-        Args:
-            state_dict: A dict from :meth:`state_dict`.
+    def _validate_state_dict(self, state_dict: Dict):
+        """KFAC's checks, then the EKFAC entries' keys and shapes; changes nothing.
 
         Raises:
-            ValueError: If loss, reduction or factor keys do not match this operator.
+            ValueError: See :meth:`KFACLinearOperator.load_state_dict`, or EKFAC entries of
+                other layers or sizes.
         """
-        super().load_state_dict(state_dict)
-        self._check_keys(state_dict["input_covariances_eigenvectors"], "input eigenvectors", True)
-        self._check_keys(
-            state_dict["gradient_covariances_eigenvectors"], "gradient eigenvectors", False
-        )
+        super()._validate_state_dict(state_dict)
+        missing = [key for key in self._EKFAC_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"The checkpoint is missing the EKFAC keys {missing}.")
+        separate = state_dict["separate_weight_and_bias"]
+        for key, what, input_side in (
+            ("input_covariances_eigenvectors", "input eigenvectors", True),
+            ("gradient_covariances_eigenvectors", "gradient eigenvectors", False),
+        ):
+            self._check_keys(state_dict[key], what, input_side)
+            self._check_factor_shapes(state_dict[key], what, input_side, separate)
+        corrected = state_dict["corrected_eigenvalues"]
+        if not isinstance(corrected, dict) or (corrected and set(corrected) != set(self._mapping)):
+            raise ValueError(
+                "The checkpoint's corrected eigenvalues have keys "
+                f"{sorted(corrected) if isinstance(corrected, dict) else type(corrected)}, but "
+                f"this operator expects {sorted(self._mapping)}: the checkpoint is from another "
+                "model or parameter selection."
+            )
+
+    def _install_state_dict(self, state_dict: Dict):
+        """KFAC's installation plus eigenvectors, cached activations and eigenvalues."""
+        super()._install_state_dict(state_dict)
         self._input_covariances_eigenvectors = dict(state_dict["input_covariances_eigenvectors"])
         self._gradient_covariances_eigenvectors = dict(
             state_dict["gradient_covariances_eigenvectors"]

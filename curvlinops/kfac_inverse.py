@@ -145,13 +145,14 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         """
         if use_heuristic_damping and use_exact_damping:
             raise ValueError(
-                "use_heuristic_damping and use_exact_damping exclude each other: use either "
-                "use_heuristic_damping or use_exact_damping, not both."
+                "Either use heuristic damping or exact damping, not both: set "
+                "use_heuristic_damping=True or use_exact_damping=True, but not both."
             )
         if isinstance(damping, tuple) and (use_heuristic_damping or use_exact_damping):
             raise ValueError(
-                "A (damping_A, damping_G) tuple cannot be combined with heuristic or exact "
-                "damping; pass a single float."
+                "Heuristic and exact damping require a single damping value. A "
+                "(damping_A, damping_G) tuple only works with plain factor damping; pass a "
+                "single float."
             )
         if isinstance(self._A, EKFACLinearOperator) and not use_exact_damping:
             raise ValueError(
@@ -274,10 +275,13 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
 
         if isinstance(kfac, EKFACLinearOperator):
             kfac._maybe_compute_ekfac()
-            inverse_eigenvalues = {
-                kind: 1.0 / (self._ekfac_eigenvalues(name, kind, positions) + delta)
-                for kind, positions in blocks
-            }
+            inverse_eigenvalues = {}
+            for kind, positions in blocks:
+                values = self._ekfac_eigenvalues(name, kind, positions)
+                # corrected eigenvalues are sums of squares of rotated gradients: their
+                # round-off is relative to the largest one
+                tolerance = max(values.shape) * values.abs().max() * torch.finfo(values.dtype).eps
+                inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
             return (
                 kfac._input_covariances_eigenvectors.get(name),
                 kfac._gradient_covariances_eigenvectors[name],
@@ -312,12 +316,49 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         if not self._use_exact_damping:
             return A_part, G_part, None
         lam_G = G_part[1]
-        inverse_eigenvalues = {
-            kind: 1.0
-            / ((lam_G.unsqueeze(-1) if kind == "bias" else torch.outer(lam_G, A_part[1])) + delta)
-            for kind, _ in blocks
-        }
+        eps = torch.finfo(lam_G.dtype).eps
+        inverse_eigenvalues = {}
+        for kind, _ in blocks:
+            # eigh's eigenvalues are accurate to about dim * eps * max |eigenvalue|
+            if kind == "bias":
+                values = lam_G.unsqueeze(-1)
+                tolerance = lam_G.numel() * eps * lam_G.abs().max()
+            else:
+                lam_A = A_part[1]
+                values = torch.outer(lam_G, lam_A)
+                tolerance = (
+                    (lam_G.numel() + lam_A.numel()) * eps * lam_G.abs().max() * lam_A.abs().max()
+                )
+            inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
         return A_part, G_part, inverse_eigenvalues
+
+    def _inverse_damped(self, values: Tensor, delta: float, tolerance: Tensor, name: str) -> Tensor:
+        """``1 / (values + delta)``, refusing a numerically singular damped block.
+
+        Args:
+            values: Eigenvalues of a block (KFAC's grid or EKFAC's corrected eigenvalues).
+            delta: The damping.
+            tolerance: Round-off level of ``values``: damped eigenvalues at or below it are
+                indistinguishable from zero.
+            name: Module name, for the message.
+
+        Returns:
+            The inverse damped eigenvalues.
+
+        Raises:
+            torch.linalg.LinAlgError: (a ``RuntimeError``) If a damped eigenvalue is not
+                clearly positive, which would give infinite or NaN products.
+        """
+        damped = values + delta
+        smallest = damped.min()
+        if not torch.isfinite(damped).all() or smallest <= tolerance:
+            raise torch.linalg.LinAlgError(
+                f"The exactly damped curvature block of module {name!r} is singular: its "
+                f"smallest damped eigenvalue is {smallest.item():.3e} with damping {delta}, "
+                f"within round-off ({tolerance.item():.3e}) of zero, so its inverse would be "
+                "infinite or NaN. Increase the damping (damping > 0)."
+            )
+        return 1.0 / damped
 
     def _ekfac_eigenvalues(self, name: str, kind: str, positions: Tuple[int, ...]) -> Tensor:
         """EKFAC's corrected eigenvalues of a block as ``[d_out, n]`` (``n = 1`` for a bias)."""
@@ -372,6 +413,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
     def load_state_dict(self, state_dict: Dict):
         """Restore a checkpoint; loads the wrapped operator's state (with its warning).
 
+        Everything (the wrapped operator's checkpoint included) is checked before anything
+        changes: on an error, model, operator and inverse are left as they were.
+
         Args:
             state_dict: A dict from :meth:`state_dict`.
 
@@ -385,7 +429,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                 f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
                 "it with KFACInverseLinearOperator.state_dict()."
             )
-        self._A.load_state_dict(state_dict["A"])
+        # everything is checked before anything changes (the wrapped operator included)
+        self._A._warn_overwrite(stacklevel=3)
+        self._A._validate_state_dict(state_dict["A"])
         self._check_hyperparameters(
             state_dict["damping"],
             state_dict["use_heuristic_damping"],
@@ -399,6 +445,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                     f"The checkpoint's {key} has modules {unknown} that the KFAC operator does "
                     f"not have ({list(self._A._mapping)})."
                 )
+        self._A._install_state_dict(state_dict["A"])
         self._damping = state_dict["damping"]
         self._use_heuristic_damping = state_dict["use_heuristic_damping"]
         self._min_damping = state_dict["min_damping"]

@@ -125,7 +125,7 @@ def test_errors():
         EKFACLinearOperator(
             model, nn.MSELoss(), params, regression_data(d_out=3), fisher_type="forward-only"
         )
-    with pytest.raises(ValueError, match="2-d model outputs"):
+    with pytest.raises(ValueError, match="Only 2d output"):
         EKFACLinearOperator(model, nn.MSELoss(), params, regression_data(d_out=3, shape=(2,)))
 
 

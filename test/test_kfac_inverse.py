@@ -452,17 +452,21 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="identical input and output spaces"):
         KFACInverseLinearOperator(non_square, use_heuristic_damping=True, use_exact_damping=True)
     # order: both flags before the tuple check before the EKFAC check
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Either use heuristic damping or exact damping"):
         KFACInverseLinearOperator(
             K, damping=(0.1, 0.1), use_heuristic_damping=True, use_exact_damping=True
         )
     for flag in ("use_heuristic_damping", "use_exact_damping"):
-        with pytest.raises(ValueError, match="tuple cannot be combined"):
+        with pytest.raises(
+            ValueError, match="Heuristic and exact damping require a single damping value."
+        ):
             KFACInverseLinearOperator(K, damping=(0.1, 0.1), **{flag: True})
     E = make_kfac(EKFACLinearOperator)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Either use heuristic damping or exact damping"):
         KFACInverseLinearOperator(E, use_heuristic_damping=True, use_exact_damping=True)
-    with pytest.raises(ValueError, match="tuple cannot be combined"):
+    with pytest.raises(
+        ValueError, match="Heuristic and exact damping require a single damping value."
+    ):
         KFACInverseLinearOperator(E, damping=(0.1, 0.1), use_heuristic_damping=True)
     with pytest.raises(ValueError, match="pass use_exact_damping=True"):
         KFACInverseLinearOperator(E, damping=-1.0)
