@@ -24,7 +24,9 @@ and the default picks the one with less memory. A bias has :math:`\boldsymbol{\G
 working memory stays below :data:`MAX_CHUNK_ENTRIES` entries whatever :math:`N`.
 
 **Batched eigendecompositions.** :func:`batched_eigh` stacks same-sized symmetric matrices
-and decomposes each stack in one ``torch.linalg.eigh`` call. LAPACK's symmetric eigensolver
+and decomposes each stack in one ``torch.linalg.eigh`` call (in float64 for lower-precision
+matrices up to :data:`FLOAT64_EIGH_MAX_DIM`, cast back, so that float32 eigenbases are as
+accurate as the factors). LAPACK's symmetric eigensolver
 can fail to converge on ill-conditioned (e.g. rank-deficient float32) matrices; a failing
 stack is retried in float64, then with a small diagonal shift
 :math:`\epsilon = 10^{-8} \cdot \mathrm{mean}_i |M_{ii}|` (which leaves the eigenvectors of
@@ -48,6 +50,10 @@ MAX_CHUNK_ENTRIES = 2**24
 
 #: Relative size of the diagonal shift of the last :func:`batched_eigh` fallback.
 EIGH_DAMPING = 1e-8
+
+#: Largest dimension of lower-precision matrices that :func:`batched_eigh` decomposes in
+#: float64 (larger ones are decomposed in their own dtype, where float64 would be slow).
+FLOAT64_EIGH_MAX_DIM = 2048
 
 _STRATEGIES = ("per_example_gradients", "gramian")
 
@@ -236,12 +242,29 @@ def batched_eigh(
 
 
 def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
-    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks."""
+    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks.
+
+    Lower-precision matrices up to :data:`FLOAT64_EIGH_MAX_DIM` are decomposed in float64 and
+    cast back: a float32 ``eigh`` loses a few digits more than the factor's own round-off
+    (eigenvectors about ``n`` times ``eps`` from orthogonal), which EKFAC and exact damping
+    would pass on to every product; in float64 the result is the float32 rounding of an
+    accurate decomposition, at a cost that is small next to the data passes.
+    """
+    dtype = stacked.dtype
+    if (
+        dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM
+    ):
+        try:
+            evals, evecs = torch.linalg.eigh(stacked.to(torch.float64))
+        except RuntimeError:
+            pass  # fall through to the fallbacks below
+        else:
+            return evals.to(dtype), evecs.to(dtype)
     try:
         return torch.linalg.eigh(stacked)
     except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
         first_error = error
-    dtype = stacked.dtype
     double = stacked.to(torch.float64)
     if dtype != torch.float64:
         try:
@@ -302,6 +325,12 @@ def eigenbasis_from_rows(rows: Tensor) -> Tensor:
     """
     if rows.ndim != 2:
         raise ValueError(f"rows must be a matrix [r, d], got shape {list(rows.shape)}.")
+    dtype = rows.dtype
+    if dtype in (torch.float32, torch.float16, torch.bfloat16) and max(rows.shape) <= (
+        FLOAT64_EIGH_MAX_DIM
+    ):
+        # as in batched_eigh: the float32 rounding of an accurate basis
+        return eigenbasis_from_rows(rows.to(torch.float64)).to(dtype)
     ((evals, U),) = batched_eigh([rows @ rows.T])
     tolerance = evals.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps
     keep = evals > tolerance
