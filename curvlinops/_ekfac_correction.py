@@ -251,34 +251,28 @@ def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
     accurate decomposition, at a cost that is small next to the data passes.
     """
     dtype = stacked.dtype
-    if (
-        dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM
-    ):
-        try:
-            evals, evecs = torch.linalg.eigh(stacked.to(torch.float64))
-        except RuntimeError:
-            pass  # fall through to the fallbacks below
-        else:
-            return evals.to(dtype), evecs.to(dtype)
-    try:
-        return torch.linalg.eigh(stacked)
-    except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
-        first_error = error
     double = stacked.to(torch.float64)
-    if dtype != torch.float64:
+    if dtype == torch.float64:
+        attempts = [stacked]
+    elif stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM:
+        attempts = [double]  # small: float64 directly (accuracy)
+    else:
+        attempts = [stacked, double]  # large: own dtype, float64 if it fails
+    first_error = None
+    for attempt in attempts:
         try:
-            evals, evecs = torch.linalg.eigh(double)
-        except RuntimeError:
-            pass
-        else:
+            evals, evecs = torch.linalg.eigh(attempt)
+        except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
+            first_error = first_error or error
+            continue
+        if first_error is not None:
             warnings.warn(
                 f"eigh did not converge in {dtype} for {keys} ({first_error}); decomposed in "
                 "float64 instead and cast back.",
                 UserWarning,
                 stacklevel=3,
             )
-            return evals.to(dtype), evecs.to(dtype)
+        return evals.to(dtype), evecs.to(dtype)
     scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     # an all-zero matrix still needs a positive shift to perturb the iteration
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -17,6 +17,7 @@ from reference import assert_close, densify, empirical_fisher, ggn, rel_fro_erro
 from torch import nn
 
 import curvlinops
+import curvlinops._ekfac_correction as correction_module
 from curvlinops import FisherMCLinearOperator
 from curvlinops._ekfac_correction import batched_eigh
 from curvlinops.ekfac import (
@@ -176,6 +177,8 @@ def test_batched_eigh_and_fallbacks(monkeypatch):
         torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, M, rtol=1e-4, atol=1e-4)
 
     real_eigh = torch.linalg.eigh
+    # the fallbacks of large lower-precision matrices (small ones start in float64)
+    monkeypatch.setattr(correction_module, "FLOAT64_EIGH_MAX_DIM", 0)
 
     def fail_in_float32(M):
         if M.dtype == torch.float32:
