@@ -78,6 +78,7 @@ def make_grad_output_sampler(
     def sampler(
         output: Tensor, num_samples: int, y: Tensor, generator: Optional[Generator]
     ) -> Tensor:
+        check_positive_integer(num_samples, "num_samples")
         if output.ndim != 2:
             raise NotImplementedError(
                 f"Expected a 2-d output [rows, classes], got {list(output.shape)}. "

@@ -39,6 +39,7 @@ import warnings
 from numbers import Real
 from typing import Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,12 @@ def _is_non_negative_number(value) -> bool:
         and math.isfinite(value)
         and value >= 0
     )
+
+
+def _check_flag(value, name: str):
+    """Raise ``ValueError`` unless ``value`` is a boolean (or 0/1)."""
+    if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, int) and value in (0, 1)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
@@ -126,6 +133,8 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             )
         super().__init__(A)
         self._check_hyperparameters(damping, use_heuristic_damping, min_damping, use_exact_damping)
+        _check_flag(cache, "cache")
+        _check_flag(retry_double_precision, "retry_double_precision")
         self._damping = damping
         self._use_heuristic_damping = use_heuristic_damping
         self._min_damping = min_damping
@@ -143,6 +152,11 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         Raises:
             ValueError: See :meth:`__init__`.
         """
+        for flag, name in (
+            (use_heuristic_damping, "use_heuristic_damping"),
+            (use_exact_damping, "use_exact_damping"),
+        ):
+            _check_flag(flag, name)
         if use_heuristic_damping and use_exact_damping:
             raise ValueError(
                 "Either use heuristic damping or exact damping, not both: set "

@@ -397,3 +397,47 @@ def test_model_left_unchanged(cls, fisher_type):
     with pytest.raises(RuntimeError, match="boom in forward"):
         K @ torch.ones(K.shape[1], dtype=DT)
     assert_model_unchanged(before, model_state(failing))
+
+
+# ----------------------------------------------------------------- audit of the other entry points
+def test_other_argument_ranges():
+    from curvlinops.diagonal.exact import DiagonalLinearOperator
+    from curvlinops.fisher import make_grad_output_sampler
+    from curvlinops.kfac_utils import extract_averaged_patches, extract_patches
+    from curvlinops.sampling import normal, rademacher, random_vector
+
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+    for fn in (extract_patches, extract_averaged_patches):
+        for kwargs, name in (
+            (dict(kernel_size=0), "kernel_size"),
+            (dict(kernel_size=(3, -1)), "kernel_size"),
+            (dict(stride=0), "stride"),
+            (dict(dilation=0), "dilation"),
+            (dict(padding=-1), "padding"),
+            (dict(kernel_size=2.5), "kernel_size"),
+            (dict(groups=0), "groups"),
+            (dict(groups=1.5), "groups"),
+        ):
+            args = dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=1)
+            args.update(kwargs)
+            with pytest.raises(ValueError, match=name):
+                fn(x, **args)
+    for fn in (rademacher, normal):
+        for bad in (-1, 2.5, "3"):
+            with pytest.raises(ValueError, match="dim must be a non-negative integer"):
+                fn(bad, "cpu", DT)
+    with pytest.raises(ValueError, match="dim"):
+        random_vector(-2, "normal", "cpu", DT)
+    assert rademacher(0, "cpu", DT).shape == (0,)
+    _, K = problem()
+    for flag in ("use_heuristic_damping", "use_exact_damping", "cache", "retry_double_precision"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+            KFACInverseLinearOperator(K, damping=1e-2, **{flag: "no"})
+    diagonal = DiagonalLinearOperator([torch.ones(3, dtype=DT)])
+    for bad in (float("nan"), float("inf"), "1", None):
+        with pytest.raises(ValueError, match="damping must be a finite number"):
+            diagonal.inverse(bad)
+    sampler = make_grad_output_sampler(nn.CrossEntropyLoss())
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="num_samples"):
+            sampler(torch.zeros(2, 3, dtype=DT), bad, torch.tensor([0, 1]), None)

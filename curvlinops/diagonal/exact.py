@@ -29,6 +29,7 @@ batch size times classes times parameters. So the model must treat data points
 independently (no batch statistics; put BatchNorm in ``eval()`` mode).
 """
 
+import math
 from collections.abc import MutableMapping
 from math import sqrt
 from typing import Callable, Iterable, List, Optional, Tuple, Union
@@ -123,6 +124,7 @@ def squared_gradient_sum(
     Returns:
         The sums, shaped like ``params``.
     """
+    check_positive_integer(max_elements, "max_elements")
     model = make_functional_model(model_func, params)
     mapped, rebuild = _datum_inputs(X)
     primals = tuple(p.detach() if detach else p for p in params)
@@ -188,6 +190,12 @@ class _DiagonalAlgebra:
         Raises:
             ValueError: If a damped entry is zero (not invertible).
         """
+        if (
+            not isinstance(damping, (int, float))
+            or isinstance(damping, bool)
+            or not (math.isfinite(damping))
+        ):
+            raise ValueError(f"damping must be a finite number, got {damping!r}.")
         damped = [d + damping for d in self.diagonal]
         if any((d == 0).any() for d in damped):
             raise ValueError(
