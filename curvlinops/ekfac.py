@@ -142,6 +142,19 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._corrected_eigenvalues.clear()
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         totals: Dict[Tuple[str, str], Tensor] = {}
+        try:
+            self._accumulate_corrections(input_names, totals)
+        finally:  # activations are only cached during a batch, also after an error
+            self._cached_activations = {}
+        for name, kind, positions in self._blocks():
+            value = totals[(name, kind)]
+            if kind == "joint":
+                self._corrected_eigenvalues[name] = value
+            else:
+                self._corrected_eigenvalues.setdefault(name, {})[positions[0]] = value
+
+    def _accumulate_corrections(self, input_names: List[str], totals: Dict):
+        """The correction pass: sums the corrected eigenvalues per block into ``totals``."""
         for inputs, grads in self._layer_quantities(
             input_names,
             lambda name, x: self._layer_rows(name, x, reduce=False),
@@ -164,12 +177,6 @@ class EKFACLinearOperator(KFACLinearOperator):
                 key = (name, kind)
                 totals[key] = value if key not in totals else totals[key] + value
             self._cached_activations = {}
-        for name, kind, positions in self._blocks():
-            value = totals[(name, kind)]
-            if kind == "joint":
-                self._corrected_eigenvalues[name] = value
-            else:
-                self._corrected_eigenvalues.setdefault(name, {})[positions[0]] = value
 
     def _maybe_compute_ekfac(self):
         """Compute eigenbases and corrected eigenvalues if missing."""
@@ -309,6 +316,37 @@ class EKFACLinearOperator(KFACLinearOperator):
                 f"this operator expects {sorted(self._mapping)}: the checkpoint is from another "
                 "model or parameter selection."
             )
+        if corrected:
+            self._check_corrected_eigenvalues(corrected, separate)
+
+    def _check_corrected_eigenvalues(self, corrected: Dict, separate: bool):
+        """Raise unless the corrected eigenvalues fit this operator's blocks and positions."""
+        for name, entry in self._mapping.items():
+            shapes = {}
+            for kind, position in entry.items():
+                param = self._params[position]
+                shapes[position] = (
+                    (param.shape[0], param[0].numel()) if kind == "weight" else (param.shape[0],)
+                )
+            value = corrected[name]
+            if "weight" in entry and "bias" in entry and not separate:
+                d_out, d_in = shapes[entry["weight"]]
+                expected, actual = (d_out, d_in + 1), getattr(value, "shape", type(value))
+                fits = isinstance(value, Tensor) and tuple(value.shape) == expected
+            else:
+                expected = shapes
+                actual = (
+                    {k: tuple(getattr(v, "shape", ())) for k, v in value.items()}
+                    if isinstance(value, dict)
+                    else type(value)
+                )
+                fits = isinstance(value, dict) and actual == expected
+            if not fits:
+                raise ValueError(
+                    f"The checkpoint's corrected eigenvalues of module {name!r} are {actual}, "
+                    f"but this operator needs {expected} (keyed by parameter position): the "
+                    "checkpoint is from another parameter selection or order."
+                )
 
     def _install_state_dict(self, state_dict: Dict):
         """KFAC's installation plus eigenvectors, cached activations and eigenvalues."""

@@ -272,7 +272,8 @@ def test_checkpoints_load_with_weights_only(cls, as_enum):
     inv_state = roundtrip(inverse.state_dict())
     model2 = relu_mlp(seed=5)
     data = classification_data()
-    K2 = cls.from_state_dict(state, model2, list(model2.parameters()), data)
+    with pytest.warns(UserWarning, match="will overwrite the parameters"):
+        K2 = cls.from_state_dict(state, model2, list(model2.parameters()), data)
     assert_close(K2 @ v, expected)
     model3 = relu_mlp(seed=6)
     K3 = cls(
@@ -441,3 +442,22 @@ def test_other_argument_ranges():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="num_samples"):
             sampler(torch.zeros(2, 3, dtype=DT), bad, torch.tensor([0, 1]), None)
+
+
+def test_ekfac_checkpoint_of_other_parameter_order_is_refused():
+    """EKFAC's corrected eigenvalues are keyed by parameter position: another order is refused."""
+    model = relu_mlp()
+    data = classification_data()
+    params = list(model.parameters())
+    source = EKFACLinearOperator(model, nn.CrossEntropyLoss(), params, data)
+    densify(source)
+    state = source.state_dict()
+    model2 = relu_mlp(seed=3)
+    shuffled = list(reversed(list(model2.parameters())))
+    target = EKFACLinearOperator(model2, nn.CrossEntropyLoss(), shuffled, data)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    dense_before = densify(target)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="parameter position"):
+        target.load_state_dict(state)
+    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in before.items())
+    assert_close(densify(target), dense_before)
