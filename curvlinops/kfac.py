@@ -425,6 +425,13 @@ class KFACLinearOperator(CurvatureLinearOperator):
         if loss_func.reduction == "sum":
             return vectors / sqrt(num_samples)
         B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
+        if f.shape[0] != B * R:
+            # the mean-reduction scaling assumes R loss terms (output rows) per data point
+            raise ValueError(
+                f"num_per_example_loss_terms={R}, but a batch of {B} data points has "
+                f"{f.shape[0]} loss terms (output rows), not {B * R}. Pass the number of "
+                "output rows per data point, or None to infer it from the labels."
+            )
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
         correction = 1.0 if isinstance(loss_func, CrossEntropyLoss) else sqrt(f.shape[1])

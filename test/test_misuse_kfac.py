@@ -461,3 +461,14 @@ def test_ekfac_checkpoint_of_other_parameter_order_is_refused():
         target.load_state_dict(state)
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in before.items())
     assert_close(densify(target), dense_before)
+
+
+def test_num_per_example_loss_terms_must_fit_the_outputs():
+    """A wrong explicit count would silently mis-scale mean-reduced factors."""
+    model = relu_mlp(d_out=2)
+    data = regression_data(shape=(3,))  # 3 loss terms per data point
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="num_per_example_loss_terms=2"):
+        KFACLinearOperator(model, nn.MSELoss(), params, data, num_per_example_loss_terms=2)
+    K = KFACLinearOperator(model, nn.MSELoss(), params, data, num_per_example_loss_terms=3)
+    assert_close(densify(K), densify(KFACLinearOperator(model, nn.MSELoss(), params, data)))
