@@ -73,6 +73,28 @@ def _is_non_negative_number(value) -> bool:
     )
 
 
+def _spd_inverse(matrix: Tensor) -> Tensor:
+    """Inverse of a symmetric positive definite matrix by Cholesky.
+
+    A numerically singular matrix (rank-deficient up to round-off) can pass the Cholesky
+    factorisation with a tiny positive pivot and give an inverse of size ``1 / eps``; such a
+    pivot is treated like a failed factorisation.
+
+    Raises:
+        torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
+    """
+    L = torch.linalg.cholesky(matrix)
+    pivots = L.diagonal() ** 2
+    scale = matrix.diagonal().abs().max()
+    tolerance = matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale
+    if matrix.shape[0] > 0 and (pivots.min() <= tolerance or not torch.isfinite(L).all()):
+        raise torch.linalg.LinAlgError(
+            f"the matrix is numerically singular (smallest Cholesky pivot {pivots.min():.3e} "
+            f"is within round-off {tolerance:.3e} of zero)."
+        )
+    return torch.cholesky_inverse(L)
+
+
 def _check_flag(value, name: str):
     """Raise ``ValueError`` unless ``value`` is a boolean (or 0/1)."""
     if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, int) and value in (0, 1)):
@@ -204,7 +226,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         damped = matrix + damping * eye
         dtype = matrix.dtype
         try:
-            return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            return _spd_inverse(damped)
         except RuntimeError as error:
             if dtype == torch.float64 or not self._retry_double_precision:
                 hint = (
@@ -224,7 +246,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             stacklevel=5,
         )
         try:
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped.to(torch.float64)))
+            inverse = _spd_inverse(damped.to(torch.float64))
         except RuntimeError as error:
             raise torch.linalg.LinAlgError(
                 f"Cholesky factorisation of the damped {what} (damping {damping}) failed in "

@@ -472,3 +472,21 @@ def test_num_per_example_loss_terms_must_fit_the_outputs():
         KFACLinearOperator(model, nn.MSELoss(), params, data, num_per_example_loss_terms=2)
     K = KFACLinearOperator(model, nn.MSELoss(), params, data, num_per_example_loss_terms=3)
     assert_close(densify(K), densify(KFACLinearOperator(model, nn.MSELoss(), params, data)))
+
+
+def test_cholesky_path_refuses_numerically_singular_factors():
+    """Cross-entropy gradient factors are singular (rows of softmax - onehot sum to zero).
+
+    Cholesky often passes them with a round-off pivot and returns 1e16-sized inverses; the
+    inverse must refuse them, naming the damping, as when the factorisation fails.
+    """
+    v = None
+    for seed in range(6):
+        model = relu_mlp(seed=seed)
+        data = classification_data(num_batches=3, batch=8, seed=seed)
+        K = KFACLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+        v = torch.ones(K.shape[1], dtype=DT)
+        with pytest.raises(RuntimeError, match="damping"):
+            KFACInverseLinearOperator(K, damping=0.0) @ v
+        result = KFACInverseLinearOperator(K, damping=1e-3) @ v
+        assert torch.isfinite(result).all() and result.abs().max() < 1e8
