@@ -308,6 +308,11 @@ class EKFACLinearOperator(KFACLinearOperator):
         ):
             self._check_keys(state_dict[key], what, input_side)
             self._check_factor_shapes(state_dict[key], what, input_side, separate)
+        if not isinstance(state_dict["cached_activations"], dict):
+            raise ValueError(
+                "The checkpoint's cached_activations must be a dict, got "
+                f"{type(state_dict['cached_activations']).__name__}."
+            )
         corrected = state_dict["corrected_eigenvalues"]
         if not isinstance(corrected, dict) or (corrected and set(corrected) != set(self._mapping)):
             raise ValueError(

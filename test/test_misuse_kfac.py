@@ -490,3 +490,20 @@ def test_cholesky_path_refuses_numerically_singular_factors():
             KFACInverseLinearOperator(K, damping=0.0) @ v
         result = KFACInverseLinearOperator(K, damping=1e-3) @ v
         assert torch.isfinite(result).all() and result.abs().max() < 1e8
+
+
+def test_fisher_mc_and_diagonal_leave_model_unchanged():
+    """MC-Fisher and its exact diagonal draw from their own generator (eval-mode model)."""
+    torch.manual_seed(0)
+    model = WithBuffers().to(DT).eval()
+    model.lin2.register_forward_hook(lambda *args: None)
+    model.lin1.weight.grad = torch.ones_like(model.lin1.weight)
+    params = [model.lin1.weight, model.lin2.bias]
+    data = classification_data()
+    before = model_state(model)
+    F = FisherMCLinearOperator(
+        model, nn.CrossEntropyLoss(), params, data, check_deterministic=False, mc_samples=2
+    )
+    F @ torch.ones(F.shape[1], dtype=DT)
+    fisher_mc_diagonal(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
+    assert_model_unchanged(before, model_state(model))
