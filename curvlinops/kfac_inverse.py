@@ -475,6 +475,10 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             state_dict["use_exact_damping"],
         )
         for key in ("inverse_input_covariances", "inverse_gradient_covariances"):
+            if not isinstance(state_dict[key], dict):
+                raise ValueError(
+                    f"The checkpoint's {key} must be a dict, got {type(state_dict[key]).__name__}."
+                )
             unknown = sorted(set(state_dict[key]) - set(self._A._mapping))
             if unknown:
                 raise ValueError(
