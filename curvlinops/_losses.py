@@ -260,9 +260,10 @@ def seeded_generator(generator: Optional[Generator], device: torch.device, seed:
     The Monte-Carlo Fisher and KFAC re-seed at the start of every pass over the data, which is
     what couples their samples.
     """
+    check_seed(seed, "_seed")  # also catches a bad value assigned to op._seed later
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
-    return generator.manual_seed(seed)
+    return generator.manual_seed(int(seed))
 
 
 def fisher_mc_grad_samples(

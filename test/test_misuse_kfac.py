@@ -507,3 +507,15 @@ def test_fisher_mc_and_diagonal_leave_model_unchanged():
     F @ torch.ones(F.shape[1], dtype=DT)
     fisher_mc_diagonal(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
     assert_model_unchanged(before, model_state(model))
+
+
+def test_bad_seed_assigned_later_is_reported():
+    model = relu_mlp()
+    params, data = list(model.parameters()), classification_data()
+    F = FisherMCLinearOperator(model, nn.CrossEntropyLoss(), params, data)
+    F._seed = 0.5
+    with pytest.raises(ValueError, match="_seed must be an integer"):
+        F @ torch.ones(F.shape[1], dtype=DT)
+    F._seed = 3  # the idiom op._seed += 1 keeps working
+    F._seed += 1
+    F @ torch.ones(F.shape[1], dtype=DT)
