@@ -199,8 +199,12 @@ class KFACLinearOperator(CurvatureLinearOperator):
 
         Raises:
             ValueError: For an unsupported loss, Fisher type or KFAC type, ``mc_samples != 1``
-                without ``FisherType.MC``, dict inputs without ``batch_size_fn``, or a
-                non-integer number of loss terms per datum.
+                without ``FisherType.MC``, a ``seed`` that is not an integer, ``mc_samples``
+                or ``num_per_example_loss_terms`` that is not a positive integer, a
+                non-boolean ``separate_weight_and_bias``, dict inputs without
+                ``batch_size_fn``, or a non-integer number of loss terms per datum (inferred;
+                an explicit count that does not match a batch's output rows raises when the
+                factors are computed with mean reduction).
             NotImplementedError: If a parameter does not belong to a supported layer, or the
                 loss uses options that sampling ignores.
         """
