@@ -226,6 +226,11 @@ def batched_eigh(
     result = {}
     for keys in groups.values():
         stacked = torch.stack([lookup[k] for k in keys])
+        if _is_compiling():  # traced: no data-dependent checks or fallbacks
+            evals, evecs = _traced_eigh(stacked)
+            for i, key in enumerate(keys):
+                result[key] = (evals[i], evecs[i])
+            continue
         finite = torch.isfinite(stacked).flatten(1).all(1)
         if not finite.all():
             bad = [k for k, ok in zip(keys, finite.tolist()) if not ok]
@@ -239,6 +244,21 @@ def batched_eigh(
     if as_dict:
         return {key: result[key] for key, _ in items}
     return [result[i] for i in range(len(items))]
+
+
+def _is_compiling() -> bool:
+    """Whether the code runs inside ``torch.compile`` tracing."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _traced_eigh(stacked: Tensor) -> Tuple[Tensor, Tensor]:
+    """``eigh`` as :func:`_robust_eigh` starts it (float64 for small low-precision stacks)."""
+    dtype = stacked.dtype
+    if dtype != torch.float64 and stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM:
+        evals, evecs = torch.linalg.eigh(stacked.to(torch.float64))
+        return evals.to(dtype), evecs.to(dtype)
+    return torch.linalg.eigh(stacked)
 
 
 def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:

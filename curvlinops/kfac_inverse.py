@@ -73,6 +73,12 @@ def _is_non_negative_number(value) -> bool:
     )
 
 
+def _is_compiling() -> bool:
+    """Whether the code runs inside ``torch.compile`` tracing."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _spd_inverse(matrix: Tensor) -> Tensor:
     """Inverse of a symmetric positive definite matrix by Cholesky.
 
@@ -84,6 +90,8 @@ def _spd_inverse(matrix: Tensor) -> Tensor:
         torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
     """
     L = torch.linalg.cholesky(matrix)
+    if _is_compiling():  # no data-dependent checks in a traced product (see _prepare_compile)
+        return torch.cholesky_inverse(L)
     pivots = L.diagonal() ** 2
     scale = matrix.diagonal().abs().max()
     tolerance = matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale
@@ -386,6 +394,8 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                 clearly positive, which would give infinite or NaN products.
         """
         damped = values + delta
+        if _is_compiling():  # no data-dependent checks in a traced product
+            return 1.0 / damped
         smallest = damped.min()
         if not torch.isfinite(damped).all() or smallest <= tolerance:
             raise torch.linalg.LinAlgError(
@@ -403,6 +413,16 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         return values.unsqueeze(-1) if kind == "bias" else values
 
     # ----------------------------------------------------------------- products
+    def _prepare_compile(self):
+        """Compute (and, with ``cache=True``, cache) the inverses eagerly before tracing.
+
+        The singularity checks are data-dependent and skipped inside a compiled product; run
+        eagerly here, they still guard the cached inverses that the compiled product reads.
+        """
+        self._A._prepare_compile()
+        for name in self._A._mapping:
+            self._compute_or_get_cached_inverse(name)
+
     def _matmat(self, M):
         parts = {}
 
