@@ -964,6 +964,11 @@ class KFACLinearOperator(CurvatureLinearOperator):
         self._check_arguments(
             state_dict["seed"], state_dict["mc_samples"], state_dict["num_per_example_loss_terms"]
         )
+        if state_dict["mc_samples"] != 1 and fisher_type != FisherType.MC:
+            raise ValueError(
+                f"The checkpoint's mc_samples={state_dict['mc_samples']} needs "
+                f"fisher_type='mc', got {FisherType(fisher_type).value!r}."
+            )
         check_positive_integer(state_dict["num_data"], "The checkpoint's num_data")
         separate = state_dict["separate_weight_and_bias"]
         self._check_keys(state_dict["input_covariances"], "input covariances", True)
