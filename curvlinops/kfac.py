@@ -795,7 +795,12 @@ class KFACLinearOperator(CurvatureLinearOperator):
             RuntimeError: If data, model, or the Kronecker factors are not deterministic.
         """
         loaded = self._has_factors()
-        super()._check_deterministic()
+        # the base check draws its probe vector from the global RNG; the user's random
+        # stream must not depend on whether the check ran
+        device = self.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            super()._check_deterministic()
         if loaded:
             return
         first = self._factor_snapshot()

@@ -519,3 +519,11 @@ def test_bad_seed_assigned_later_is_reported():
     F._seed = 3  # the idiom op._seed += 1 keeps working
     F._seed += 1
     F @ torch.ones(F.shape[1], dtype=DT)
+
+
+@pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
+def test_determinism_check_leaves_global_rng_unchanged(cls):
+    model = relu_mlp()
+    state = torch.get_rng_state()
+    cls(model, nn.CrossEntropyLoss(), list(model.parameters()), classification_data())
+    assert torch.equal(state, torch.get_rng_state())
