@@ -64,6 +64,7 @@ from curvlinops._losses import (
     kfac_mc_grad_outputs,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
+    preserved_global_rng,
     row_loss_gradients,
     seeded_generator,
     to_rows,
@@ -797,9 +798,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
         loaded = self._has_factors()
         # the base check draws its probe vector from the global RNG; the user's random
         # stream must not depend on whether the check ran
-        device = self.device
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with preserved_global_rng(self.device):
             super()._check_deterministic()
         if loaded:
             return

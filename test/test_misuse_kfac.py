@@ -23,7 +23,7 @@ from curvlinops import (
     KFACLinearOperator,
     KFACType,
 )
-from curvlinops.diagonal.exact import fisher_mc_diagonal
+from curvlinops.diagonal.exact import FisherMCDiagonalLinearOperator, fisher_mc_diagonal
 
 
 def classification_data(num_batches=2, batch=3, d_in=3, classes=3, seed=1):
@@ -501,11 +501,10 @@ def test_fisher_mc_and_diagonal_leave_model_unchanged():
     params = [model.lin1.weight, model.lin2.bias]
     data = classification_data()
     before = model_state(model)
-    F = FisherMCLinearOperator(
-        model, nn.CrossEntropyLoss(), params, data, check_deterministic=False, mc_samples=2
-    )
+    F = FisherMCLinearOperator(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
     F @ torch.ones(F.shape[1], dtype=DT)
     fisher_mc_diagonal(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
+    FisherMCDiagonalLinearOperator(model, nn.CrossEntropyLoss(), params, data).diagonal
     assert_model_unchanged(before, model_state(model))
 
 
