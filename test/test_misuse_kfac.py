@@ -504,7 +504,8 @@ def test_fisher_mc_and_diagonal_leave_model_unchanged():
     F = FisherMCLinearOperator(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
     F @ torch.ones(F.shape[1], dtype=DT)
     fisher_mc_diagonal(model, nn.CrossEntropyLoss(), params, data, mc_samples=2)
-    FisherMCDiagonalLinearOperator(model, nn.CrossEntropyLoss(), params, data).diagonal
+    diagonal = FisherMCDiagonalLinearOperator(model, nn.CrossEntropyLoss(), params, data).diagonal
+    assert len(diagonal) == len(params)
     assert_model_unchanged(before, model_state(model))
 
 
