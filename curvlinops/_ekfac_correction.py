@@ -24,7 +24,9 @@ and the default picks the one with less memory. A bias has :math:`\boldsymbol{\G
 working memory stays below :data:`MAX_CHUNK_ENTRIES` entries whatever :math:`N`.
 
 **Batched eigendecompositions.** :func:`batched_eigh` stacks same-sized symmetric matrices
-and decomposes each stack in one ``torch.linalg.eigh`` call. LAPACK's symmetric eigensolver
+and decomposes each stack in one ``torch.linalg.eigh`` call (in float64 for lower-precision
+matrices up to :data:`FLOAT64_EIGH_MAX_DIM`, cast back, so that float32 eigenbases are as
+accurate as the factors). LAPACK's symmetric eigensolver
 can fail to converge on ill-conditioned (e.g. rank-deficient float32) matrices; a failing
 stack is retried in float64, then with a small diagonal shift
 :math:`\epsilon = 10^{-8} \cdot \mathrm{mean}_i |M_{ii}|` (which leaves the eigenvectors of
@@ -48,6 +50,10 @@ MAX_CHUNK_ENTRIES = 2**24
 
 #: Relative size of the diagonal shift of the last :func:`batched_eigh` fallback.
 EIGH_DAMPING = 1e-8
+
+#: Largest dimension of lower-precision matrices that :func:`batched_eigh` decomposes in
+#: float64 (larger ones are decomposed in their own dtype, where float64 would be slow).
+FLOAT64_EIGH_MAX_DIM = 2048
 
 _STRATEGIES = ("per_example_gradients", "gramian")
 
@@ -220,6 +226,11 @@ def batched_eigh(
     result = {}
     for keys in groups.values():
         stacked = torch.stack([lookup[k] for k in keys])
+        if _is_compiling():  # traced: no data-dependent checks or fallbacks
+            evals, evecs = _traced_eigh(stacked)
+            for i, key in enumerate(keys):
+                result[key] = (evals[i], evecs[i])
+            continue
         finite = torch.isfinite(stacked).flatten(1).all(1)
         if not finite.all():
             bad = [k for k, ok in zip(keys, finite.tolist()) if not ok]
@@ -235,27 +246,53 @@ def batched_eigh(
     return [result[i] for i in range(len(items))]
 
 
+def _is_compiling() -> bool:
+    """Whether the code runs inside ``torch.compile`` tracing."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _traced_eigh(stacked: Tensor) -> Tuple[Tensor, Tensor]:
+    """``eigh`` as :func:`_robust_eigh` starts it (float64 for small low-precision stacks)."""
+    dtype = stacked.dtype
+    if dtype != torch.float64 and stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM:
+        evals, evecs = torch.linalg.eigh(stacked.to(torch.float64))
+        return evals.to(dtype), evecs.to(dtype)
+    return torch.linalg.eigh(stacked)
+
+
 def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
-    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks."""
-    try:
-        return torch.linalg.eigh(stacked)
-    except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
-        first_error = error
+    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks.
+
+    Lower-precision matrices up to :data:`FLOAT64_EIGH_MAX_DIM` are decomposed in float64 and
+    cast back: a float32 ``eigh`` loses a few digits more than the factor's own round-off
+    (eigenvectors about ``n`` times ``eps`` from orthogonal), which EKFAC and exact damping
+    would pass on to every product; in float64 the result is the float32 rounding of an
+    accurate decomposition, at a cost that is small next to the data passes.
+    """
     dtype = stacked.dtype
     double = stacked.to(torch.float64)
-    if dtype != torch.float64:
+    if dtype == torch.float64:
+        attempts = [stacked]
+    elif stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM:
+        attempts = [double]  # small: float64 directly (accuracy)
+    else:
+        attempts = [stacked, double]  # large: own dtype, float64 if it fails
+    first_error = None
+    for attempt in attempts:
         try:
-            evals, evecs = torch.linalg.eigh(double)
-        except RuntimeError:
-            pass
-        else:
+            evals, evecs = torch.linalg.eigh(attempt)
+        except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
+            first_error = first_error or error
+            continue
+        if first_error is not None:
             warnings.warn(
                 f"eigh did not converge in {dtype} for {keys} ({first_error}); decomposed in "
                 "float64 instead and cast back.",
                 UserWarning,
                 stacklevel=3,
             )
-            return evals.to(dtype), evecs.to(dtype)
+        return evals.to(dtype), evecs.to(dtype)
     scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     # an all-zero matrix still needs a positive shift to perturb the iteration
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -302,6 +339,12 @@ def eigenbasis_from_rows(rows: Tensor) -> Tensor:
     """
     if rows.ndim != 2:
         raise ValueError(f"rows must be a matrix [r, d], got shape {list(rows.shape)}.")
+    dtype = rows.dtype
+    if dtype in (torch.float32, torch.float16, torch.bfloat16) and max(rows.shape) <= (
+        FLOAT64_EIGH_MAX_DIM
+    ):
+        # as in batched_eigh: the float32 rounding of an accurate basis
+        return eigenbasis_from_rows(rows.to(torch.float64)).to(dtype)
     ((evals, U),) = batched_eigh([rows @ rows.T])
     tolerance = evals.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps
     keep = evals > tolerance

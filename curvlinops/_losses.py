@@ -23,14 +23,20 @@ by :math:`c_b = 1` (sum), :math:`R_b` (cross-entropy, mean) or :math:`R_b C` (MS
 - BCE: :math:`\tilde{\mathbf{y}} \sim \mathrm{Bernoulli}(\sigma(\mathbf{f}))` entry-wise,
   :math:`\hat{\mathbf{g}} = \sigma(\mathbf{f}) - \tilde{\mathbf{y}}`.
 
-:func:`draw_labels` is the single sampling routine: the Monte-Carlo Fisher and KFAC's
-``draw_label`` both use it, so operators built with the same seed see the same samples.
+The draws are those of the 3.0.1 release (API contract, section 20), so a seed reproduces
+published results: :func:`fisher_mc_grad_samples` draws all ``M`` samples of a batch in one call
+(Monte-Carlo Fisher and its exact diagonal), :func:`draw_label` draws one label set at a time
+(KFAC/EKFAC with ``fisher_type="mc"``, ``M`` calls per batch). With ``M = 1`` both consume the
+generator identically, so operators built with the same seed see the same samples (the MSE
+sample of one is the negative of the other's, which leaves outer products unchanged).
 """
 
 import copy
+import numbers
 from math import sqrt
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Generator, Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
@@ -248,21 +254,45 @@ def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
     return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
 
 
+def preserved_global_rng(device: torch.device):
+    """Context in which global RNG draws (e.g. the determinism probe) are undone afterwards.
+
+    Args:
+        device: The operator's device (its CUDA generator is saved too).
+
+    Returns:
+        A ``torch.random.fork_rng`` context.
+    """
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
     """``generator`` (or a new one if missing or on another device) re-seeded with ``seed``.
 
     The Monte-Carlo Fisher and KFAC re-seed at the start of every pass over the data, which is
     what couples their samples.
     """
+    check_seed(seed, "_seed")  # also catches a bad value assigned to op._seed later
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
-    return generator.manual_seed(seed)
+    return generator.manual_seed(int(seed))
 
 
-def draw_labels(
+def fisher_mc_grad_samples(
     loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
 ) -> Tensor:
-    """Sample labels from the likelihood that the loss defines for each output row.
+    """Sampled output gradients of the Monte-Carlo Fisher, all ``M`` samples in one draw.
+
+    Exactly the torch calls of the 3.0.1 release (API contract, section 20), so that a seed
+    gives the same samples:
+
+    - MSE: ``2 * torch.normal(zeros(M, R, C), as_tensor(sqrt(0.5)), generator)`` (the standard
+      deviation is a default-dtype scalar tensor, as in 3.0.1);
+    - cross-entropy: ``softmax(f).multinomial(M, replacement=True, generator)`` gives ``[R, M]``
+      classes, the sample is ``softmax(f) - onehot``;
+    - BCE: ``sigmoid(f).unsqueeze(0).expand(M, R, C).bernoulli(generator)`` gives labels, the
+      sample is ``sigmoid(f) - label``.
 
     Args:
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
@@ -271,47 +301,132 @@ def draw_labels(
         generator: Random number generator.
 
     Returns:
-        ``[M, R]`` class indices (cross-entropy) or ``[M, R, C]`` labels.
+        ``[M, R, C]`` sampled gradients of the sum-reduced row losses.
+
+    Raises:
+        ValueError: If ``output_flat`` is not 2-d.
+        NotImplementedError: For other losses.
     """
+    _check_2d(output_flat)
+    M, (R, C) = num_samples, output_flat.shape
+    if isinstance(loss_func, MSELoss):
+        mean = torch.zeros(M, R, C, dtype=output_flat.dtype, device=output_flat.device)
+        std = torch.as_tensor(sqrt(0.5), device=output_flat.device)
+        return 2 * torch.normal(mean, std, generator=generator)
+    if isinstance(loss_func, CrossEntropyLoss):
+        probs = output_flat.softmax(dim=1)
+        classes = probs.multinomial(num_samples=M, replacement=True, generator=generator)
+        onehot = torch.nn.functional.one_hot(classes.T, C).to(output_flat.dtype)
+        return probs - onehot
+    if isinstance(loss_func, BCEWithLogitsLoss):
+        probs = output_flat.sigmoid()
+        labels = probs.unsqueeze(0).expand(M, R, C).bernoulli(generator=generator)
+        return probs - labels
+    raise NotImplementedError(f"Cannot sample labels for {type(loss_func).__name__}.")
+
+
+def _check_2d(output_flat: Tensor):
     if output_flat.ndim != 2:
         raise ValueError(
-            f"Expected a 2-d output [rows, classes], got shape {list(output_flat.shape)}."
+            "Only 2d outputs [rows, classes] can be sampled from, got shape "
+            f"{list(output_flat.shape)}. Flatten sequence outputs into rows first."
         )
+
+
+def draw_label(loss_func, output_flat: Tensor, generator: Optional[Generator]) -> Tensor:
+    """One label draw of KFAC's Monte-Carlo Fisher, with the torch calls of 3.0.1.
+
+    API contract, section 20: MSE ``f + sqrt(0.5) * randn(f.shape, generator)``; cross-entropy
+    ``softmax(f).multinomial(1, generator).squeeze(-1)``; BCE ``sigmoid(f).bernoulli(generator)``.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        output_flat: The flattened output ``[R, C]`` (detached).
+        generator: Random number generator.
+
+    Returns:
+        ``[R, C]`` labels (MSE, BCE) or ``[R]`` class indices (cross-entropy).
+
+    Raises:
+        ValueError: If ``output_flat`` is not 2-d.
+        NotImplementedError: For other losses.
+    """
+    _check_2d(output_flat)
     if isinstance(loss_func, MSELoss):
         noise = torch.randn(
-            (num_samples, *output_flat.shape),
-            generator=generator,
+            output_flat.shape,
             dtype=output_flat.dtype,
             device=output_flat.device,
+            generator=generator,
         )
         return output_flat + sqrt(0.5) * noise
     if isinstance(loss_func, CrossEntropyLoss):
         probs = output_flat.softmax(dim=1)
-        return torch.multinomial(probs, num_samples, replacement=True, generator=generator).T
+        return probs.multinomial(num_samples=1, generator=generator).squeeze(-1)
     if isinstance(loss_func, BCEWithLogitsLoss):
-        probs = output_flat.sigmoid().expand(num_samples, *output_flat.shape)
-        return torch.bernoulli(probs, generator=generator)
+        return output_flat.sigmoid().bernoulli(generator=generator)
     raise NotImplementedError(f"Cannot sample labels for {type(loss_func).__name__}.")
 
 
-def sample_grad_outputs(
-    loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
-) -> Tensor:
-    """Sampled gradients of the row losses w.r.t. the output rows (see module docstring).
+def label_grad_outputs(loss_func, output_flat: Tensor, labels: Tensor) -> Tensor:
+    """Gradients of the sum-reduced row losses at sampled labels, ``[R, C]``.
 
-    Args:
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-        output_flat: The flattened output ``[R, C]`` (detached).
-        num_samples: Number of samples ``M``.
-        generator: Random number generator.
-
-    Returns:
-        ``[M, R, C]`` sampled output gradients.
+    MSE ``2 (f - y)``, cross-entropy ``softmax(f) - onehot(y)``, BCE ``sigmoid(f) - y``.
     """
-    labels = draw_labels(loss_func, output_flat, num_samples, generator)
     if isinstance(loss_func, MSELoss):
         return 2 * (output_flat - labels)
     if isinstance(loss_func, CrossEntropyLoss):
         onehot = torch.nn.functional.one_hot(labels, output_flat.shape[1])
         return output_flat.softmax(dim=1) - onehot.to(output_flat.dtype)
     return output_flat.sigmoid() - labels
+
+
+def kfac_mc_grad_outputs(
+    loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
+) -> Tensor:
+    """KFAC's ``M`` Monte-Carlo output gradients: ``M`` label draws in turn, ``[M, R, C]``."""
+    return torch.stack(
+        [
+            label_grad_outputs(
+                loss_func, output_flat, draw_label(loss_func, output_flat, generator)
+            )
+            for _ in range(num_samples)
+        ]
+    )
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), ``bool`` excluded."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+#: Seeds ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed, name: str = "seed"):
+    """Raise ``ValueError`` unless ``seed`` is an integer that ``torch.Generator`` accepts.
+
+    Args:
+        seed: The seed.
+        name: Argument name for the message.
+    """
+    if not is_integer(seed) or not SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]:
+        raise ValueError(
+            f"{name} must be an integer in [-2**63, 2**64 - 1] (a torch.Generator seed), got "
+            f"{seed!r}. Pass e.g. {name}=0."
+        )
+
+
+def check_positive_integer(value, name: str, hint: str = ""):
+    """Raise ``ValueError`` unless ``value`` is an integer >= 1.
+
+    Args:
+        value: The value.
+        name: Argument name for the message.
+        hint: Optional guidance appended to the message.
+    """
+    if not is_integer(value) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer (>= 1), got {value!r}.{' ' + hint if hint else ''}"
+        )

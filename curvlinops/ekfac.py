@@ -78,7 +78,7 @@ class EKFACLinearOperator(KFACLinearOperator):
     def _output_gradients(self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]):
         if output.ndim != 2 or y.ndim not in (1, 2):
             raise ValueError(
-                "EKFACLinearOperator supports 2-d model outputs with 1-d or 2-d labels only, "
+                "Only 2d output with 1-d or 2-d labels is supported by EKFACLinearOperator, "
                 f"got output {list(output.shape)} and labels {list(y.shape)}. Flatten sequence "
                 "outputs inside the model, or use KFACLinearOperator."
             )
@@ -142,6 +142,19 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._corrected_eigenvalues.clear()
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         totals: Dict[Tuple[str, str], Tensor] = {}
+        try:
+            self._accumulate_corrections(input_names, totals)
+        finally:  # activations are only cached during a batch, also after an error
+            self._cached_activations = {}
+        for name, kind, positions in self._blocks():
+            value = totals[(name, kind)]
+            if kind == "joint":
+                self._corrected_eigenvalues[name] = value
+            else:
+                self._corrected_eigenvalues.setdefault(name, {})[positions[0]] = value
+
+    def _accumulate_corrections(self, input_names: List[str], totals: Dict):
+        """The correction pass: sums the corrected eigenvalues per block into ``totals``."""
         for inputs, grads in self._layer_quantities(
             input_names,
             lambda name, x: self._layer_rows(name, x, reduce=False),
@@ -164,12 +177,6 @@ class EKFACLinearOperator(KFACLinearOperator):
                 key = (name, kind)
                 totals[key] = value if key not in totals else totals[key] + value
             self._cached_activations = {}
-        for name, kind, positions in self._blocks():
-            value = totals[(name, kind)]
-            if kind == "joint":
-                self._corrected_eigenvalues[name] = value
-            else:
-                self._corrected_eigenvalues.setdefault(name, {})[positions[0]] = value
 
     def _maybe_compute_ekfac(self):
         """Compute eigenbases and corrected eigenvalues if missing."""
@@ -276,20 +283,79 @@ class EKFACLinearOperator(KFACLinearOperator):
         )
         return state
 
-    def load_state_dict(self, state_dict: Dict):
-        """Restore a checkpoint (overwrites the model's parameters).
+    _EKFAC_KEYS = (
+        "input_covariances_eigenvectors",
+        "gradient_covariances_eigenvectors",
+        "cached_activations",
+        "corrected_eigenvalues",
+    )
 
-        Args:
-            state_dict: A dict from :meth:`state_dict`.
+    def _validate_state_dict(self, state_dict: Dict):
+        """KFAC's checks, then the EKFAC entries' keys and shapes; changes nothing.
 
         Raises:
-            ValueError: If loss, reduction or factor keys do not match this operator.
+            ValueError: See :meth:`KFACLinearOperator.load_state_dict`, or EKFAC entries of
+                other layers or sizes.
         """
-        super().load_state_dict(state_dict)
-        self._check_keys(state_dict["input_covariances_eigenvectors"], "input eigenvectors", True)
-        self._check_keys(
-            state_dict["gradient_covariances_eigenvectors"], "gradient eigenvectors", False
-        )
+        super()._validate_state_dict(state_dict)
+        missing = [key for key in self._EKFAC_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"The checkpoint is missing the EKFAC keys {missing}.")
+        separate = state_dict["separate_weight_and_bias"]
+        for key, what, input_side in (
+            ("input_covariances_eigenvectors", "input eigenvectors", True),
+            ("gradient_covariances_eigenvectors", "gradient eigenvectors", False),
+        ):
+            self._check_keys(state_dict[key], what, input_side)
+            self._check_factor_shapes(state_dict[key], what, input_side, separate)
+        if not isinstance(state_dict["cached_activations"], dict):
+            raise ValueError(
+                "The checkpoint's cached_activations must be a dict, got "
+                f"{type(state_dict['cached_activations']).__name__}."
+            )
+        corrected = state_dict["corrected_eigenvalues"]
+        if not isinstance(corrected, dict) or (corrected and set(corrected) != set(self._mapping)):
+            raise ValueError(
+                "The checkpoint's corrected eigenvalues have keys "
+                f"{sorted(corrected) if isinstance(corrected, dict) else type(corrected)}, but "
+                f"this operator expects {sorted(self._mapping)}: the checkpoint is from another "
+                "model or parameter selection."
+            )
+        if corrected:
+            self._check_corrected_eigenvalues(corrected, separate)
+
+    def _check_corrected_eigenvalues(self, corrected: Dict, separate: bool):
+        """Raise unless the corrected eigenvalues fit this operator's blocks and positions."""
+        for name, entry in self._mapping.items():
+            shapes = {}
+            for kind, position in entry.items():
+                param = self._params[position]
+                shapes[position] = (
+                    (param.shape[0], param[0].numel()) if kind == "weight" else (param.shape[0],)
+                )
+            value = corrected[name]
+            if "weight" in entry and "bias" in entry and not separate:
+                d_out, d_in = shapes[entry["weight"]]
+                expected, actual = (d_out, d_in + 1), getattr(value, "shape", type(value))
+                fits = isinstance(value, Tensor) and tuple(value.shape) == expected
+            else:
+                expected = shapes
+                actual = (
+                    {k: tuple(getattr(v, "shape", ())) for k, v in value.items()}
+                    if isinstance(value, dict)
+                    else type(value)
+                )
+                fits = isinstance(value, dict) and actual == expected
+            if not fits:
+                raise ValueError(
+                    f"The checkpoint's corrected eigenvalues of module {name!r} are {actual}, "
+                    f"but this operator needs {expected} (keyed by parameter position): the "
+                    "checkpoint is from another parameter selection or order."
+                )
+
+    def _install_state_dict(self, state_dict: Dict):
+        """KFAC's installation plus eigenvectors, cached activations and eigenvalues."""
+        super()._install_state_dict(state_dict)
         self._input_covariances_eigenvectors = dict(state_dict["input_covariances_eigenvectors"])
         self._gradient_covariances_eigenvectors = dict(
             state_dict["gradient_covariances_eigenvectors"]

@@ -24,8 +24,9 @@ w.r.t. the row output, :math:`\mathbb{E}[\mathbf{F}_{\mathrm{MC}}]` equals the G
 **Reproducibility.** A generator on the operator's device is seeded with ``_seed`` at the start
 of every pass over the data and batches are sampled in data order, so repeated products are
 identical, multiplying columns together or one by one gives the same result, and changing
-``_seed`` (e.g. ``op._seed += 1``) draws fresh samples. The labels come from the same routine as
-KFAC's ``draw_label``, so with ``mc_samples=1`` both see the same samples for the same seed.
+``_seed`` (e.g. ``op._seed += 1``) draws fresh samples. Per batch, all ``mc_samples`` samples are
+drawn by one torch call, the same as in the 3.0.1 release (API contract, section 20); with
+``mc_samples=1`` KFAC and EKFAC with ``fisher_type="mc"`` and the same seed see the same samples.
 """
 
 from collections.abc import Callable, MutableMapping
@@ -39,11 +40,14 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from curvlinops._autodiff import in_column_chunks
 from curvlinops._losses import (
     check_binary_targets,
+    check_positive_integer,
     check_sampling_options,
+    check_seed,
     check_supported_loss,
+    fisher_mc_grad_samples,
     flatten_output_and_labels,
     num_terms_normalization,
-    sample_grad_outputs,
+    preserved_global_rng,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
@@ -75,6 +79,7 @@ def make_grad_output_sampler(
     def sampler(
         output: Tensor, num_samples: int, y: Tensor, generator: Optional[Generator]
     ) -> Tensor:
+        check_positive_integer(num_samples, "num_samples")
         if output.ndim != 2:
             raise NotImplementedError(
                 f"Expected a 2-d output [rows, classes], got {list(output.shape)}. "
@@ -82,7 +87,7 @@ def make_grad_output_sampler(
             )
         if isinstance(loss_func, BCEWithLogitsLoss):
             check_binary_targets(y, "FisherMCLinearOperator")
-        return sample_grad_outputs(loss_func, output.detach(), num_samples, generator)
+        return fisher_mc_grad_samples(loss_func, output.detach(), num_samples, generator)
 
     return sampler
 
@@ -175,12 +180,15 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         Raises:
             NotImplementedError: If the loss is unsupported or has options (class weights,
                 ``ignore_index``, label smoothing, ``pos_weight``) that sampling ignores.
-            ValueError: If ``mc_samples`` is not a positive integer.
+            ValueError: If ``mc_samples`` is not a positive integer or ``seed`` is not an
+                integer seed.
         """
         check_supported_loss(loss_func, type(self).__name__)
         check_sampling_options(loss_func, type(self).__name__)
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
+        check_seed(seed)
+        check_positive_integer(
+            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
+        )
         self._seed = seed
         self._mc_samples = mc_samples
         self._generator: Optional[Generator] = None
@@ -199,6 +207,11 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_fmc_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+
+    def _check_deterministic(self):
+        """The base check, with its global-RNG probe undone (the user's stream is kept)."""
+        with preserved_global_rng(self.device):
+            super()._check_deterministic()
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Seed the generator with ``_seed``, then make one pass over the data."""

@@ -44,6 +44,7 @@ are never touched.
 """
 
 import warnings
+from collections.abc import Mapping
 from enum import Enum, EnumMeta
 from math import sqrt
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -55,13 +56,16 @@ from torch.nn.functional import unfold
 
 from curvlinops._losses import (
     check_binary_targets,
+    check_positive_integer,
     check_sampling_options,
-    draw_labels,
+    check_seed,
+    draw_label,
     flatten_labels,
+    kfac_mc_grad_outputs,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
+    preserved_global_rng,
     row_loss_gradients,
-    sample_grad_outputs,
     seeded_generator,
     to_rows,
 )
@@ -196,8 +200,12 @@ class KFACLinearOperator(CurvatureLinearOperator):
 
         Raises:
             ValueError: For an unsupported loss, Fisher type or KFAC type, ``mc_samples != 1``
-                without ``FisherType.MC``, dict inputs without ``batch_size_fn``, or a
-                non-integer number of loss terms per datum.
+                without ``FisherType.MC``, a ``seed`` that is not an integer, ``mc_samples``
+                or ``num_per_example_loss_terms`` that is not a positive integer, a
+                non-boolean ``separate_weight_and_bias``, dict inputs without
+                ``batch_size_fn``, or a non-integer number of loss terms per datum (inferred;
+                an explicit count that does not match a batch's output rows raises when the
+                factors are computed with mean reduction).
             NotImplementedError: If a parameter does not belong to a supported layer, or the
                 loss uses options that sampling ignores.
         """
@@ -219,6 +227,14 @@ class KFACLinearOperator(CurvatureLinearOperator):
         if kfac_approx not in self._SUPPORTED_KFAC_APPROX:
             raise ValueError(
                 f"Invalid kfac_approx {kfac_approx!r}; supported: {[t.value for t in KFACType]}."
+            )
+        self._check_arguments(seed, mc_samples, num_per_example_loss_terms)
+        if not isinstance(separate_weight_and_bias, bool) and separate_weight_and_bias not in (
+            0,
+            1,
+        ):
+            raise ValueError(
+                f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
             )
         if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
             check_sampling_options(loss_func, type(self).__name__)
@@ -250,6 +266,27 @@ class KFACLinearOperator(CurvatureLinearOperator):
             self._check_deterministic()
 
     # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _check_arguments(seed, mc_samples, num_per_example_loss_terms):
+        """Range checks of the numeric constructor arguments.
+
+        Raises:
+            ValueError: If ``seed`` is not an integer seed, ``mc_samples`` is not a positive
+                integer, or ``num_per_example_loss_terms`` is neither ``None`` nor a positive
+                integer.
+        """
+        check_seed(seed)
+        check_positive_integer(
+            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
+        )
+        if num_per_example_loss_terms is not None:
+            check_positive_integer(
+                num_per_example_loss_terms,
+                "num_per_example_loss_terms",
+                "It is the number of loss terms (output rows) per data point; pass None to "
+                "infer it from the labels.",
+            )
+
     @classmethod
     def compute_parameter_mapping(
         cls, params: List[Tensor], model_func: nn.Module
@@ -356,16 +393,24 @@ class KFACLinearOperator(CurvatureLinearOperator):
 
         Returns:
             MSE: ``output + sqrt(0.5) * noise``; CE: class indices ``[R]``; BCE: 0/1 floats.
+            The torch calls are those of 3.0.1 (API contract, section 20).
 
         Raises:
             ValueError: If ``output`` is not 2-d.
             NotImplementedError: For unsupported losses.
         """
         if output.ndim != 2:
-            raise ValueError(f"Expected a 2-d output [R, C], got shape {list(output.shape)}.")
+            raise ValueError(
+                "Only 2d outputs [R, C] are supported by draw_label (a 2-d output is needed), "
+                f"got shape {list(output.shape)}."
+            )
         if self._generator is None:
             self._reseed_generator()
-        return draw_labels(self._loss_func, output.detach(), 1, self._generator)[0]
+        return draw_label(self._loss_func, output.detach(), self._generator)
+
+    def _mc_vectors(self, f: Tensor) -> Tensor:
+        """Monte-Carlo output gradients ``[M, R, C]``: ``M`` label draws in turn (section 20)."""
+        return kfac_mc_grad_outputs(self._loss_func, f, self._mc_samples, self._generator)
 
     # ----------------------------------------------------------------- data passes
     def _cotangents(self, X, y: Tensor, f_flat: Tensor, y_flat: Tensor) -> Tensor:
@@ -378,13 +423,20 @@ class KFACLinearOperator(CurvatureLinearOperator):
                 check_binary_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
             vectors, num_samples = loss_hessian_sqrt_columns(loss_func, f), 1
         elif fisher_type == FisherType.MC:
-            vectors = sample_grad_outputs(loss_func, f, self._mc_samples, self._generator)
+            vectors = self._mc_vectors(f)
             num_samples = self._mc_samples
         else:
             vectors, num_samples = row_loss_gradients(loss_func, f, y_flat).unsqueeze(0), 1
         if loss_func.reduction == "sum":
             return vectors / sqrt(num_samples)
         B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
+        if f.shape[0] != B * R:
+            # the mean-reduction scaling assumes R loss terms (output rows) per data point
+            raise ValueError(
+                f"num_per_example_loss_terms={R}, but a batch of {B} data points has "
+                f"{f.shape[0]} loss terms (output rows), not {B * R}. Pass the number of "
+                "output rows per data point, or None to infer it from the labels."
+            )
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
         correction = 1.0 if isinstance(loss_func, CrossEntropyLoss) else sqrt(f.shape[1])
@@ -475,6 +527,24 @@ class KFACLinearOperator(CurvatureLinearOperator):
         need_grads = FisherType(self._fisher_type) != FisherType.FORWARD_ONLY
         if need_grads:
             self._reseed_generator()
+        # forward passes of training-mode layers (e.g. BatchNorm's running statistics) must
+        # not change the model: its buffers are restored after the pass, even on errors
+        saved_buffers = [(b, b.detach().clone()) for b in self._model_func.buffers()]
+        try:
+            yield from self._layer_quantities_pass(input_names, input_fn, desc, need_grads)
+        finally:
+            with torch.no_grad():
+                for buffer, saved in saved_buffers:
+                    buffer.copy_(saved)
+
+    def _layer_quantities_pass(
+        self,
+        input_names: List[str],
+        input_fn: Callable[[str, Tensor], Tensor],
+        desc: str,
+        need_grads: bool,
+    ) -> Iterator[Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]]:
+        """The pass of :meth:`_layer_quantities` (hooks removed after each forward pass)."""
         for X, y in self._loop_over_data(desc=desc):
             inputs: Dict[str, Tensor] = {}
             outputs: Dict[str, Tensor] = {}
@@ -726,7 +796,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
             RuntimeError: If data, model, or the Kronecker factors are not deterministic.
         """
         loaded = self._has_factors()
-        super()._check_deterministic()
+        # the base check draws its probe vector from the global RNG; the user's random
+        # stream must not depend on whether the check ran
+        with preserved_global_rng(self.device):
+            super()._check_deterministic()
         if loaded:
             return
         first = self._factor_snapshot()
@@ -755,6 +828,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
     def state_dict(self) -> Dict:
         """Everything needed to restore the operator (model parameters included).
 
+        Enum hyper-parameters are stored as their string values, so that the checkpoint only
+        holds tensors and plain Python values and ``torch.load`` reads it with its default
+        ``weights_only=True``.
+
         Returns:
             The state dict (see the contract for its keys).
         """
@@ -762,14 +839,14 @@ class KFACLinearOperator(CurvatureLinearOperator):
             "model_func_state_dict": self._model_func.state_dict(),
             "loss_type": type(self._loss_func).__name__,
             "loss_reduction": self._loss_func.reduction,
-            "progressbar": self._progressbar,
-            "seed": self._seed,
-            "fisher_type": self._fisher_type,
-            "mc_samples": self._mc_samples,
-            "kfac_approx": self._kfac_approx,
-            "num_per_example_loss_terms": self._num_per_example_loss_terms,
-            "separate_weight_and_bias": self._separate_weight_and_bias,
-            "num_data": self._N_data,
+            "progressbar": bool(self._progressbar),
+            "seed": int(self._seed),
+            "fisher_type": FisherType(self._fisher_type).value,
+            "mc_samples": int(self._mc_samples),
+            "kfac_approx": KFACType(self._kfac_approx).value,
+            "num_per_example_loss_terms": int(self._num_per_example_loss_terms),
+            "separate_weight_and_bias": bool(self._separate_weight_and_bias),
+            "num_data": int(self._N_data),
             "input_covariances": self._input_covariances,
             "gradient_covariances": self._gradient_covariances,
             "trace": self._trace,
@@ -781,6 +858,8 @@ class KFACLinearOperator(CurvatureLinearOperator):
     def _check_keys(self, factors: Dict, what: str, input_side: bool):
         """Raise if a non-empty factor dict does not belong to this operator's layers."""
         expected = {n for n, e in self._mapping.items() if "weight" in e or not input_side}
+        if not isinstance(factors, dict):
+            raise ValueError(f"The checkpoint's {what} must be a dict, got {type(factors)}.")
         if factors and set(factors) != expected:
             raise ValueError(
                 f"The checkpoint's {what} have keys {sorted(factors)}, but this operator "
@@ -788,34 +867,126 @@ class KFACLinearOperator(CurvatureLinearOperator):
                 "parameter selection."
             )
 
-    def load_state_dict(self, state_dict: Dict):
-        """Restore a checkpoint (overwrites the model's parameters).
+    def _check_factor_shapes(self, factors: Dict, what: str, input_side: bool, separate: bool):
+        """Raise if a factor does not have the size of its layer (checkpoint of other params)."""
+        for name, factor in factors.items():
+            entry = self._mapping[name]
+            if input_side:
+                weight = self._params[entry["weight"]]
+                dim = weight[0].numel() + (0 if separate or "bias" not in entry else 1)
+            else:
+                dim = self._params[next(iter(entry.values()))].shape[0]
+            if not isinstance(factor, Tensor) or tuple(factor.shape) != (dim, dim):
+                shape = list(factor.shape) if isinstance(factor, Tensor) else type(factor)
+                raise ValueError(
+                    f"The checkpoint's {what} of module {name!r} has shape {shape}, but this "
+                    f"operator's parameters need [{dim}, {dim}]: the checkpoint is from other "
+                    "parameters or another separate_weight_and_bias setting."
+                )
 
-        Args:
-            state_dict: A dict from :meth:`state_dict`.
+    def _check_model_state_dict(self, model_state: Dict):
+        """Dry run of the model's strict ``load_state_dict``: keys and shapes, nothing copied.
 
         Raises:
-            ValueError: If loss, reduction or factor keys do not match this operator.
+            RuntimeError: With torch's wording ("Error(s) in loading state_dict for ...") if
+                keys are missing or unexpected, or shapes differ.
         """
+        if not isinstance(model_state, Mapping):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self._model_func).__name__}: "
+                f"model_func_state_dict must be a mapping, got {type(model_state).__name__}."
+            )
+        current = self._model_func.state_dict()
+        errors = []
+        unexpected = [k for k in model_state if k not in current]
+        missing = [k for k in current if k not in model_state]
+        if unexpected:
+            keys = ", ".join(f'"{k}"' for k in unexpected)
+            errors.append(f"Unexpected key(s) in state_dict: {keys}. ")
+        if missing:
+            keys = ", ".join(f'"{k}"' for k in missing)
+            errors.append(f"Missing key(s) in state_dict: {keys}. ")
+        for key, value in model_state.items():
+            if key not in current or not isinstance(current[key], Tensor):
+                continue
+            if not isinstance(value, Tensor):
+                errors.append(
+                    f'While copying the parameter named "{key}", expected torch.Tensor from '
+                    f"checkpoint but received {type(value)}"
+                )
+            elif value.shape != current[key].shape:
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                    f"checkpoint, the shape in current model is {current[key].shape}."
+                )
+        if errors:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self._model_func).__name__}:\n\t"
+                + "\n\t".join(errors)
+                + "\nThe checkpoint is from another model; nothing was changed."
+            )
+
+    def _warn_overwrite(self, stacklevel: int = 3):
         warnings.warn(
             "Loading a KFAC state dict will overwrite the parameters of the model.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        missing = sorted(set(self.state_dict()) - set(state_dict))
+
+    def _validate_state_dict(self, state_dict: Dict):
+        """All checks of :meth:`load_state_dict`, in the contract's order; changes nothing.
+
+        Raises:
+            ValueError: Missing keys, loss or reduction mismatch, invalid hyper-parameters,
+                factors of other layers or sizes.
+            RuntimeError: If the model's state dict does not fit the model.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
+        missing = sorted(set(KFACLinearOperator.state_dict(self)) - set(state_dict))
         if missing:
             raise ValueError(f"The checkpoint is missing the keys {missing}.")
-        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+        self._check_model_state_dict(state_dict["model_func_state_dict"])
         if type(self._loss_func).__name__ != state_dict["loss_type"]:
             raise ValueError(
-                f"The checkpoint's loss is {state_dict['loss_type']}, this operator's loss is "
-                f"{type(self._loss_func).__name__}."
+                f"Loss function mismatch: the checkpoint's loss is {state_dict['loss_type']}, "
+                f"this operator's loss is {type(self._loss_func).__name__}. Load it into an "
+                "operator built with the same loss."
             )
         if self._loss_func.reduction != state_dict["loss_reduction"]:
             raise ValueError(
-                f"The checkpoint's loss reduction is {state_dict['loss_reduction']!r}, this "
-                f"operator's reduction is {self._loss_func.reduction!r}."
+                f"Loss reduction mismatch: the checkpoint's loss reduction is "
+                f"{state_dict['loss_reduction']!r}, this operator's reduction is "
+                f"{self._loss_func.reduction!r}. Load it into an operator whose loss has the "
+                "same reduction."
             )
+        fisher_type, kfac_approx = state_dict["fisher_type"], state_dict["kfac_approx"]
+        if fisher_type not in self._SUPPORTED_FISHER_TYPE:
+            raise ValueError(f"The checkpoint's fisher_type {fisher_type!r} is not supported.")
+        if kfac_approx not in self._SUPPORTED_KFAC_APPROX:
+            raise ValueError(f"The checkpoint's kfac_approx {kfac_approx!r} is not supported.")
+        self._check_arguments(
+            state_dict["seed"], state_dict["mc_samples"], state_dict["num_per_example_loss_terms"]
+        )
+        if state_dict["mc_samples"] != 1 and fisher_type != FisherType.MC:
+            raise ValueError(
+                f"The checkpoint's mc_samples={state_dict['mc_samples']} needs "
+                f"fisher_type='mc', got {FisherType(fisher_type).value!r}."
+            )
+        check_positive_integer(state_dict["num_data"], "The checkpoint's num_data")
+        separate = state_dict["separate_weight_and_bias"]
+        self._check_keys(state_dict["input_covariances"], "input covariances", True)
+        self._check_keys(state_dict["gradient_covariances"], "gradient covariances", False)
+        self._check_factor_shapes(
+            state_dict["input_covariances"], "input covariance", True, separate
+        )
+        self._check_factor_shapes(
+            state_dict["gradient_covariances"], "gradient covariance", False, separate
+        )
+
+    def _install_state_dict(self, state_dict: Dict):
+        """Load the model's parameters and install the (validated) checkpoint."""
+        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
         self._progressbar = state_dict["progressbar"]
         self._seed = state_dict["seed"]
         self._fisher_type = state_dict["fisher_type"]
@@ -824,14 +995,31 @@ class KFACLinearOperator(CurvatureLinearOperator):
         self._num_per_example_loss_terms = state_dict["num_per_example_loss_terms"]
         self._separate_weight_and_bias = state_dict["separate_weight_and_bias"]
         self._N_data = state_dict["num_data"]
-        self._check_keys(state_dict["input_covariances"], "input covariances", True)
-        self._check_keys(state_dict["gradient_covariances"], "gradient covariances", False)
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
         self._trace = state_dict["trace"]
         self._det = state_dict["det"]
         self._logdet = state_dict["logdet"]
         self._frobenius_norm = state_dict["frobenius_norm"]
+
+    def load_state_dict(self, state_dict: Dict):
+        """Restore a checkpoint (overwrites the model's parameters).
+
+        Everything is checked before anything changes (a dry run of the model's strict
+        ``load_state_dict`` included): on an error, the model and the operator are left as
+        they were. Checkpoints written before enums were stored as strings load as well.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            RuntimeError: If the model's state dict does not fit the model.
+            ValueError: If loss, reduction, hyper-parameters or factors do not match this
+                operator.
+        """
+        self._warn_overwrite()
+        self._validate_state_dict(state_dict)
+        self._install_state_dict(state_dict)
 
     @classmethod
     def from_state_dict(
@@ -857,6 +1045,11 @@ class KFACLinearOperator(CurvatureLinearOperator):
             The restored operator (of class ``cls``).
         """
         loss_classes = {c.__name__: c for c in cls._SUPPORTED_LOSSES}
+        if state_dict.get("loss_type") not in loss_classes:
+            raise ValueError(
+                f"The checkpoint's loss_type {state_dict.get('loss_type')!r} is not one of "
+                f"{sorted(loss_classes)}."
+            )
         loss_func = loss_classes[state_dict["loss_type"]](reduction=state_dict["loss_reduction"])
         op = cls(
             model_func,

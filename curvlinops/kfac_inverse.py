@@ -39,6 +39,7 @@ import warnings
 from numbers import Real
 from typing import Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,42 @@ def _is_non_negative_number(value) -> bool:
         and math.isfinite(value)
         and value >= 0
     )
+
+
+def _is_compiling() -> bool:
+    """Whether the code runs inside ``torch.compile`` tracing."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _spd_inverse(matrix: Tensor) -> Tensor:
+    """Inverse of a symmetric positive definite matrix by Cholesky.
+
+    A numerically singular matrix (rank-deficient up to round-off) can pass the Cholesky
+    factorisation with a tiny positive pivot and give an inverse of size ``1 / eps``; such a
+    pivot is treated like a failed factorisation.
+
+    Raises:
+        torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
+    """
+    L = torch.linalg.cholesky(matrix)
+    if _is_compiling():  # no data-dependent checks in a traced product (see _prepare_compile)
+        return torch.cholesky_inverse(L)
+    pivots = L.diagonal() ** 2
+    scale = matrix.diagonal().abs().max()
+    tolerance = matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale
+    if matrix.shape[0] > 0 and (pivots.min() <= tolerance or not torch.isfinite(L).all()):
+        raise torch.linalg.LinAlgError(
+            f"the matrix is numerically singular (smallest Cholesky pivot {pivots.min():.3e} "
+            f"is within round-off {tolerance:.3e} of zero)."
+        )
+    return torch.cholesky_inverse(L)
+
+
+def _check_flag(value, name: str):
+    """Raise ``ValueError`` unless ``value`` is a boolean (or 0/1)."""
+    if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, int) and value in (0, 1)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
@@ -126,6 +163,8 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             )
         super().__init__(A)
         self._check_hyperparameters(damping, use_heuristic_damping, min_damping, use_exact_damping)
+        _check_flag(cache, "cache")
+        _check_flag(retry_double_precision, "retry_double_precision")
         self._damping = damping
         self._use_heuristic_damping = use_heuristic_damping
         self._min_damping = min_damping
@@ -143,15 +182,21 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         Raises:
             ValueError: See :meth:`__init__`.
         """
+        for flag, name in (
+            (use_heuristic_damping, "use_heuristic_damping"),
+            (use_exact_damping, "use_exact_damping"),
+        ):
+            _check_flag(flag, name)
         if use_heuristic_damping and use_exact_damping:
             raise ValueError(
-                "use_heuristic_damping and use_exact_damping exclude each other: use either "
-                "use_heuristic_damping or use_exact_damping, not both."
+                "Either use heuristic damping or exact damping, not both: set "
+                "use_heuristic_damping=True or use_exact_damping=True, but not both."
             )
         if isinstance(damping, tuple) and (use_heuristic_damping or use_exact_damping):
             raise ValueError(
-                "A (damping_A, damping_G) tuple cannot be combined with heuristic or exact "
-                "damping; pass a single float."
+                "Heuristic and exact damping require a single damping value. A "
+                "(damping_A, damping_G) tuple only works with plain factor damping; pass a "
+                "single float."
             )
         if isinstance(self._A, EKFACLinearOperator) and not use_exact_damping:
             raise ValueError(
@@ -189,7 +234,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         damped = matrix + damping * eye
         dtype = matrix.dtype
         try:
-            return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            return _spd_inverse(damped)
         except RuntimeError as error:
             if dtype == torch.float64 or not self._retry_double_precision:
                 hint = (
@@ -209,7 +254,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             stacklevel=5,
         )
         try:
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped.to(torch.float64)))
+            inverse = _spd_inverse(damped.to(torch.float64))
         except RuntimeError as error:
             raise torch.linalg.LinAlgError(
                 f"Cholesky factorisation of the damped {what} (damping {damping}) failed in "
@@ -274,10 +319,13 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
 
         if isinstance(kfac, EKFACLinearOperator):
             kfac._maybe_compute_ekfac()
-            inverse_eigenvalues = {
-                kind: 1.0 / (self._ekfac_eigenvalues(name, kind, positions) + delta)
-                for kind, positions in blocks
-            }
+            inverse_eigenvalues = {}
+            for kind, positions in blocks:
+                values = self._ekfac_eigenvalues(name, kind, positions)
+                # corrected eigenvalues are sums of squares of rotated gradients: their
+                # round-off is relative to the largest one
+                tolerance = max(values.shape) * values.abs().max() * torch.finfo(values.dtype).eps
+                inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
             return (
                 kfac._input_covariances_eigenvectors.get(name),
                 kfac._gradient_covariances_eigenvectors[name],
@@ -312,12 +360,51 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         if not self._use_exact_damping:
             return A_part, G_part, None
         lam_G = G_part[1]
-        inverse_eigenvalues = {
-            kind: 1.0
-            / ((lam_G.unsqueeze(-1) if kind == "bias" else torch.outer(lam_G, A_part[1])) + delta)
-            for kind, _ in blocks
-        }
+        eps = torch.finfo(lam_G.dtype).eps
+        inverse_eigenvalues = {}
+        for kind, _ in blocks:
+            # eigh's eigenvalues are accurate to about dim * eps * max |eigenvalue|
+            if kind == "bias":
+                values = lam_G.unsqueeze(-1)
+                tolerance = lam_G.numel() * eps * lam_G.abs().max()
+            else:
+                lam_A = A_part[1]
+                values = torch.outer(lam_G, lam_A)
+                tolerance = (
+                    (lam_G.numel() + lam_A.numel()) * eps * lam_G.abs().max() * lam_A.abs().max()
+                )
+            inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
         return A_part, G_part, inverse_eigenvalues
+
+    def _inverse_damped(self, values: Tensor, delta: float, tolerance: Tensor, name: str) -> Tensor:
+        """``1 / (values + delta)``, refusing a numerically singular damped block.
+
+        Args:
+            values: Eigenvalues of a block (KFAC's grid or EKFAC's corrected eigenvalues).
+            delta: The damping.
+            tolerance: Round-off level of ``values``: damped eigenvalues at or below it are
+                indistinguishable from zero.
+            name: Module name, for the message.
+
+        Returns:
+            The inverse damped eigenvalues.
+
+        Raises:
+            torch.linalg.LinAlgError: (a ``RuntimeError``) If a damped eigenvalue is not
+                clearly positive, which would give infinite or NaN products.
+        """
+        damped = values + delta
+        if _is_compiling():  # no data-dependent checks in a traced product
+            return 1.0 / damped
+        smallest = damped.min()
+        if not torch.isfinite(damped).all() or smallest <= tolerance:
+            raise torch.linalg.LinAlgError(
+                f"The exactly damped curvature block of module {name!r} is singular: its "
+                f"smallest damped eigenvalue is {smallest.item():.3e} with damping {delta}, "
+                f"within round-off ({tolerance.item():.3e}) of zero, so its inverse would be "
+                "infinite or NaN. Increase the damping (damping > 0)."
+            )
+        return 1.0 / damped
 
     def _ekfac_eigenvalues(self, name: str, kind: str, positions: Tuple[int, ...]) -> Tensor:
         """EKFAC's corrected eigenvalues of a block as ``[d_out, n]`` (``n = 1`` for a bias)."""
@@ -326,6 +413,16 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         return values.unsqueeze(-1) if kind == "bias" else values
 
     # ----------------------------------------------------------------- products
+    def _prepare_compile(self):
+        """Compute (and, with ``cache=True``, cache) the inverses eagerly before tracing.
+
+        The singularity checks are data-dependent and skipped inside a compiled product; run
+        eagerly here, they still guard the cached inverses that the compiled product reads.
+        """
+        self._A._prepare_compile()
+        for name in self._A._mapping:
+            self._compute_or_get_cached_inverse(name)
+
     def _matmat(self, M):
         parts = {}
 
@@ -372,6 +469,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
     def load_state_dict(self, state_dict: Dict):
         """Restore a checkpoint; loads the wrapped operator's state (with its warning).
 
+        Everything (the wrapped operator's checkpoint included) is checked before anything
+        changes: on an error, model, operator and inverse are left as they were.
+
         Args:
             state_dict: A dict from :meth:`state_dict`.
 
@@ -385,7 +485,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                 f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
                 "it with KFACInverseLinearOperator.state_dict()."
             )
-        self._A.load_state_dict(state_dict["A"])
+        # everything is checked before anything changes (the wrapped operator included)
+        self._A._warn_overwrite(stacklevel=3)
+        self._A._validate_state_dict(state_dict["A"])
         self._check_hyperparameters(
             state_dict["damping"],
             state_dict["use_heuristic_damping"],
@@ -393,12 +495,17 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             state_dict["use_exact_damping"],
         )
         for key in ("inverse_input_covariances", "inverse_gradient_covariances"):
+            if not isinstance(state_dict[key], dict):
+                raise ValueError(
+                    f"The checkpoint's {key} must be a dict, got {type(state_dict[key]).__name__}."
+                )
             unknown = sorted(set(state_dict[key]) - set(self._A._mapping))
             if unknown:
                 raise ValueError(
                     f"The checkpoint's {key} has modules {unknown} that the KFAC operator does "
                     f"not have ({list(self._A._mapping)})."
                 )
+        self._A._install_state_dict(state_dict["A"])
         self._damping = state_dict["damping"]
         self._use_heuristic_damping = state_dict["use_heuristic_damping"]
         self._min_damping = state_dict["min_damping"]

@@ -113,13 +113,23 @@ def loss_hessian_matrix_sqrt(
 _IntOrTuple = Union[int, Sequence[int]]
 
 
-def _as_tuple(value: _IntOrTuple, num_dims: int, name: str) -> Tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * num_dims
-    value = tuple(value)
-    if len(value) != num_dims or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or a tuple of {num_dims} ints, got {value}.")
-    return value
+def _as_tuple(value: _IntOrTuple, num_dims: int, name: str, minimum: int = 1) -> Tuple[int, ...]:
+    """An int or a sequence of ``num_dims`` ints as a tuple, each at least ``minimum``."""
+    as_tuple = (value,) * num_dims if isinstance(value, int) else value
+    try:
+        as_tuple = tuple(as_tuple)
+    except TypeError:
+        as_tuple = None
+    if (
+        as_tuple is None
+        or len(as_tuple) != num_dims
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in as_tuple)
+        or any(v < minimum for v in as_tuple)
+    ):
+        raise ValueError(
+            f"{name} must be an int >= {minimum} or a tuple of {num_dims} such ints, got {value!r}."
+        )
+    return as_tuple
 
 
 def _symmetric_padding(
@@ -140,7 +150,7 @@ def _symmetric_padding(
         return tuple(t // 2 for t in totals)
     if isinstance(padding, str):
         raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}.")
-    return _as_tuple(padding, num_dims, "padding")
+    return _as_tuple(padding, num_dims, "padding", minimum=0)
 
 
 def _patch_view(
@@ -160,6 +170,8 @@ def _patch_view(
     dilation = _as_tuple(dilation, num_dims, "dilation")
     padding = _symmetric_padding(padding, kernel_size, dilation)
     B, C_in = x.shape[:2]
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}.")
     if C_in % groups != 0:
         raise ValueError(f"C_in ({C_in}) must be divisible by groups ({groups}).")
     if groups > 1:

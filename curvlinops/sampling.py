@@ -12,6 +12,7 @@ By default PyTorch's global random number generator is used (so ``torch.manual_s
 controls the draws); pass ``generator`` to use a dedicated ``torch.Generator`` instead.
 """
 
+import numbers
 from functools import cache
 from typing import Optional, Union
 
@@ -90,6 +91,8 @@ def rademacher_columns(
     Returns:
         ``[dim, num_columns]`` with entries in ``{-1, +1}``.
     """
+    _check_size(dim, "dim")
+    _check_size(num_columns, "num_columns")
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and _uniform_draws_match_bernoulli():
         uniforms = torch.rand(num_columns, dim, dtype=torch.float64, generator=generator)
@@ -122,7 +125,14 @@ def normal(
     Returns:
         The random vector of shape ``[dim]``.
     """
+    _check_size(dim, "dim")
     return torch.randn(dim, device=device, dtype=dtype, generator=generator)
+
+
+def _check_size(value, name: str):
+    """Raise ``ValueError`` unless ``value`` is a non-negative integer."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
 
 
 def random_vector(

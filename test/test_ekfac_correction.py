@@ -206,7 +206,21 @@ def test_batched_eigh_dict_and_dtypes(monkeypatch):
     assert batched_eigh([]) == [] and batched_eigh({}) == {}
 
 
+def test_batched_eigh_small_float32_in_float64(monkeypatch):
+    """Small lower-precision matrices are decomposed in float64 (accuracy) and cast back."""
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda M: calls.append(M.dtype) or real_eigh(M))
+    M = spd(6, 0, dtype=torch.float32, rank=3)
+    ((evals, evecs),) = batched_eigh([M])
+    assert calls == [torch.float64] and evals.dtype == evecs.dtype == torch.float32
+    orthogonality = evecs.double().T @ evecs.double() - torch.eye(6, dtype=DT)
+    assert orthogonality.abs().max() < 2 * torch.finfo(torch.float32).eps
+
+
 def test_batched_eigh_float64_retry(monkeypatch):
+    # large lower-precision matrices are decomposed in their dtype first
+    monkeypatch.setattr(correction, "FLOAT64_EIGH_MAX_DIM", 0)
     real_eigh = torch.linalg.eigh
     dtypes = []
 
@@ -228,6 +242,7 @@ def test_batched_eigh_float64_retry(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batched_eigh_damped_retry(dtype, monkeypatch):
+    monkeypatch.setattr(correction, "FLOAT64_EIGH_MAX_DIM", 0)  # the large-matrix path
     real_eigh = torch.linalg.eigh
     inputs = []
     undamped_failures = 1 if dtype == torch.float64 else 2  # float64 skips the dtype retry

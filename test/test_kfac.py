@@ -97,7 +97,10 @@ def test_mc_coupled_with_fisher_mc(loss_cls):
     for seed in (1, 7):
         K = KFACLinearOperator(model, loss, params, data, seed=seed)
         F_mc = densify(FisherMCLinearOperator(model, loss, params, data, seed=seed))
-        assert_close(densify(K), blockdiag(F_mc, model, params, True))
+        # 3.0.1's MC-Fisher scales its MSE samples by a float32 sqrt(0.5) (API section 20),
+        # KFAC by a float64 one: the samples agree to float32 precision only
+        rtol = 1e-7 if loss_cls is nn.MSELoss else 1e-10
+        assert_close(densify(K), blockdiag(F_mc, model, params, True), rtol=rtol)
 
 
 def test_mc_converges_to_type2():

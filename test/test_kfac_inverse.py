@@ -452,17 +452,21 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="identical input and output spaces"):
         KFACInverseLinearOperator(non_square, use_heuristic_damping=True, use_exact_damping=True)
     # order: both flags before the tuple check before the EKFAC check
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Either use heuristic damping or exact damping"):
         KFACInverseLinearOperator(
             K, damping=(0.1, 0.1), use_heuristic_damping=True, use_exact_damping=True
         )
     for flag in ("use_heuristic_damping", "use_exact_damping"):
-        with pytest.raises(ValueError, match="tuple cannot be combined"):
+        with pytest.raises(
+            ValueError, match="Heuristic and exact damping require a single damping value."
+        ):
             KFACInverseLinearOperator(K, damping=(0.1, 0.1), **{flag: True})
     E = make_kfac(EKFACLinearOperator)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Either use heuristic damping or exact damping"):
         KFACInverseLinearOperator(E, use_heuristic_damping=True, use_exact_damping=True)
-    with pytest.raises(ValueError, match="tuple cannot be combined"):
+    with pytest.raises(
+        ValueError, match="Heuristic and exact damping require a single damping value."
+    ):
         KFACInverseLinearOperator(E, damping=(0.1, 0.1), use_heuristic_damping=True)
     with pytest.raises(ValueError, match="pass use_exact_damping=True"):
         KFACInverseLinearOperator(E, damping=-1.0)
@@ -490,3 +494,26 @@ def test_constructor_errors():
     KFACInverseLinearOperator(K, damping=(0, 1))
     KFACInverseLinearOperator(K, damping=0.0, use_heuristic_damping=True, min_damping=0)
     KFACInverseLinearOperator(E, damping=0.1, use_exact_damping=True)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_compiled_exact_damping(cache):
+    """Compiled exact-damping inverses (fullgraph) equal eager ones; the singularity check
+    runs eagerly when compiling with a cache."""
+    for cls in (KFACLinearOperator, EKFACLinearOperator):
+        eager = KFACInverseLinearOperator(make_kfac(cls), damping=1e-2, use_exact_damping=True)
+        compiled = KFACInverseLinearOperator(
+            make_kfac(cls), damping=1e-2, use_exact_damping=True, cache=cache
+        )
+        compiled.compile(backend="eager", fullgraph=True)
+        assert_close(densify(compiled), densify(eager), rtol=1e-8)
+    model = relu_mlp()
+    K = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        [(torch.randn(1, 3, dtype=DT), torch.tensor([1]))],
+    )
+    singular = KFACInverseLinearOperator(K, damping=0.0, use_exact_damping=True)
+    with pytest.raises(RuntimeError, match="damping"):
+        singular.compile(backend="eager", fullgraph=True)

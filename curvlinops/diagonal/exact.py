@@ -29,6 +29,7 @@ batch size times classes times parameters. So the model must treat data points
 independently (no batch statistics; put BatchNorm in ``eval()`` mode).
 """
 
+import math
 from collections.abc import MutableMapping
 from math import sqrt
 from typing import Callable, Iterable, List, Optional, Tuple, Union
@@ -42,14 +43,17 @@ from curvlinops._autodiff import make_functional_model, second_order_context
 from curvlinops._ekfac_correction import per_example_square_sums
 from curvlinops._losses import (
     check_binary_targets,
+    check_positive_integer,
     check_sampling_options,
+    check_seed,
     check_supported_loss,
+    fisher_mc_grad_samples,
     flatten_output_and_labels,
     from_rows,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
+    preserved_global_rng,
     row_loss_gradients,
-    sample_grad_outputs,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
@@ -63,7 +67,15 @@ class _SeveralLossTerms(Exception):
 
 
 class _LayerPass(KFACLinearOperator):
-    """KFAC's data pass, restricted to 2-d outputs (one loss term per datum)."""
+    """KFAC's data pass, restricted to 2-d outputs (one loss term per datum).
+
+    Its Monte-Carlo samples are those of :class:`~curvlinops.FisherMCLinearOperator` (all
+    ``M`` samples of a batch in one draw), not KFAC's one-by-one draws: the diagonal is the
+    Monte-Carlo Fisher's.
+    """
+
+    def _mc_vectors(self, f: Tensor) -> Tensor:
+        return fisher_mc_grad_samples(self._loss_func, f, self._mc_samples, self._generator)
 
     def _output_gradients(self, X, y: Tensor, output: Tensor, outputs):
         if output.ndim != 2 or y.ndim not in (1, 2):
@@ -113,6 +125,7 @@ def squared_gradient_sum(
     Returns:
         The sums, shaped like ``params``.
     """
+    check_positive_integer(max_elements, "max_elements")
     model = make_functional_model(model_func, params)
     mapped, rebuild = _datum_inputs(X)
     primals = tuple(p.detach() if detach else p for p in params)
@@ -178,6 +191,12 @@ class _DiagonalAlgebra:
         Raises:
             ValueError: If a damped entry is zero (not invertible).
         """
+        if (
+            not isinstance(damping, (int, float))
+            or isinstance(damping, bool)
+            or not (math.isfinite(damping))
+        ):
+            raise ValueError(f"damping must be a finite number, got {damping!r}.")
         damped = [d + damping for d in self.diagonal]
         if any((d == 0).any() for d in damped):
             raise ValueError(
@@ -251,6 +270,11 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
         )
+
+    def _check_deterministic(self):
+        """The base check, with its global-RNG probe undone (the user's stream is kept)."""
+        with preserved_global_rng(self.device):
+            super()._check_deterministic()
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         """The vectors ``s_{r,v}`` of a batch, ``[V, R, C]`` (unnormalised)."""
@@ -405,8 +429,8 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
             batch_size_fn: Number of data points of a batch input.
         """
         check_sampling_options(loss_func, type(self).__name__)
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
+        check_seed(seed)
+        check_positive_integer(mc_samples, "mc_samples")
         self._seed, self._mc_samples = seed, mc_samples
         self._generator: Optional[Generator] = None
         super().__init__(
@@ -429,7 +453,7 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         if isinstance(self._loss_func, BCEWithLogitsLoss):
             check_binary_targets(y, type(self).__name__)
-        samples = sample_grad_outputs(
+        samples = fisher_mc_grad_samples(
             self._loss_func, output_flat, self._mc_samples, self._generator
         )
         return samples / sqrt(self._mc_samples)
