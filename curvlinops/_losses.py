@@ -254,19 +254,6 @@ def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
     return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
 
 
-def preserved_global_rng(device: torch.device):
-    """Context in which global RNG draws (e.g. the determinism probe) are undone afterwards.
-
-    Args:
-        device: The operator's device (its CUDA generator is saved too).
-
-    Returns:
-        A ``torch.random.fork_rng`` context.
-    """
-    device = torch.device(device)
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
     """``generator`` (or a new one if missing or on another device) re-seeded with ``seed``.
 

@@ -47,7 +47,6 @@ from curvlinops._losses import (
     fisher_mc_grad_samples,
     flatten_output_and_labels,
     num_terms_normalization,
-    preserved_global_rng,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
@@ -207,11 +206,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
         """The mini-batch product, built once."""
         return make_batch_fmc_matrix_product(self._model_func, self._loss_func, tuple(self._params))
-
-    def _check_deterministic(self):
-        """The base check, with its global-RNG probe undone (the user's stream is kept)."""
-        with preserved_global_rng(self.device):
-            super()._check_deterministic()
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
         """Seed the generator with ``_seed``, then make one pass over the data."""

@@ -54,6 +54,7 @@ from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from torch.nn.functional import unfold
 
+from curvlinops._autodiff import guarded_models
 from curvlinops._losses import (
     check_binary_targets,
     check_positive_integer,
@@ -64,7 +65,6 @@ from curvlinops._losses import (
     kfac_mc_grad_outputs,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
-    preserved_global_rng,
     row_loss_gradients,
     seeded_generator,
     to_rows,
@@ -527,15 +527,10 @@ class KFACLinearOperator(CurvatureLinearOperator):
         need_grads = FisherType(self._fisher_type) != FisherType.FORWARD_ONLY
         if need_grads:
             self._reseed_generator()
-        # forward passes of training-mode layers (e.g. BatchNorm's running statistics) must
-        # not change the model: its buffers are restored after the pass, even on errors
-        saved_buffers = [(b, b.detach().clone()) for b in self._model_func.buffers()]
-        try:
+        # the model is locked and its buffers (e.g. BatchNorm's running statistics) restored
+        # after the pass, even on errors, also when called outside a product or constructor
+        with guarded_models([self._model_func]):
             yield from self._layer_quantities_pass(input_names, input_fn, desc, need_grads)
-        finally:
-            with torch.no_grad():
-                for buffer, saved in saved_buffers:
-                    buffer.copy_(saved)
 
     def _layer_quantities_pass(
         self,
@@ -796,10 +791,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
             RuntimeError: If data, model, or the Kronecker factors are not deterministic.
         """
         loaded = self._has_factors()
-        # the base check draws its probe vector from the global RNG; the user's random
-        # stream must not depend on whether the check ran
-        with preserved_global_rng(self.device):
-            super()._check_deterministic()
+        super()._check_deterministic()
         if loaded:
             return
         first = self._factor_snapshot()

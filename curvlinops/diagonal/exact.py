@@ -52,7 +52,6 @@ from curvlinops._losses import (
     from_rows,
     loss_hessian_sqrt_columns,
     num_terms_normalization,
-    preserved_global_rng,
     row_loss_gradients,
     seeded_generator,
 )
@@ -270,11 +269,6 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
         )
-
-    def _check_deterministic(self):
-        """The base check, with its global-RNG probe undone (the user's stream is kept)."""
-        with preserved_global_rng(self.device):
-            super()._check_deterministic()
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         """The vectors ``s_{r,v}`` of a batch, ``[V, R, C]`` (unnormalised)."""
