@@ -117,8 +117,8 @@ def eigsh(
         max_iter: Most restarts (an integer >= 1).
         block_size: Columns ``p`` per product, an integer in ``[1, D - k]``. The default 1
             is thick-restart Lanczos; a larger block multiplies ``p`` columns in one product
-            (more columns in total, fewer products) and finds repeated eigenvalues
-            (multiplicity up to ``p``) without the extra search of step 4.
+            and finds repeated eigenvalues (multiplicity up to ``p``) without the extra
+            search of step 4.
         ncv: Basis size before a restart, an integer of at least ``k + p`` (default
             ``max(2 k + 4 p, 20)``, capped at the dimension).
         generator: Random number generator for the start block (global one if ``None``).
