@@ -495,13 +495,24 @@ class _LanczosCache:
         self._runs: List[Tuple[Tensor, Tensor]] = []
 
     def _average(
-        self, num_repeats: int, density_from_run: Callable[[Tuple[Tensor, Tensor]], Tuple]
+        self, num_repeats: int, from_iter: Callable, *density_args
     ) -> Tuple[Tensor, Tensor]:
-        """Grid of the first run and mean density over the first ``num_repeats`` runs."""
+        """Grid of the first run and mean density over the first ``num_repeats`` runs.
+
+        Args:
+            num_repeats: Number of runs to average (more are run if needed).
+            from_iter: The density of one run, called as
+                ``from_iter(run, boundaries, *density_args)``.
+            *density_args: ``num_points, kappa, margin`` (and ``epsilon``), checked before
+                any product.
+        """
+        _check_density_args(*density_args)
         check_int("num_repeats", num_repeats, 1)
         while len(self._runs) < num_repeats:
             self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
-        results = [density_from_run(run) for run in self._runs[:num_repeats]]
+        results = [
+            from_iter(run, self._boundaries, *density_args) for run in self._runs[:num_repeats]
+        ]
         return results[0][0], torch.stack([density for _, density in results]).mean(0)
 
 
@@ -531,12 +542,8 @@ class LanczosApproximateSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        _check_density_args(num_points, kappa, margin)
         return self._average(
-            num_repeats,
-            lambda run: lanczos_approximate_spectrum_from_iter(
-                run, self._boundaries, num_points, kappa, margin
-            ),
+            num_repeats, lanczos_approximate_spectrum_from_iter, num_points, kappa, margin
         )
 
 
@@ -565,10 +572,11 @@ class LanczosApproximateLogSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        _check_density_args(num_points, kappa, margin, epsilon)
         return self._average(
             num_repeats,
-            lambda run: lanczos_approximate_log_spectrum_from_iter(
-                run, self._boundaries, num_points, kappa, margin, epsilon
-            ),
+            lanczos_approximate_log_spectrum_from_iter,
+            num_points,
+            kappa,
+            margin,
+            epsilon,
         )
