@@ -6,12 +6,12 @@ its algorithm run under the same ``torch.manual_seed`` (or the same ``generator`
 products with :math:`\mathbf{A}` are multi-column products.
 """
 
-from numbers import Integral
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from curvlinops._checks import check_count, check_generator
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.sampling import rademacher_columns, random_vector
 from curvlinops.utils import assert_divisible_by, assert_is_square, assert_matvecs_subseed_dim
@@ -27,12 +27,7 @@ def check_num_matvecs(num_matvecs: int, divisor: int = 1):
         num_matvecs: Number of matrix-vector products an estimator may use.
         divisor: Smallest allowed value (the required divisor).
     """
-    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, Integral):
-        raise ValueError(
-            f"num_matvecs must be an integer, got {num_matvecs!r} ({type(num_matvecs).__name__})."
-        )
-    if num_matvecs < divisor:
-        raise ValueError(f"num_matvecs must be at least {divisor}, got {num_matvecs}.")
+    check_count("num_matvecs", num_matvecs, divisor)
 
 
 def check_sampling(distribution: str, generator: Optional[torch.Generator]):
@@ -44,10 +39,7 @@ def check_sampling(distribution: str, generator: Optional[torch.Generator]):
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}."
-        )
+    check_generator(generator)
 
 
 def check_square(

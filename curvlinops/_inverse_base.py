@@ -6,14 +6,16 @@ import torch
 from torch import Tensor
 
 from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops._wrapping import _WrappingLinearOperator
 
 
-class _InversePyTorchLinearOperator(PyTorchLinearOperator):
+class _InversePyTorchLinearOperator(_WrappingLinearOperator):
     """Base of operators that approximate the inverse of a square operator ``A``.
 
     The inverse acts on the spaces of ``A`` (which must coincide), multiplies in ``A``'s
-    dtype on ``A``'s device, and keeps ``A`` in ``_A``. Subclasses implement ``_matmat``
-    (and ``_adjoint`` unless they are self-adjoint).
+    dtype on ``A``'s device, and keeps ``A`` in ``_A``; compiling it compiles ``A``'s
+    products (the solver's iteration stays eager). Subclasses implement ``_matmat`` (and
+    ``_adjoint`` unless they are self-adjoint).
     """
 
     def __init__(self, A: PyTorchLinearOperator):
@@ -38,28 +40,6 @@ class _InversePyTorchLinearOperator(PyTorchLinearOperator):
             )
         super().__init__(A._in_shape, A._out_shape)
         self._A = A
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the inverted operator."""
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the inverted operator."""
-        return self._A.dtype
-
-    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
-        """Compile the products of ``A`` in place; the solver's iteration stays eager.
-
-        Args:
-            **compile_kwargs: Passed on to ``A.compile``.
-
-        Returns:
-            The inverse itself.
-        """
-        self._A.compile(**compile_kwargs)
-        return self
 
     def _flatten(self, X: List[Tensor]) -> Tensor:
         """Stack list-format columns (entries ``[*shape, K]``) into one ``[D, K]`` matrix."""

@@ -3,8 +3,8 @@
 ``curvlinops report`` prints a curvature report of a model (see :mod:`curvlinops.report`):
 top eigenvalues, a trace estimate with its 95% confidence interval, per-layer traces, shares
 and top eigenvalues, and optionally writes the numbers as JSON and the spectral density as a
-PNG. Without ``--problem`` it reports on a built-in problem (a small MLP trained in a few
-seconds on a synthetic data set shipped in the package).
+PNG. Without ``--problem`` it reports on a built-in problem (a small MLP trained on a
+synthetic data set shipped in the package).
 
 Errors in the input (a problem that cannot be imported or returns the wrong thing, an unknown
 matrix, ``k`` out of range, an unwritable output file, ``--plot`` without matplotlib) are

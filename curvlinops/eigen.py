@@ -4,9 +4,9 @@ r"""Extreme eigenpairs of symmetric operators, on the operator's device.
 
 1. Expand an orthonormal basis :math:`\mathbf{Q}` block by block: each step multiplies the
    newest block of :math:`p` columns with :math:`\mathbf{A}` (one product; ``block_size``
-   :math:`p = 1` by default, which needed the fewest products in our benchmark) and
-   orthogonalises the result against the basis twice (full re-orthogonalisation), until the
-   basis has ``ncv`` columns. The products :math:`\mathbf{W} = \mathbf{A}\mathbf{Q}` are kept.
+   :math:`p = 1` by default) and orthogonalises the result against the basis twice (full
+   re-orthogonalisation), until the basis has ``ncv`` columns. The products
+   :math:`\mathbf{W} = \mathbf{A}\mathbf{Q}` are kept.
 2. Rayleigh-Ritz: :math:`\mathbf{Q}^\top\mathbf{W} = \mathbf{Y}\boldsymbol{\Theta}
    \mathbf{Y}^\top`; the wanted Ritz pairs :math:`(\theta_i, \mathbf{Q}\mathbf{y}_i)` have
    residuals :math:`\|\mathbf{W}\mathbf{y}_i - \theta_i\mathbf{Q}\mathbf{y}_i\|` at no extra
@@ -28,13 +28,13 @@ through ``A.to_scipy()``); the only host synchronisation per restart is the conv
 
 import warnings
 from math import inf
-from numbers import Integral, Real
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from curvlinops._checks import check_generator, check_int, check_number
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.utils import assert_is_square
 
@@ -65,11 +65,6 @@ def _order(theta: Tensor, which: str) -> Tensor:
     if which == "SA":
         return torch.argsort(theta)
     return torch.argsort(theta.abs(), descending=True)
-
-
-def _is_int(value) -> bool:
-    """Whether ``value`` is an integer (Python or NumPy), but not a bool."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _best_ritz_pair(H: Tensor, run_start: int, size: int, which: str) -> Tuple[Tensor, Tensor]:
@@ -108,6 +103,10 @@ def eigsh(
 ) -> Union[Tensor, Tuple[Tensor, Union[Tensor, List[Tensor]]]]:
     """Compute ``k`` extreme eigenpairs of a symmetric operator by restarted block Lanczos.
 
+    Stages: check the arguments, run the restarted Lanczos iteration (steps 1 to 3 of the
+    module docstring), search for missed copies of repeated eigenvalues (step 4), and shape
+    the eigenvectors.
+
     Args:
         A: A symmetric ``PyTorchLinearOperator`` (or a symmetric 2-d tensor).
         k: Number of eigenpairs.
@@ -117,10 +116,9 @@ def eigsh(
             every wanted pair has ``||A x - theta x|| <= tol * max |theta|``.
         max_iter: Most restarts (an integer >= 1).
         block_size: Columns ``p`` per product, an integer in ``[1, D - k]``. The default 1
-            (thick-restart Lanczos) needs the fewest products; a larger block multiplies
-            ``p`` columns at once, which pays when multi-column products are much cheaper
-            per column (e.g. on a GPU) and finds repeated eigenvalues (multiplicity up to
-            ``p``) without the extra search of step 4.
+            is thick-restart Lanczos; a larger block multiplies ``p`` columns in one product
+            and finds repeated eigenvalues (multiplicity up to ``p``) without the extra
+            search of step 4.
         ncv: Basis size before a restart, an integer of at least ``k + p`` (default
             ``max(2 k + 4 p, 20)``, capped at the dimension).
         generator: Random number generator for the start block (global one if ``None``).
@@ -144,31 +142,7 @@ def eigsh(
             Ritz approximations, not eigenpairs to ``tol``.
     """
     dim = assert_is_square(A)
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
-    if not _is_int(k) or not 1 <= k < dim:
-        raise ValueError(f"k must be an integer in [1, {dim}) for a {dim}x{dim} operator, got {k}.")
-    if not _is_int(max_iter) or max_iter < 1:
-        raise ValueError(
-            f"max_iter must be an integer >= 1 (number of restarts), got {max_iter!r}."
-        )
-    if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 <= tol < inf:
-        raise ValueError(
-            f"tol must be a finite number >= 0 (0 means machine precision), got {tol!r}."
-        )
-    if block_size is not None and (not _is_int(block_size) or not 1 <= block_size <= dim - k):
-        raise ValueError(
-            f"block_size must be None or an integer in [1, {dim - k}] (at least 1 and at most "
-            f"the dimension {dim} minus k = {k}), got {block_size!r}."
-        )
-    p = 1 if block_size is None else block_size
-    if ncv is not None and (not _is_int(ncv) or ncv < k + p):
-        raise ValueError(
-            f"ncv must be None or an integer >= k + block_size = {k + p} (values above the "
-            f"dimension {dim} are capped), got {ncv!r}."
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}.")
+    p = _check_eigsh_arguments(dim, k, which, tol, max_iter, block_size, ncv, generator)
     evals, evecs, converged, certified, a_norm = _lanczos(
         A, dim, k, which, tol, max_iter, p, ncv, generator, progressbar
     )
@@ -178,11 +152,58 @@ def eigsh(
         )
     if not return_eigenvectors:
         return evals
-    if list_format:
-        sizes = [s.numel() for s in A._in_shape] if hasattr(A, "_in_shape") else [dim]
-        shapes = A._in_shape if hasattr(A, "_in_shape") else [torch.Size([dim])]
-        evecs = [block_.reshape(*shape, k) for block_, shape in zip(evecs.split(sizes), shapes)]
-    return evals, evecs
+    return evals, _in_list_format(A, evecs) if list_format else evecs
+
+
+def _check_eigsh_arguments(
+    dim: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    block_size: Optional[int],
+    ncv: Optional[int],
+    generator: Optional[torch.Generator],
+) -> int:
+    """Check :func:`eigsh`'s arguments for a ``dim x dim`` operator; return the block size.
+
+    All checks run before the first product, so a wrong argument costs nothing.
+    """
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
+    check_int("k", k, 1, dim - 1, bounds=f"in [1, {dim})", note=f" for a {dim}x{dim} operator")
+    check_int("max_iter", max_iter, 1, note=" (number of restarts)")
+    check_number("tol", tol, 0, note=" (0 means machine precision)")
+    check_int(
+        "block_size",
+        block_size,
+        1,
+        dim - k,
+        optional=True,
+        note=f" (at least 1 and at most the dimension {dim} minus k = {k})",
+    )
+    p = 1 if block_size is None else block_size
+    check_int(
+        "ncv",
+        ncv,
+        k + p,
+        optional=True,
+        bounds=f">= k + block_size = {k + p}",
+        note=f" (values above the dimension {dim} are capped)",
+    )
+    check_generator(generator)
+    return p
+
+
+def _in_list_format(A: PyTorchLinearOperator, evecs: Tensor) -> List[Tensor]:
+    """Split the ``[D, k]`` eigenvectors into ``A``'s input shapes (columns last).
+
+    A plain tensor ``A`` has one flat input space of ``D`` entries.
+    """
+    shapes = A._in_shape if hasattr(A, "_in_shape") else [torch.Size([evecs.shape[0]])]
+    sizes = [shape.numel() for shape in shapes]
+    k = evecs.shape[1]
+    return [block.reshape(*shape, k) for block, shape in zip(evecs.split(sizes), shapes)]
 
 
 class _Deflated:
@@ -268,131 +289,200 @@ def _lanczos(
 ) -> Tuple[Tensor, Tensor, bool, bool, float]:
     """The restarted block Lanczos iteration behind :func:`eigsh` (arguments checked).
 
+    Each restart grows the basis until it is full or the wanted pairs converge (steps 1 and
+    2 of the module docstring), then keeps the best Ritz vectors (step 3).
+
     Returns:
         The ``k`` wanted eigenvalues (ascending), their eigenvectors ``[D, k]``, whether
         the iteration converged, whether the basis spanned the whole space (then the result
         is exact and complete), and a lower bound of ``||A||_2`` (at least ``norm_floor``,
         which also bounds the tolerances' scale from below).
     """
-    m = min(dim, ncv or max(2 * k + 4 * p, 20))
-    dtype, device = A.dtype, A.device
-    if tol == 0:
-        tol = torch.finfo(dtype).eps
-
-    start = torch.randn(p, dim, dtype=dtype, device=device, generator=generator)
-    block, _ = _normalize_rows(start)
-    # basis vectors as rows of a preallocated buffer; H = Q A Q^T is filled as we go
-    Q_buffer = torch.empty(m, dim, dtype=dtype, device=device)
-    H = torch.zeros(m, m, dtype=dtype, device=device)
-    size = 0
-    # First basis row of the newest Lanczos run after an exhausted Krylov space (None: none
-    # so far). The rows before it span an invariant subspace: their Ritz pairs are exact, but
-    # they hold only one direction per distinct eigenvalue, so further copies of a wanted
-    # eigenvalue can only show up in the new run, which therefore must converge as well.
-    fresh_start: Optional[int] = None
-    a_norm = norm_floor  # running lower bound of ||A||_2 from the products so far
-    # relative size of F below which the basis counts as an invariant subspace; below the
-    # tolerance so that the neglected part does not spoil the residual estimates
-    exhausted = min(max(0.1 * tol, 1e4 * torch.finfo(dtype).eps), 1e-3)
+    run = _BlockLanczos(A, dim, k, which, tol, p, ncv, generator, norm_floor)
     bar = tqdm(range(max_iter), desc="eigsh (restarts)", disable=not progressbar)
-    converged = False
-    worst = float("inf")
     for _ in bar:
-        while block.shape[0] > 0 and size + block.shape[0] <= m:
-            start_row, size = size, size + block.shape[0]
-            Q_buffer[start_row:size] = block
-            Q = Q_buffer[:size]
-            AB = (A @ block.T).T
-            # the projection coefficients of A b onto the basis are H's new columns
-            coefficients = AB @ Q.T
-            H[start_row:size, :size] = coefficients
-            H[:start_row, start_row:size] = coefficients[:, :start_row].T
-            F = AB - coefficients @ Q
-            # second Gram-Schmidt pass only after cancellation (Daniel-Gragg-Kaufman-Stewart)
-            if (F.norm(dim=1) < 0.7071 * AB.norm(dim=1)).any():
-                F = F - (F @ Q.T) @ Q
-            # Directions of F far below A's products are round-off noise (an exhausted
-            # Krylov space leaves about 1e3 eps ||A||): the basis then spans an invariant
-            # subspace, treated below. Continuing with that noise as if it were a Krylov
-            # direction would hide the end of the subspace and stop with its exact but
-            # incomplete Ritz values (e.g. one zero of a low-rank operator instead of k).
-            a_norm = max(a_norm, AB.norm(dim=1).max().item())
-            block, R_last = _normalize_rows(F, floor=exhausted * a_norm)
-            block = block[:p]
-            completed_start = None  # first row of a run that ended with this product
-            if block.shape[0] == 0 and size < dim:
-                # The basis spans an invariant subspace (e.g. a zero or low-rank operator, or
-                # repeated eigenvalues): continue with random directions orthogonal to it.
-                fresh = torch.randn(
-                    min(p, dim - size), dim, dtype=dtype, device=device, generator=generator
-                )
-                for _ in range(2):
-                    fresh = fresh - (fresh @ Q.T) @ Q
-                block, _ = _normalize_rows(fresh)
-                completed_start = 0 if fresh_start is None else fresh_start
-                fresh_start = size
-            if size <= k:
-                continue
-            # Krylov relation A Q^T = Q^T H + F^T E_last: a Ritz pair's residual is F's part
-            theta, Y = torch.linalg.eigh(H[:size, :size])
-            order = _order(theta, which)
-            wanted = order[:k]
-            residuals = (R_last @ Y[start_row:size, wanted]).norm(dim=0)
-            scale = theta.abs().max().clamp_min(max(torch.finfo(dtype).tiny, norm_floor))
-            worst = (residuals / scale).max().item()
-            complete = True
-            if size < dim and completed_start is not None:
-                # A run just ended in an invariant subspace. The rest of the space holds only
-                # eigenvalues this run has found (one direction per distinct eigenvalue), so
-                # unless its best value is more wanted than the k-th, none can enter the
-                # wanted set; otherwise the new run must look for further copies.
-                best, _ = _best_ritz_pair(H, completed_start, size, which)
-                complete = not _more_wanted(
-                    best.item(), theta[wanted[-1]].item(), which, tol * scale.item()
-                )
-            elif size < dim and fresh_start is not None:
-                # the run after an invariant subspace must converge too: its most wanted
-                # Ritz value is where further copies of wanted eigenvalues would show up
-                _, y = _best_ritz_pair(H, fresh_start, size, which)
-                fresh_residual = (R_last @ y[start_row - fresh_start :]).norm() / scale
-                worst = max(worst, fresh_residual.item())
-            if (worst <= tol and complete) or size >= dim or block.shape[0] == 0:
-                converged = True
-                break
-        bar.set_postfix(residual=f"{worst:.1e}")
-        if converged or size <= k:
+        run.grow_basis()
+        bar.set_postfix(residual=f"{run.worst:.1e}")
+        if run.converged or run.size <= k:
             break
-        # thick restart: keep the best Ritz vectors; the next Krylov block is unchanged
-        keep = order[: min(k + p, m - p)]
-        if fresh_start is not None:
-            # keep the invariant subspace's vectors first so that the newest run stays a
-            # contiguous block of rows
-            in_fresh = Y[fresh_start:size, keep].norm(dim=0) > 0.5
-            keep = torch.cat([keep[~in_fresh], keep[in_fresh]])
-            fresh_start = int((~in_fresh).sum().item())
-        Q_buffer[: len(keep)] = Y[:, keep].T @ Q_buffer[:size]
-        size = len(keep)
-        H.zero_()
-        H[:size, :size] = torch.diag(theta[keep])
-    certified = converged and size >= dim
-    if not converged:
+        run.restart()
+    if not run.converged:
         warnings.warn(
             f"eigsh did not converge in {max_iter} restarts (largest relative residual "
-            f"{worst:.1e}, tol {tol:.1e}"
+            f"{run.worst:.1e}, tol {run.tol:.1e}"
             + (
                 "; after an exhausted Krylov space the search for further copies of wanted "
                 "eigenvalues must converge too"
-                if fresh_start is not None
+                if run.fresh_start is not None
                 else ""
             )
             + "); the returned pairs are Ritz approximations. Increase max_iter or ncv.",
             RuntimeWarning,
             stacklevel=3,
         )
-        # the basis was just restarted: recompute its (diagonal) Rayleigh quotient's pairs
-        theta, Y = torch.linalg.eigh(H[:size, :size])
-        wanted = _order(theta, which)[:k]
-    ascending = torch.argsort(theta[wanted])
-    evals = theta[wanted][ascending]
-    evecs = (Y[:, wanted[ascending]].T @ Q_buffer[:size]).T
-    return evals, evecs, converged, certified, a_norm
+    evals, evecs = run.wanted_pairs()
+    return evals, evecs, run.converged, run.converged and run.size >= dim, run.a_norm
+
+
+class _BlockLanczos:
+    """State of the thick-restarted block Lanczos iteration of :func:`_lanczos`.
+
+    The orthonormal basis vectors are the rows ``Q_buffer[:size]`` of a preallocated buffer;
+    ``H = Q A Q^T`` is filled as the basis grows (the Krylov relation is
+    ``A Q^T = Q^T H + F^T E_last`` with ``F`` the newest residual block); ``block`` holds the
+    rows to add next. After an exhausted Krylov space (an invariant subspace), ``fresh_start``
+    is the first row of the newest run, started from random directions: the rows before it
+    have exact Ritz pairs but only one direction per distinct eigenvalue, so further copies of
+    a wanted eigenvalue can only show up in the new run, which therefore must converge too.
+    """
+
+    def __init__(self, A, dim, k, which, tol, p, ncv, generator, norm_floor):
+        """Draw the start block and allocate the basis (the first random draw of the run)."""
+        self.A, self.dim, self.k, self.which, self.p = A, dim, k, which, p
+        self.generator, self.norm_floor = generator, norm_floor
+        self.m = min(dim, ncv or max(2 * k + 4 * p, 20))
+        self.dtype, self.device = A.dtype, A.device
+        self.tol = torch.finfo(self.dtype).eps if tol == 0 else tol
+        start = torch.randn(p, dim, dtype=self.dtype, device=self.device, generator=generator)
+        self.block, _ = _normalize_rows(start)
+        self.Q_buffer = torch.empty(self.m, dim, dtype=self.dtype, device=self.device)
+        self.H = torch.zeros(self.m, self.m, dtype=self.dtype, device=self.device)
+        self.size = 0
+        self.fresh_start: Optional[int] = None
+        self.a_norm = norm_floor  # running lower bound of ||A||_2 from the products so far
+        # relative size of F below which the basis counts as an invariant subspace; below the
+        # tolerance so that the neglected part does not spoil the residual estimates
+        self.exhausted = min(max(0.1 * self.tol, 1e4 * torch.finfo(self.dtype).eps), 1e-3)
+        self.converged = False
+        self.worst = inf  # largest relative residual of the last convergence test
+        # Ritz values, their coefficients, their order (most wanted first), the k wanted
+        self.theta = self.Y = self.order = self.wanted = None
+
+    def grow_basis(self):
+        """Add blocks until the basis is full or the test after a product says stop."""
+        while self.block.shape[0] > 0 and self.size + self.block.shape[0] <= self.m:
+            start_row, R_last = self._multiply_newest_block()
+            completed_start = self._continue_after_invariant_subspace()
+            if self.size > self.k and self._ritz_test(start_row, R_last, completed_start):
+                self.converged = True
+                return
+
+    def _multiply_newest_block(self) -> Tuple[int, Tensor]:
+        """Append ``block`` to the basis, multiply it with ``A`` once and fill ``H``.
+
+        The product's part orthogonal to the basis (twice Gram-Schmidt only after
+        cancellation, Daniel-Gragg-Kaufman-Stewart) gives the next block. Directions of it far
+        below ``A``'s products are round-off noise (an exhausted Krylov space leaves about
+        ``1e3 eps ||A||``) and are dropped: the basis then spans an invariant subspace.
+        Continuing with that noise as if it were a Krylov direction would hide the end of the
+        subspace and stop with its exact but incomplete Ritz values (e.g. one zero of a
+        low-rank operator instead of ``k``).
+
+        Returns:
+            The first basis row of the block and the triangular factor ``R_last`` of the
+            residual block ``F = R_last^T next_block``.
+        """
+        start_row, size = self.size, self.size + self.block.shape[0]
+        self.size = size
+        self.Q_buffer[start_row:size] = self.block
+        Q = self.Q_buffer[:size]
+        AB = (self.A @ self.block.T).T
+        # the projection coefficients of A b onto the basis are H's new columns
+        coefficients = AB @ Q.T
+        self.H[start_row:size, :size] = coefficients
+        self.H[:start_row, start_row:size] = coefficients[:, :start_row].T
+        F = AB - coefficients @ Q
+        if (F.norm(dim=1) < 0.7071 * AB.norm(dim=1)).any():
+            F = F - (F @ Q.T) @ Q
+        self.a_norm = max(self.a_norm, AB.norm(dim=1).max().item())
+        block, R_last = _normalize_rows(F, floor=self.exhausted * self.a_norm)
+        self.block = block[: self.p]
+        return start_row, R_last
+
+    def _continue_after_invariant_subspace(self) -> Optional[int]:
+        """Continue with random directions orthogonal to an invariant subspace, if reached.
+
+        An invariant subspace (e.g. of a zero or low-rank operator, or with repeated
+        eigenvalues) leaves no next block although the basis is not the whole space.
+
+        Returns:
+            The first row of the run that just ended in the invariant subspace, or ``None``.
+        """
+        if self.block.shape[0] > 0 or self.size >= self.dim:
+            return None
+        Q = self.Q_buffer[: self.size]
+        fresh = torch.randn(
+            min(self.p, self.dim - self.size),
+            self.dim,
+            dtype=self.dtype,
+            device=self.device,
+            generator=self.generator,
+        )
+        for _ in range(2):
+            fresh = fresh - (fresh @ Q.T) @ Q
+        self.block, _ = _normalize_rows(fresh)
+        completed_start = 0 if self.fresh_start is None else self.fresh_start
+        self.fresh_start = self.size
+        return completed_start
+
+    def _ritz_test(self, start_row: int, R_last: Tensor, completed_start: Optional[int]) -> bool:
+        """Rayleigh-Ritz on the basis and the convergence test; whether to stop.
+
+        By the Krylov relation a Ritz pair's residual is the part ``R_last^T y_last`` of the
+        residual block (``y_last`` the pair's coefficients of the newest block), so the test
+        costs no product. After an invariant subspace, the newest run must converge too (its
+        most wanted Ritz value is where further copies of wanted eigenvalues would show up).
+        When a run has just ended in an invariant subspace, the rest of the space holds only
+        eigenvalues that run has found (one direction per distinct eigenvalue): unless its
+        best value is more wanted than the ``k``-th, none can enter the wanted set.
+        """
+        size, which = self.size, self.which
+        theta, Y = torch.linalg.eigh(self.H[:size, :size])
+        order = _order(theta, which)
+        wanted = order[: self.k]
+        self.theta, self.Y, self.order, self.wanted = theta, Y, order, wanted
+        residuals = (R_last @ Y[start_row:size, wanted]).norm(dim=0)
+        floor = max(torch.finfo(self.dtype).tiny, self.norm_floor)
+        scale = theta.abs().max().clamp_min(floor)
+        self.worst = (residuals / scale).max().item()
+        complete = True
+        if size < self.dim and completed_start is not None:
+            best, _ = _best_ritz_pair(self.H, completed_start, size, which)
+            kth = theta[wanted[-1]].item()
+            complete = not _more_wanted(best.item(), kth, which, self.tol * scale.item())
+        elif size < self.dim and self.fresh_start is not None:
+            _, y = _best_ritz_pair(self.H, self.fresh_start, size, which)
+            fresh_residual = (R_last @ y[start_row - self.fresh_start :]).norm() / scale
+            self.worst = max(self.worst, fresh_residual.item())
+        done = self.worst <= self.tol and complete
+        return done or size >= self.dim or self.block.shape[0] == 0
+
+    def restart(self):
+        """Thick restart: keep the best ``k + p`` Ritz vectors; the next block is unchanged.
+
+        The invariant subspace's vectors come first so that the newest run stays a contiguous
+        block of rows.
+        """
+        keep = self.order[: min(self.k + self.p, self.m - self.p)]
+        if self.fresh_start is not None:
+            in_fresh = self.Y[self.fresh_start : self.size, keep].norm(dim=0) > 0.5
+            keep = torch.cat([keep[~in_fresh], keep[in_fresh]])
+            self.fresh_start = int((~in_fresh).sum().item())
+        self.Q_buffer[: len(keep)] = self.Y[:, keep].T @ self.Q_buffer[: self.size]
+        self.size = len(keep)
+        self.H.zero_()
+        self.H[: self.size, : self.size] = torch.diag(self.theta[keep])
+
+    def wanted_pairs(self) -> Tuple[Tensor, Tensor]:
+        """The ``k`` wanted Ritz pairs, eigenvalues ascending, eigenvectors ``[D, k]``.
+
+        Without convergence the basis was just restarted: its (diagonal) Rayleigh quotient's
+        pairs are recomputed first.
+        """
+        if not self.converged:
+            self.theta, self.Y = torch.linalg.eigh(self.H[: self.size, : self.size])
+            self.wanted = _order(self.theta, self.which)[: self.k]
+        theta, wanted = self.theta, self.wanted
+        ascending = torch.argsort(theta[wanted])
+        evecs = (self.Y[:, wanted[ascending]].T @ self.Q_buffer[: self.size]).T
+        return theta[wanted][ascending], evecs

@@ -15,15 +15,14 @@ of inverse of :math:`\mathbf{A}^\top` with the same hyper-parameters.
 """
 
 import warnings
-from math import inf
-from numbers import Integral, Real
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import lsmr
 from torch import Tensor
 
+from curvlinops._checks import check_int, check_number
 from curvlinops._inverse_base import _InversePyTorchLinearOperator
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.kfac_inverse import KFACInverseLinearOperator
@@ -44,6 +43,9 @@ class LSMRNotConvergedWarning(RuntimeWarning):
     """LSMR stopped at its iteration limit before reaching ``atol``/``btol``."""
 
 
+#: SciPy's ``lsmr`` keywords (besides the operator and the right-hand side).
+_LSMR_KEYWORDS = ("damp", "atol", "btol", "conlim", "maxiter", "show", "x0")
+
 _CG_DEFAULTS: Dict[str, Any] = {
     "initial_guess": None,
     "tolerance": 1.0,
@@ -56,25 +58,21 @@ _CG_DEFAULTS: Dict[str, Any] = {
 }
 
 
-def _is_int(value) -> bool:
-    """Whether ``value`` is an integer (Python or NumPy), but not a bool."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """Whether ``value`` is a real number (not a bool)."""
-    return isinstance(value, Real) and not isinstance(value, bool)
+def _check_keywords(solver: str, given: Dict[str, Any], supported):
+    """Raise a ``ValueError`` for keywords the solver does not know."""
+    unknown = set(given) - set(supported)
+    if unknown:
+        raise ValueError(
+            f"Unknown {solver} keyword(s) {sorted(unknown)}; supported: {sorted(supported)}."
+        )
 
 
 def _check_cg_hyperparameters(hp: Dict[str, Any], dim: int):
     """Raise a ``ValueError`` naming the first CG keyword outside its range."""
     for name in ("tolerance", "eps", "stop_updating_after"):
-        if not _is_number(hp[name]) or not 0 <= hp[name] < inf:
-            raise ValueError(f"{name} must be a finite number >= 0, got {hp[name]!r}.")
-    for name in ("max_iter", "max_tridiag_iter"):
-        low = 1 if name == "max_iter" else 0
-        if not _is_int(hp[name]) or hp[name] < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {hp[name]!r}.")
+        check_number(name, hp[name], 0)
+    check_int("max_iter", hp["max_iter"], 1)
+    check_int("max_tridiag_iter", hp["max_tridiag_iter"], 0)
     if hp["preconditioner"] is not None and not callable(hp["preconditioner"]):
         raise ValueError(
             "preconditioner must be None or a callable mapping a [D, K] residual to "
@@ -136,11 +134,7 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
             NotImplementedError: If ``n_tridiag != 0``.
         """
         super().__init__(A)
-        unknown = set(cg_hyperparameters) - set(_CG_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"Unknown CG keyword(s) {sorted(unknown)}; supported: {sorted(_CG_DEFAULTS)}."
-            )
+        _check_keywords("CG", cg_hyperparameters, _CG_DEFAULTS)
         self._cg_hyperparameters = dict(cg_hyperparameters)
         hp = {**_CG_DEFAULTS, **cg_hyperparameters}
         _check_cg_hyperparameters(hp, sum(self._in_shape_flat))
@@ -167,17 +161,51 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
         return (pAp < -slack * Ap.norm(dim=0, keepdim=True)).any()
 
     def _solve(self, rhs: Tensor) -> Tensor:
-        """Solve ``A X = rhs`` for a ``[D, K]`` right-hand side."""
-        hp = self._hp
-        eps, tolerance, max_iter = hp["eps"], hp["tolerance"], hp["max_iter"]
-        precondition: Callable[[Tensor], Tensor] = hp["preconditioner"] or (lambda r: r)
+        """Solve ``A X = rhs`` for a ``[D, K]`` right-hand side.
 
+        Stages: normalise the right-hand sides, start from the initial guess, iterate, and
+        report what went wrong (an indefinite ``A``, non-finite values, no convergence).
+        """
         rhs_norm = rhs.norm(dim=0, keepdim=True)
-        rhs_is_zero = rhs_norm < eps
+        rhs_is_zero = rhs_norm < self._hp["eps"]
         rhs_norm = rhs_norm.masked_fill(rhs_is_zero, 1.0)
         rhs = rhs / rhs_norm
+        x, residual = self._start(rhs, rhs_norm)
+        num_iter, converged_mean, residual_norm, indefinite = self._iterate(x, residual)
+        if indefinite:
+            raise ValueError(
+                "CGInverseLinearOperator: A is not positive definite: CG met a direction p "
+                f"with p^T A p < 0 (by iteration {num_iter}), so its result would be wrong. "
+                "CG needs a symmetric positive definite A (e.g. a GGN or Fisher plus "
+                "damping, not a Hessian); add damping, or use LSMRInverseLinearOperator for "
+                "indefinite A."
+            )
+        if not torch.isfinite(x).all():
+            raise RuntimeError(
+                f"CG produced non-finite values (by iteration {num_iter}): check A and the "
+                "preconditioner for NaNs or infinities, and that A is positive definite."
+            )
+        if not converged_mean:
+            warnings.warn(
+                f"CG stopped after {num_iter} iterations with mean residual norm "
+                f"{residual_norm.mean().item():.3e} above the tolerance "
+                f"{self._hp['tolerance']:.3e}. Increase max_iter or relax tolerance.",
+                CGNotConvergedWarning,
+                stacklevel=4,
+            )
+        return (x * rhs_norm).masked_fill(rhs_is_zero, 0.0)
 
-        guess = hp["initial_guess"]
+    def _start(self, rhs: Tensor, rhs_norm: Tensor) -> Tuple[Tensor, Tensor]:
+        """The initial iterate of the normalised system and its residual.
+
+        Zero, or ``initial_guess`` scaled like the right-hand sides (a ``[D]`` guess serves a
+        single right-hand side).
+
+        Raises:
+            ValueError: If the guess does not fit the right-hand side.
+            RuntimeError: If the initial residual is not finite.
+        """
+        guess = self._hp["initial_guess"]
         if guess is None:
             x = torch.zeros_like(rhs)
             residual = rhs.clone()
@@ -196,75 +224,58 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
                 "NaNs in the initial CG residual: check A, the right-hand side and "
                 "initial_guess for NaNs or infinities."
             )
+        return x, residual
 
+    def _iterate(self, x: Tensor, residual: Tensor) -> Tuple[int, bool, Tensor, bool]:
+        """Run the (preconditioned) CG iteration, updating ``x`` and ``residual`` in place.
+
+        One host synchronisation per iteration (the stopping decision). ``eps`` guards the
+        divisions by the squared quantities ``p^T A p`` and ``r^T z``, so it is compared with
+        their square roots: residuals far below ``sqrt(eps)`` must still update. Negative
+        curvature (``A`` not positive definite) is flagged on the device and read at that
+        synchronisation, so the check costs no extra one.
+
+        Returns:
+            The number of iterations, whether the mean residual norm reached ``tolerance``,
+            the final residual norms ``[1, K]`` and whether ``A`` proved indefinite.
+        """
+        hp = self._hp
+        max_iter, stop_updating_after = hp["max_iter"], hp["stop_updating_after"]
+        precondition: Callable[[Tensor], Tensor] = hp["preconditioner"] or (lambda r: r)
         z = precondition(residual)
         p = z.clone()
         rz = (residual * z).sum(0, keepdim=True)
         min_iter = min(11, max_iter)
         residual_norm = residual.norm(dim=0, keepdim=True)
-        converged_mean = False
-        num_iter = 0
-        # ``eps`` guards divisions by the squared quantities p^T A p and r^T z, so it is
-        # compared with their square roots: residuals far below sqrt(eps) must still update
-        # (comparing r^T z itself with eps froze CG at residuals of about 1e-5).
-        tiny = eps**2
-        # Negative curvature (A not positive definite) is flagged on the device and read at
-        # the existing host synchronisations, so that the check costs no extra one.
-        indefinite = torch.zeros((), dtype=torch.bool, device=rhs.device)
+        num_iter, tiny = 0, hp["eps"] ** 2
+        indefinite = torch.zeros((), dtype=torch.bool, device=residual.device)
         for num_iter in range(1, max_iter + 1):
             Ap = self._A @ p
             pAp = (p * Ap).sum(0, keepdim=True)
-            active = residual_norm >= hp["stop_updating_after"]
+            active = residual_norm >= stop_updating_after
             indefinite = indefinite | self._not_positive_definite(
                 pAp.masked_fill(~active, 1.0), p, Ap
             )
             alpha = rz / pAp.masked_fill(pAp.abs() < tiny, 1.0)
             # Safe division and frozen columns: a zero step keeps x and the residual.
-            alpha = alpha.masked_fill(
-                (pAp.abs() < tiny) | (residual_norm < hp["stop_updating_after"]), 0.0
-            )
+            frozen = residual_norm < stop_updating_after
+            alpha = alpha.masked_fill((pAp.abs() < tiny) | frozen, 0.0)
             x.addcmul_(alpha.expand_as(p), p)
             residual.addcmul_(alpha.expand_as(Ap), Ap, value=-1.0)
             residual_norm = residual.norm(dim=0, keepdim=True)
-            # One host synchronisation per iteration: the stopping decision.
             if num_iter >= min_iter:
                 mean_residual, stop = torch.stack(
                     [residual_norm.mean(), indefinite.to(residual_norm.dtype)]
                 ).tolist()
-                if stop:
-                    break
-                if mean_residual < tolerance:
-                    converged_mean = True
-                    break
+                if stop or mean_residual < hp["tolerance"]:
+                    return num_iter, not stop, residual_norm, bool(stop)
             z = precondition(residual)
             rz_new = (residual * z).sum(0, keepdim=True)
             beta = rz_new / rz.masked_fill(rz.abs() < tiny, 1.0)
             beta = beta.masked_fill(rz.abs() < tiny, 0.0)
             p = z + beta * p
             rz = rz_new
-
-        if indefinite.item():
-            raise ValueError(
-                "CGInverseLinearOperator: A is not positive definite: CG met a direction p "
-                f"with p^T A p < 0 (by iteration {num_iter}), so its result would be wrong. "
-                "CG needs a symmetric positive definite A (e.g. a GGN or Fisher plus "
-                "damping, not a Hessian); add damping, or use LSMRInverseLinearOperator for "
-                "indefinite A."
-            )
-        if not torch.isfinite(x).all():
-            raise RuntimeError(
-                f"CG produced non-finite values (by iteration {num_iter}): check A and the "
-                "preconditioner for NaNs or infinities, and that A is positive definite."
-            )
-        if not converged_mean:
-            warnings.warn(
-                f"CG stopped after {num_iter} iterations with mean residual norm "
-                f"{residual_norm.mean().item():.3e} above the tolerance {tolerance:.3e}. "
-                "Increase max_iter or relax tolerance.",
-                CGNotConvergedWarning,
-                stacklevel=4,
-            )
-        return (x * rhs_norm).masked_fill(rhs_is_zero, 0.0)
+        return num_iter, False, residual_norm, indefinite.item()
 
     def _adjoint(self) -> "CGInverseLinearOperator":
         return CGInverseLinearOperator(self._A.adjoint(), **self._cg_hyperparameters)
@@ -273,11 +284,9 @@ class CGInverseLinearOperator(_InversePyTorchLinearOperator):
 def _check_lsmr_hyperparameters(hp: Dict[str, Any], dim: int):
     """Raise a ``ValueError`` naming the first LSMR keyword outside its range."""
     for name in ("damp", "atol", "btol", "conlim"):
-        if name in hp and (not _is_number(hp[name]) or not 0 <= hp[name] < inf):
-            raise ValueError(f"{name} must be a finite number >= 0, got {hp[name]!r}.")
-    maxiter = hp.get("maxiter")
-    if maxiter is not None and (not _is_int(maxiter) or maxiter < 1):
-        raise ValueError(f"maxiter must be None or an integer >= 1, got {maxiter!r}.")
+        if name in hp:
+            check_number(name, hp[name], 0)
+    check_int("maxiter", hp.get("maxiter"), 1, optional=True)
     x0 = hp.get("x0")
     if x0 is not None and np.asarray(x0).shape != (dim,):
         raise ValueError(f"x0 must be None or a vector of shape ({dim},), got {np.shape(x0)}.")
@@ -304,10 +313,7 @@ class LSMRInverseLinearOperator(_InversePyTorchLinearOperator):
             ValueError: For unknown keywords or a non-square ``A``.
         """
         super().__init__(A)
-        allowed = {"damp", "atol", "btol", "conlim", "maxiter", "show", "x0"}
-        unknown = set(lsmr_hyperparameters) - allowed
-        if unknown:
-            raise ValueError(f"Unknown LSMR keyword(s) {sorted(unknown)}; supported: {allowed}.")
+        _check_keywords("LSMR", lsmr_hyperparameters, _LSMR_KEYWORDS)
         _check_lsmr_hyperparameters(lsmr_hyperparameters, sum(self._in_shape_flat))
         self._lsmr_hyperparameters = dict(lsmr_hyperparameters)
         self._A_scipy = A.to_scipy()
@@ -384,13 +390,14 @@ class NeumannInverseLinearOperator(_InversePyTorchLinearOperator):
                 ``scale`` is not a finite positive number or ``check_nan`` is not a bool.
         """
         super().__init__(A)
-        if not _is_int(num_terms) or num_terms < 0:
-            raise ValueError(f"num_terms must be an integer >= 0, got {num_terms!r}.")
-        if not _is_number(scale) or not 0 < scale < inf:
-            raise ValueError(
-                f"scale must be a finite number > 0, got {scale!r}; the series converges for "
-                "scale < 2 / (largest eigenvalue of A)."
-            )
+        check_int("num_terms", num_terms, 0)
+        check_number(
+            "scale",
+            scale,
+            0,
+            strict=True,
+            note=" (the series converges for scale < 2 / largest eigenvalue of A)",
+        )
         if not isinstance(check_nan, bool):
             raise ValueError(f"check_nan must be a bool, got {check_nan!r}.")
         self._num_terms = int(num_terms)

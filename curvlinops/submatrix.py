@@ -13,10 +13,15 @@ import torch
 from torch import Tensor
 
 from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops._wrapping import _WrappingLinearOperator
 
 
-class SubmatrixLinearOperator(PyTorchLinearOperator):
-    """The sub-matrix ``A[row_idxs][:, col_idxs]`` of an operator ``A``."""
+class SubmatrixLinearOperator(_WrappingLinearOperator):
+    """The sub-matrix ``A[row_idxs][:, col_idxs]`` of an operator ``A``.
+
+    It has ``A``'s device and dtype; compiling it compiles ``A``'s products (selecting rows
+    and columns stays eager).
+    """
 
     def __init__(self, A: PyTorchLinearOperator, row_idxs: List[int], col_idxs: List[int]):
         """Select rows and columns of ``A``.
@@ -28,16 +33,6 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
         """
         self._A = A
         self.set_submatrix(row_idxs, col_idxs)
-
-    @property
-    def device(self) -> torch.device:
-        """The device of ``A``."""
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of ``A``."""
-        return self._A.dtype
 
     def set_submatrix(self, row_idxs: List[int], col_idxs: List[int]):
         """Redefine the selected rows and columns (and hence the shape).
@@ -70,18 +65,6 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
         self._row_idxs = list(row_idxs)
         self._col_idxs = list(col_idxs)
         super().__init__([(len(self._col_idxs),)], [(len(self._row_idxs),)])
-
-    def compile(self, **compile_kwargs) -> "SubmatrixLinearOperator":
-        """Compile the products of ``A`` in place; selecting rows and columns stays eager.
-
-        Args:
-            **compile_kwargs: Passed on to ``A.compile``.
-
-        Returns:
-            The sub-matrix operator itself.
-        """
-        self._A.compile(**compile_kwargs)
-        return self
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         (x,) = X

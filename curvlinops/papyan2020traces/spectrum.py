@@ -23,8 +23,7 @@ dtype; only the spectral boundaries come from SciPy's ``eigsh`` on ``A.to_scipy(
 """
 
 import warnings
-from math import isfinite, log, pi, sqrt
-from numbers import Integral, Real
+from math import log, pi, sqrt
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -32,23 +31,23 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor
 
+from curvlinops._checks import (
+    check_generator,
+    check_int,
+    check_number,
+    is_finite_number,
+    is_int,
+)
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.utils import assert_is_square
 
 Boundaries = Tuple[Optional[float], Optional[float]]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and isfinite(value)
-
-
 def _check(A: PyTorchLinearOperator, ncv: int, kappa: Optional[float] = None):
+    """Raise unless ``A`` is square and ``ncv`` an integer in ``[2, D]`` (and ``kappa > 1``)."""
     assert_is_square(A)
-    if not _is_int(ncv) or ncv < 2:
+    if not is_int(ncv) or ncv < 2:
         raise ValueError(f"ncv must be at least 2 (an integer), got {ncv!r}.")
     if ncv > A.shape[0]:
         raise ValueError(f"ncv ({ncv}) must not exceed the dimension {A.shape[0]}.")
@@ -57,7 +56,8 @@ def _check(A: PyTorchLinearOperator, ncv: int, kappa: Optional[float] = None):
 
 
 def _check_kappa(kappa: float):
-    if not _is_number(kappa) or kappa <= 1:
+    """Raise unless the width parameter ``kappa`` is a finite number above 1."""
+    if not is_finite_number(kappa) or kappa <= 1:
         raise ValueError(f"kappa must be greater than 1, got {kappa}.")
 
 
@@ -65,19 +65,32 @@ def _check_density_args(
     num_points: int, kappa: float, margin: float, epsilon: Optional[float] = None
 ):
     """Raise a ``ValueError`` naming the first density argument outside its range."""
-    if not _is_int(num_points) or num_points < 1:
-        raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}.")
+    check_int("num_points", num_points, 1)
     _check_kappa(kappa)
-    if not _is_number(margin) or margin < 0:
-        raise ValueError(
-            f"margin must be a finite number >= 0 (relative widening of the interval), got "
-            f"{margin!r}."
-        )
-    if epsilon is not None and (not _is_number(epsilon) or epsilon <= 0):
-        raise ValueError(
-            f"epsilon must be a finite number > 0 (it keeps log(|lambda| + epsilon) finite), "
-            f"got {epsilon!r}."
-        )
+    check_number("margin", margin, 0, note=" (relative widening of the interval)")
+    check_number(
+        "epsilon",
+        epsilon,
+        0,
+        strict=True,
+        optional=True,
+        note=" (it keeps log(|lambda| + epsilon) finite)",
+    )
+
+
+def _check_all(
+    A: PyTorchLinearOperator,
+    ncv: int,
+    num_points: int,
+    num_repeats: int,
+    kappa: float,
+    margin: float,
+    epsilon: Optional[float] = None,
+):
+    """Check every argument of a density before the boundaries cost products."""
+    _check(A, ncv, kappa)
+    _check_density_args(num_points, kappa, margin, epsilon)
+    check_int("num_repeats", num_repeats, 1)
 
 
 def _check_given_boundaries(boundaries: Optional[Boundaries], magnitudes: bool = False):
@@ -87,7 +100,7 @@ def _check_given_boundaries(boundaries: Optional[Boundaries], magnitudes: bool =
     if not isinstance(boundaries, (tuple, list)) or len(boundaries) != 2:
         raise ValueError(f"boundaries must be None or a pair (lower, upper), got {boundaries!r}.")
     for value in boundaries:
-        if value is not None and not _is_number(value):
+        if value is not None and not is_finite_number(value):
             raise ValueError(f"boundaries must hold finite numbers or None, got {boundaries}.")
     lower, upper = boundaries
     if magnitudes and lower is not None and upper is not None:
@@ -104,19 +117,8 @@ def _check_given_boundaries(boundaries: Optional[Boundaries], magnitudes: bool =
         )
 
 
-def _check_boundaries_tol(tol: float):
-    if not _is_number(tol) or tol < 0:
-        raise ValueError(
-            f"boundaries_tol must be a finite number >= 0 (0: machine precision), got {tol!r}."
-        )
-
-
-def _check_num_repeats(num_repeats: int):
-    if not _is_int(num_repeats) or num_repeats < 1:
-        raise ValueError(f"num_repeats must be an integer >= 1, got {num_repeats!r}.")
-
-
 def _check_lanczos_iter(lanczos_iter: Tuple[Tensor, Tensor]):
+    """Raise unless ``lanczos_iter`` has the shapes of a :func:`fast_lanczos` result."""
     evals, evecs = lanczos_iter
     n = evals.numel()
     if evals.ndim != 1 or n < 2 or evecs.shape != (n, n):
@@ -151,10 +153,7 @@ def fast_lanczos(
         ValueError: If ``A`` is not square or ``ncv`` is out of range.
     """
     _check(A, ncv)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}."
-        )
+    check_generator(generator)
     dim = A.shape[0]
     v = torch.randn(dim, device=A.device, dtype=A.dtype, generator=generator)
     v = v / v.norm()
@@ -215,19 +214,7 @@ def approximate_boundaries(
     Returns:
         ``(lambda_min, lambda_max)``.
     """
-    assert_is_square(A)
-    _check_boundaries_tol(tol)
-    _check_given_boundaries(boundaries)
-    lower, upper = (None, None) if boundaries is None else boundaries
-    if lower is None and upper is None:
-        evals = eigsh(A.to_scipy(), k=2, which="BE", tol=tol, return_eigenvectors=False)
-        return float(min(evals)), float(max(evals))
-    if lower is None:
-        lower = _extreme_eigenvalue(A, "SA", tol)
-    if upper is None:
-        upper = _extreme_eigenvalue(A, "LA", tol)
-    _check_estimated(float(lower), float(upper), boundaries)
-    return float(lower), float(upper)
+    return _complete_boundaries(A, tol, boundaries, magnitudes=False)
 
 
 def approximate_boundaries_abs(
@@ -243,16 +230,35 @@ def approximate_boundaries_abs(
     Returns:
         ``(min |lambda|, max |lambda|)``.
     """
+    return _complete_boundaries(A, tol, boundaries, magnitudes=True)
+
+
+def _complete_boundaries(
+    A: PyTorchLinearOperator, tol: float, boundaries: Optional[Boundaries], magnitudes: bool
+) -> Tuple[float, float]:
+    """Compute the ``None`` entries of ``boundaries`` with SciPy's ``eigsh``.
+
+    The ends are the smallest and largest eigenvalue (``"SA"``, ``"LA"``; both at once by
+    ``"BE"`` if both are open) or, for ``magnitudes``, the smallest and largest magnitude
+    (``"SM"``, ``"LM"``, returned as absolute values).
+    """
     assert_is_square(A)
-    _check_boundaries_tol(tol)
-    _check_given_boundaries(boundaries, magnitudes=True)
+    check_number("boundaries_tol", tol, 0, note=" (0: machine precision)")
+    _check_given_boundaries(boundaries, magnitudes=magnitudes)
     lower, upper = (None, None) if boundaries is None else boundaries
+    if lower is None and upper is None and not magnitudes:
+        evals = eigsh(A.to_scipy(), k=2, which="BE", tol=tol, return_eigenvectors=False)
+        return float(min(evals)), float(max(evals))
+    low_end, high_end = ("SM", "LM") if magnitudes else ("SA", "LA")
     if lower is None:
-        lower = _extreme_eigenvalue(A, "SM", tol)
+        lower = _extreme_eigenvalue(A, low_end, tol)
     if upper is None:
-        upper = _extreme_eigenvalue(A, "LM", tol)
-    _check_estimated(abs(float(lower)), abs(float(upper)), boundaries)
-    return abs(float(lower)), abs(float(upper))
+        upper = _extreme_eigenvalue(A, high_end, tol)
+    lower, upper = float(lower), float(upper)
+    if magnitudes:
+        lower, upper = abs(lower), abs(upper)
+    _check_estimated(lower, upper, boundaries)
+    return lower, upper
 
 
 def _check_estimated(lower: float, upper: float, given: Optional[Boundaries]):
@@ -267,6 +273,7 @@ def _check_estimated(lower: float, upper: float, given: Optional[Boundaries]):
 
 
 def _sigma(ncv: int, kappa: float) -> float:
+    """Papyan's Gaussian width on ``[-1, 1]``: ``2 / ((ncv - 1) sqrt(8 ln kappa))``."""
     return 2 / (ncv - 1) / sqrt(8 * log(kappa))
 
 
@@ -276,9 +283,40 @@ def _gaussian_mixture(t: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -
     return (torch.exp(-0.5 * z**2) * weights).sum(1) / (sigma * sqrt(2 * pi))
 
 
-def _widen(lower: float, upper: float, margin: float) -> Tuple[float, float]:
+def _check_from_iter(
+    lanczos_iter: Tuple[Tensor, Tensor],
+    boundaries: Tuple[float, float],
+    num_points: int,
+    kappa: float,
+    margin: float,
+    epsilon: Optional[float] = None,
+):
+    """Check the arguments of a density from one Lanczos run, density arguments first."""
+    _check_density_args(num_points, kappa, margin, epsilon)
+    _check_lanczos_iter(lanczos_iter)
+    _check_given_boundaries(boundaries)
+
+
+def _widened_interval(
+    lower: float, upper: float, margin: float
+) -> Tuple[float, float, float, float]:
+    """``[lower, upper]`` widened by ``margin`` times its width on both sides.
+
+    Returns:
+        The widened ends, their centre ``c`` and half width ``d`` (at least ``1e-300``), so
+        that ``t = (x - c) / d`` maps the widened interval to ``[-1, 1]``.
+    """
     width = upper - lower
-    return lower - margin * width, upper + margin * width
+    lower, upper = lower - margin * width, upper + margin * width
+    return lower, upper, (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
+
+
+def _smoothed_on_unit_grid(
+    nodes: Tensor, weights: Tensor, num_points: int, kappa: float
+) -> Tuple[Tensor, Tensor]:
+    """The grid ``t = linspace(-1, 1, num_points)`` and the weighted, smoothed nodes on it."""
+    t = torch.linspace(-1, 1, num_points, device=nodes.device, dtype=nodes.dtype)
+    return t, _gaussian_mixture(t, nodes, weights, _sigma(nodes.numel(), kappa))
 
 
 def lanczos_approximate_spectrum_from_iter(
@@ -289,6 +327,9 @@ def lanczos_approximate_spectrum_from_iter(
     margin: float,
 ) -> Tuple[Tensor, Tensor]:
     """Smoothed spectral density from one Lanczos run.
+
+    The nodes are the Ritz values mapped to ``[-1, 1]`` by ``t = (theta - c) / d``, the weights
+    ``tau_i^2 / d`` (so that the density is per unit eigenvalue).
 
     Args:
         lanczos_iter: Ritz values ``[ncv]`` and tridiagonal eigenvectors ``[ncv, ncv]``.
@@ -301,18 +342,13 @@ def lanczos_approximate_spectrum_from_iter(
         The grid ``[num_points]`` and the density on it.
 
     Raises:
-        ValueError: If ``kappa <= 1``.
+        ValueError: If an argument is outside its range (e.g. ``kappa <= 1``).
     """
-    _check_density_args(num_points, kappa, margin)
-    _check_lanczos_iter(lanczos_iter)
-    _check_given_boundaries(boundaries)
+    _check_from_iter(lanczos_iter, boundaries, num_points, kappa, margin)
     evals, evecs = lanczos_iter
-    lower, upper = _widen(*boundaries, margin)
-    center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
+    lower, upper, center, half_width = _widened_interval(*boundaries, margin)
     nodes = (evals - center) / half_width
-    weights = evecs[0, :] ** 2 / half_width
-    t = torch.linspace(-1, 1, num_points, device=evals.device, dtype=evals.dtype)
-    density = _gaussian_mixture(t, nodes, weights, _sigma(evals.numel(), kappa))
+    _, density = _smoothed_on_unit_grid(nodes, evecs[0, :] ** 2 / half_width, num_points, kappa)
     grid = torch.linspace(lower, upper, num_points, device=evals.device, dtype=evals.dtype)
     return grid, density
 
@@ -327,6 +363,9 @@ def lanczos_approximate_log_spectrum_from_iter(
 ) -> Tuple[Tensor, Tensor]:
     """Smoothed density of ``|lambda| + epsilon`` from one Lanczos run, on a log-spaced grid.
 
+    The nodes are ``log(|theta| + epsilon)`` mapped to ``[-1, 1]``, the weights ``tau_i^2``;
+    the density on the grid ``x = exp(d t + c)`` is the one on ``t`` divided by ``d x``.
+
     Args:
         lanczos_iter: Ritz values ``[ncv]`` and tridiagonal eigenvectors ``[ncv, ncv]``.
         boundaries: ``(min |lambda|, max |lambda|)``.
@@ -339,22 +378,19 @@ def lanczos_approximate_log_spectrum_from_iter(
         The grid ``[num_points]`` (in units of ``|lambda| + epsilon``) and the density.
 
     Raises:
-        ValueError: If ``kappa <= 1``.
+        ValueError: If an argument is outside its range (e.g. ``kappa <= 1``).
     """
-    _check_density_args(num_points, kappa, margin, epsilon)
-    _check_lanczos_iter(lanczos_iter)
-    _check_given_boundaries(boundaries)
+    _check_from_iter(lanczos_iter, boundaries, num_points, kappa, margin, epsilon)
     if boundaries[0] < 0:
         raise ValueError(
             f"boundaries must be eigenvalue magnitudes (>= 0) for the log spectrum, got "
             f"{boundaries}."
         )
     evals, evecs = lanczos_iter
-    lower, upper = _widen(log(boundaries[0] + epsilon), log(boundaries[1] + epsilon), margin)
-    center, half_width = (upper + lower) / 2, max((upper - lower) / 2, 1e-300)
+    log_ends = log(boundaries[0] + epsilon), log(boundaries[1] + epsilon)
+    _, _, center, half_width = _widened_interval(*log_ends, margin)
     nodes = (torch.log(evals.abs() + epsilon) - center) / half_width
-    t = torch.linspace(-1, 1, num_points, device=evals.device, dtype=evals.dtype)
-    density = _gaussian_mixture(t, nodes, evecs[0, :] ** 2, _sigma(evals.numel(), kappa))
+    t, density = _smoothed_on_unit_grid(nodes, evecs[0, :] ** 2, num_points, kappa)
     grid = torch.exp(t * half_width + center)
     return grid, density / (half_width * grid)
 
@@ -386,9 +422,7 @@ def lanczos_approximate_spectrum(
     Returns:
         The grid and the density.
     """
-    _check(A, ncv, kappa)
-    _check_density_args(num_points, kappa, margin)
-    _check_num_repeats(num_repeats)
+    _check_all(A, ncv, num_points, num_repeats, kappa, margin)
     cache = LanczosApproximateSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
     return cache.approximate_spectrum(num_repeats, num_points, kappa, margin)
 
@@ -422,40 +456,19 @@ def lanczos_approximate_log_spectrum(
     Returns:
         The grid and the density.
     """
-    _check(A, ncv, kappa)
-    _check_density_args(num_points, kappa, margin, epsilon)
-    _check_num_repeats(num_repeats)
+    _check_all(A, ncv, num_points, num_repeats, kappa, margin, epsilon)
     cache = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol, generator)
     return cache.approximate_log_spectrum(num_repeats, num_points, kappa, margin, epsilon)
 
 
 class _LanczosCache:
-    """Boundaries estimated once and Lanczos runs kept for reuse."""
+    """Boundaries estimated once and Lanczos runs kept for reuse.
 
-    def __init__(
-        self,
-        A: PyTorchLinearOperator,
-        ncv: int,
-        boundaries: Tuple[float, float],
-        generator: Optional[torch.Generator],
-    ):
-        self._A, self._ncv, self._boundaries = A, ncv, boundaries
-        self._generator = generator
-        self._runs: List[Tuple[Tensor, Tensor]] = []
+    Subclasses name the boundaries they need as ``_estimate_boundaries``
+    (:func:`approximate_boundaries` or :func:`approximate_boundaries_abs`).
+    """
 
-    def _average(
-        self, num_repeats: int, density_from_run: Callable[[Tuple[Tensor, Tensor]], Tuple]
-    ) -> Tuple[Tensor, Tensor]:
-        """Grid of the first run and mean density over the first ``num_repeats`` runs."""
-        _check_num_repeats(num_repeats)
-        while len(self._runs) < num_repeats:
-            self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
-        results = [density_from_run(run) for run in self._runs[:num_repeats]]
-        return results[0][0], torch.stack([density for _, density in results]).mean(0)
-
-
-class LanczosApproximateSpectrumCached(_LanczosCache):
-    """Spectral density with cached boundaries and Lanczos runs (for trying parameters)."""
+    _estimate_boundaries: Callable[..., Tuple[float, float]]
 
     def __init__(
         self,
@@ -465,18 +478,51 @@ class LanczosApproximateSpectrumCached(_LanczosCache):
         boundaries_tol: float = 1e-2,
         generator: Optional[torch.Generator] = None,
     ):
-        """Estimate the boundaries.
+        """Estimate the boundaries (the ones ``boundaries`` leaves open).
 
         Args:
             A: A symmetric operator.
             ncv: Lanczos steps per run.
-            boundaries: Known ``(lambda_min, lambda_max)``; ``None`` entries are estimated.
+            boundaries: Known boundaries, ``(lambda_min, lambda_max)`` for the spectrum or
+                ``(min |lambda|, max |lambda|)`` for the log spectrum; ``None`` entries are
+                estimated.
             boundaries_tol: Relative accuracy of the boundary estimation.
             generator: Optional random number generator for the start vectors.
         """
         _check(A, ncv)
-        bounds = approximate_boundaries(A, tol=boundaries_tol, boundaries=boundaries)
-        super().__init__(A, ncv, bounds, generator)
+        self._boundaries = self._estimate_boundaries(A, tol=boundaries_tol, boundaries=boundaries)
+        self._A, self._ncv, self._generator = A, ncv, generator
+        self._runs: List[Tuple[Tensor, Tensor]] = []
+
+    def _average(
+        self, num_repeats: int, from_iter: Callable, *density_args
+    ) -> Tuple[Tensor, Tensor]:
+        """Grid of the first run and mean density over the first ``num_repeats`` runs.
+
+        Args:
+            num_repeats: Number of runs to average (more are run if needed).
+            from_iter: The density of one run, called as
+                ``from_iter(run, boundaries, *density_args)``.
+            *density_args: ``num_points, kappa, margin`` (and ``epsilon``), checked before
+                any product.
+        """
+        _check_density_args(*density_args)
+        check_int("num_repeats", num_repeats, 1)
+        while len(self._runs) < num_repeats:
+            self._runs.append(fast_lanczos(self._A, self._ncv, generator=self._generator))
+        results = [
+            from_iter(run, self._boundaries, *density_args) for run in self._runs[:num_repeats]
+        ]
+        return results[0][0], torch.stack([density for _, density in results]).mean(0)
+
+
+class LanczosApproximateSpectrumCached(_LanczosCache):
+    """Spectral density with cached boundaries ``(lambda_min, lambda_max)`` and Lanczos runs.
+
+    For trying density parameters without new products.
+    """
+
+    _estimate_boundaries = staticmethod(approximate_boundaries)
 
     def approximate_spectrum(
         self,
@@ -496,39 +542,15 @@ class LanczosApproximateSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        _check_density_args(num_points, kappa, margin)
         return self._average(
-            num_repeats,
-            lambda run: lanczos_approximate_spectrum_from_iter(
-                run, self._boundaries, num_points, kappa, margin
-            ),
+            num_repeats, lanczos_approximate_spectrum_from_iter, num_points, kappa, margin
         )
 
 
 class LanczosApproximateLogSpectrumCached(_LanczosCache):
-    """Log-spectral density with cached boundaries and Lanczos runs."""
+    """Log-spectral density with cached boundaries ``(min |lambda|, max |lambda|)`` and runs."""
 
-    def __init__(
-        self,
-        A: PyTorchLinearOperator,
-        ncv: int,
-        boundaries: Optional[Boundaries] = None,
-        boundaries_tol: float = 1e-2,
-        generator: Optional[torch.Generator] = None,
-    ):
-        """Estimate the boundaries of ``|A|``.
-
-        Args:
-            A: A symmetric operator.
-            ncv: Lanczos steps per run.
-            boundaries: Known ``(min |lambda|, max |lambda|)``; ``None`` entries are
-                estimated.
-            boundaries_tol: Relative accuracy of the boundary estimation.
-            generator: Optional random number generator for the start vectors.
-        """
-        _check(A, ncv)
-        bounds = approximate_boundaries_abs(A, tol=boundaries_tol, boundaries=boundaries)
-        super().__init__(A, ncv, bounds, generator)
+    _estimate_boundaries = staticmethod(approximate_boundaries_abs)
 
     def approximate_log_spectrum(
         self,
@@ -550,10 +572,11 @@ class LanczosApproximateLogSpectrumCached(_LanczosCache):
         Returns:
             The grid (of the first run) and the mean density.
         """
-        _check_density_args(num_points, kappa, margin, epsilon)
         return self._average(
             num_repeats,
-            lambda run: lanczos_approximate_log_spectrum_from_iter(
-                run, self._boundaries, num_points, kappa, margin, epsilon
-            ),
+            lanczos_approximate_log_spectrum_from_iter,
+            num_points,
+            kappa,
+            margin,
+            epsilon,
         )

@@ -15,7 +15,7 @@ matrices built from :math:`\mathbf{Y}`, :math:`\mathbf{Z} = \mathbf{A}\mathbf{Q}
 :math:`\mathbf{\Omega}`, so the :math:`k` leave-one-out estimates cost no further products.
 """
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -54,41 +54,51 @@ def xtrace(
     W = draw(A, dim, num_matvecs // 2, distribution, generator)
     Y = A @ W
     Q, R, S = leave_one_out_basis(Y)
-    if sketch_is_rank_deficient(R):
-        return _xtrace_rank_deficient(A, W, Y)
+    if not sketch_is_rank_deficient(R):
+        # Q_i Q_i^T = Q (I - s_i s_i^T) Q^T, and Q^T Y = R
+        def remove_one(H: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+            return H.trace() - (S * (H @ S)).sum(0), C - S * (S * C).sum(0)
+
+        return _mean_of_leave_one_out_estimates(A, W, Y, Q, R, remove_one)
+    # a rank-deficient sketch (e.g. a zero or low-rank operator): general leave-one-out
+    # projectors Q P_i Q^T, Q a basis of the sketch's range; a zero operator gives exactly 0
+    Q, P = leave_one_out_projectors(Y)
+
+    def project(H: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+        return torch.einsum("irs,sr->i", P, H), torch.einsum("irs,si->ri", P, C)
+
+    return _mean_of_leave_one_out_estimates(A, W, Y, Q, Q.mT @ Y, project)
+
+
+def _mean_of_leave_one_out_estimates(
+    A: Operand,
+    W: Tensor,
+    Y: Tensor,
+    Q: Tensor,
+    QtY: Tensor,
+    leave_one_out: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
+) -> Tensor:
+    """The mean of the estimates ``t_i`` with ``Q_i Q_i^T = Q P_i Q^T``.
+
+    Args:
+        A: The operator.
+        W: The test vectors ``[D, k]``.
+        Y: The sketch ``A W``.
+        Q: An orthonormal basis ``[D, r]`` of the sketch's range.
+        QtY: ``Q^T Y``.
+        leave_one_out: Maps ``H = Q^T A Q`` and ``C = Q^T W`` to ``tr(P_i H)`` for all ``i``
+            ``[k]`` and the columns ``P_i c_i`` ``[r, k]``, the basis coefficients that
+            ``I - Q_i Q_i^T`` removes.
+    """
     Z = A @ Q
     H = Q.mT @ Z  # Q^T A Q
     T = W.mT @ Z  # row i: w_i^T A Q
     C = Q.mT @ W  # column i: Q^T w_i
-    # (I - s_i s_i^T) Q^T w_i, the basis coefficients that (I - Q_i Q_i^T) removes
-    C_loo = C - S * (S * C).sum(0)
-    basis_part = H.trace() - (S * (H @ S)).sum(0)
+    basis_part, C_loo = leave_one_out(H, C)
     residual_part = (
         (W * Y).sum(0)  # w_i^T A w_i
         - (T.mT * C_loo).sum(0)  # w_i^T A Q c_i
-        - (C_loo * R).sum(0)  # c_i^T Q^T A w_i, with Q^T Y = R
+        - (C_loo * QtY).sum(0)  # c_i^T Q^T A w_i
         + (C_loo * (H @ C_loo)).sum(0)  # c_i^T Q^T A Q c_i
-    )
-    return (basis_part + residual_part).mean()
-
-
-def _xtrace_rank_deficient(A: Operand, W: Tensor, Y: Tensor) -> Tensor:
-    """XTrace for a rank-deficient sketch (e.g. a zero or low-rank operator).
-
-    The same estimate with general leave-one-out projectors ``Q P_i Q^T`` (``Q`` a basis of
-    the sketch's range); an exactly zero operator gives exactly 0.
-    """
-    Q, P = leave_one_out_projectors(Y)
-    Z = A @ Q
-    H = Q.mT @ Z  # Q^T A Q
-    T = W.mT @ Z  # row i: w_i^T A Q
-    C = Q.mT @ W  # column i: Q^T w_i
-    C_loo = torch.einsum("irs,si->ri", P, C)  # P_i Q^T w_i
-    basis_part = torch.einsum("irs,sr->i", P, H)  # tr(P_i Q^T A Q)
-    residual_part = (
-        (W * Y).sum(0)
-        - (T.mT * C_loo).sum(0)
-        - (C_loo * (Q.mT @ Y)).sum(0)
-        + (C_loo * (H @ C_loo)).sum(0)
     )
     return (basis_part + residual_part).mean()
