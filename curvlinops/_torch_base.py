@@ -22,8 +22,9 @@ structure, the determinism check, and gradient/loss evaluation. Products are mem
 after a batch's forward pass, the columns are multiplied in chunks of at most
 :attr:`CurvatureLinearOperator.MAX_COLUMNS_PER_CHUNK`, so all chunks share one forward pass while
 peak memory does not grow with the number of columns. A
-subclass implements only the product of its mini-batch matrix with a matrix in list format
-(:meth:`CurvatureLinearOperator._matmat_batch`).
+subclass implements one hook, :meth:`CurvatureLinearOperator._prepare_batch`: for a batch, do
+what all columns share and return the product of the mini-batch matrix with a column chunk.
+The base class runs the data loop, weighting, chunking, caching and compilation on top of it.
 """
 
 import functools
@@ -41,7 +42,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from curvlinops._autodiff import (
+    EAGER,
     MAX_COLUMNS_PER_CHUNK,
+    Autodiff,
+    FunctionalAutodiff,
     detached_leaves,
     guarded_models,
     in_column_chunks,
@@ -554,11 +558,14 @@ def _check_flag(value, name: str):
 
 
 def _guarded_init(init: Callable) -> Callable:
-    """Run a constructor with its model locked and its buffers restored afterwards.
+    """Run a constructor with its model locked, then finish the operator, buffers restored.
 
     A ``params`` argument is checked first (:func:`_check_params_structure`), so that
     subclasses which inspect ``params`` before the base constructor (KFAC's layer mapping)
-    report a generator, an empty list or a duplicate tensor as such.
+    report a generator, an empty list or a duplicate tensor as such. When the outermost
+    constructor of the concrete class returns, :meth:`CurvatureLinearOperator._finish_init`
+    measures the data, builds the spaces and runs the determinism check, so subclasses may
+    set their own state before or after calling the base constructor.
     """
     if getattr(init, "_curvlinops_guarded", False):
         return init
@@ -573,8 +580,18 @@ def _guarded_init(init: Callable) -> Callable:
         if "params" in arguments:
             _check_params_structure(arguments["params"])
         model = args[0] if args else kwargs.get("model_func")
-        with guarded_models([model] if isinstance(model, nn.Module) else []):
-            init(self, *args, **kwargs)
+        depth = self.__dict__.get("_init_depth", 0)
+        self.__dict__["_init_depth"] = depth + 1
+        try:
+            with guarded_models([model] if isinstance(model, nn.Module) else []):
+                init(self, *args, **kwargs)
+                if depth == 0:
+                    self._finish_init()
+        finally:
+            if depth == 0:
+                del self.__dict__["_init_depth"]
+            else:
+                self.__dict__["_init_depth"] = depth
 
     guarded._curvlinops_guarded = True
     return guarded
@@ -587,9 +604,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     :math:`\mathcal{L}(\boldsymbol{\theta}) = \sum_b w_b \ell_b(\boldsymbol{\theta})` with
     :math:`w_b = 1` for ``reduction='sum'`` and :math:`w_b = B_b / N` for ``'mean'``
     (:math:`B_b` the size of batch :math:`b`, :math:`N` = ``num_data``). A subclass implements
-    :meth:`_matmat_batch`, the product of the mini-batch matrix (built from :math:`\ell_b`,
-    without :math:`w_b`) with a matrix in list format; this class weights and sums it over
-    the batches.
+    :meth:`_prepare_batch`, which returns the product of the mini-batch matrix (built from
+    :math:`\ell_b`, without :math:`w_b`) with a column chunk; this class weights and sums it
+    over the batches (:meth:`_combine`), chunks the columns, caches and compiles. Its
+    constructor only stores and validates the arguments; the data are measured, the spaces
+    built and the determinism check run once the concrete class's constructor has returned.
 
     Attributes:
         SELF_ADJOINT: Whether the operator is self-adjoint.
@@ -724,18 +743,42 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._data = data
         self._progressbar = progressbar
         self._batch_size_fn = (lambda X: X.shape[0]) if batch_size_fn is None else batch_size_fn
-        self._N_data = (
-            sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
-            if num_data is None
-            else int(num_data)
-        )
-        if self._N_data <= 0:
-            raise ValueError(f"num_data must be positive, got {self._N_data}.")
+        self._num_data = None if num_data is None else int(num_data)
+        self._check_on_init = bool(check_deterministic)
 
-        super().__init__(self._get_in_shape(), self._get_out_shape())
+    def _finish_init(self):
+        """Measure ``num_data``, build the spaces, run the determinism check (once).
 
-        if check_deterministic:
+        Called when the concrete class's constructor has returned (see
+        :func:`_guarded_init`), so every hook it calls sees the subclass's whole state.
+        """
+        _ = self._N_data  # counts the data now, so that empty or malformed data raise here
+        self._ensure_spaces()
+        if self._check_on_init:
             self._check_deterministic()
+
+    @property
+    def _N_data(self) -> int:
+        """Total number of data points: ``num_data``, or counted with one pass when first used.
+
+        Raises:
+            ValueError: If the data hold no data point.
+        """
+        if self._num_data is None:
+            total = sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
+            if total <= 0:
+                raise ValueError(f"num_data must be positive, got {total}.")
+            self._num_data = total
+        return self._num_data
+
+    @_N_data.setter
+    def _N_data(self, value: int):
+        self._num_data = int(value)
+
+    def _ensure_spaces(self):
+        """Build the input and output spaces from the shape hooks, if not done yet."""
+        if "shape" not in self.__dict__:
+            PyTorchLinearOperator.__init__(self, self._get_in_shape(), self._get_out_shape())
 
     # ----------------------------------------------------------------- properties
     def _get_in_shape(self) -> List[torch.Size]:
@@ -868,24 +911,73 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         return 1.0 if reduction == "sum" else self._batch_size(X) / self._N_data
 
     # ----------------------------------------------------------------- products
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a matrix in list format in one pass: ``sum_b w_b A_b M``."""
-        if self._product_cache_max_bytes is not None and self._compiled_batch_product is None:
-            entries = self._cache_entries()
-            if entries is not None:
-                return self._accumulate(
-                    (weight, in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK))
-                    for weight, multiply in entries
-                )
-        return self._accumulate(
-            (self._get_normalization_factor(X, y), self._matmat_batch(X, y, M))
-            for X, y in self._loop_over_data(desc="_matmat")
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """The one product hook: a batch's column-independent work, then its multiply.
+
+        Does what all columns share for this batch (forward pass, recorded first backward,
+        Monte-Carlo samples) and returns ``multiply(M_chunk)``, the product of the
+        *unweighted* mini-batch matrix with a column chunk in list format. The base class
+        runs the data loop, the weighting and summation, the chunking over columns, the
+        product cache and compilation on top of it.
+
+        Args:
+            X: Input batch.
+            y: Label batch.
+            ad: How to differentiate: :data:`~curvlinops._autodiff.EAGER`, or a
+                :class:`~curvlinops._autodiff.FunctionalAutodiff` when traced for ``compile``
+                (then the parameter values to use are ``ad.values(self._params)``).
+
+        Returns:
+            ``multiply(M_chunk) -> List[Tensor]``.
+
+        Raises:
+            NotImplementedError: In the base class (operators without a batch product).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement _prepare_batch, so it cannot multiply."
         )
 
-    def _accumulate(self, weighted_batch_results: Iterable[Tuple[float, List[Tensor]]]):
-        """Sum ``w_b A_b M`` over the batches into one new flat buffer."""
+    def _has_batch_product(self) -> bool:
+        return type(self)._prepare_batch is not CurvatureLinearOperator._prepare_batch
+
+    @functools.cached_property
+    def _functional_model(self) -> Callable[..., Tensor]:
+        """``f(param_values, X)``: the model as a function of the values of ``params``."""
+        return make_functional_model(self._model_func, self._params)
+
+    def _start_pass(self):
+        """Called before every product's pass over the data (e.g. to re-seed a generator)."""
+
+    def _cache_token(self) -> tuple:
+        """What besides parameters and data the cached batch state depends on."""
+        return ()
+
+    def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor):
+        """Per-batch tensors a traced product gets from outside (``ad.state``); none here."""
+        return None
+
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+        """Multiply with a matrix in list format in one pass over the data."""
+        return self._combine(M, self._batch_multiplies())
+
+    def _combine(
+        self, M: List[Tensor], batches: Iterable[Tuple[Tensor, Tensor, Callable]]
+    ) -> List[Tensor]:
+        """Join the batches' products: ``sum_b w_b A_b M`` (Jacobians stack or slice instead).
+
+        Args:
+            M: The matrix in list format.
+            batches: ``(X, y, multiply)`` per batch, in data order.
+
+        Returns:
+            The product in list format, as views of one new flat buffer.
+        """
         result = None
-        for weight, batch_result in weighted_batch_results:
+        for X, y, multiply in batches:
+            weight = self._get_normalization_factor(X, y)
+            batch_result = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)
             if result is None:  # out of place: batch results may alias their inputs
                 result = self._new_output(batch_result[0].shape[-1], like=batch_result[0])
                 for r, b in zip(result, batch_result):
@@ -895,9 +987,30 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                     r.add_(b, alpha=weight)
         return result
 
+    def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:
+        """``(X, y, multiply)`` of every batch: cached, compiled or eager."""
+        self._start_pass()
+        if self._product_cache_max_bytes is not None:
+            entries = self._cache_entries()
+            if entries is not None:
+                yield from entries
+                return
+        for X, y in self._loop_over_data(desc="_matmat"):
+            yield X, y, self._multiply_of(X, y)
+
+    def _multiply_of(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Callable:
+        """The batch's ``multiply``: eager, or through the compiled product."""
+        compiled = self._compiled_batch_product
+        if compiled is None:
+            return self._prepare_batch(X, y)
+        values = tuple(p.detach() for p in self._params)
+        state = self._untraced_state(X, y)
+        return lambda chunk: list(compiled(values, X, y, state, *chunk))
+
     # ----------------------------------------------------------------- product cache
+    _CACHEABLE: bool = True
     _product_cache_max_bytes: Optional[int] = None
-    _product_cache: Optional[Tuple[list, list, list]] = None
+    _product_cache: Optional[Tuple[tuple, list, list]] = None
     _product_cache_overflowed_at: Optional[tuple] = None
 
     def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
@@ -907,7 +1020,9 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         does not depend on the multiplied matrix: the data loading and forward pass of every
         batch and, for the Hessian, the first backward pass. The first product records, per
         batch, the autograd graph that later products only differentiate through again;
-        afterwards a product costs the remaining backward passes. The cache is rebuilt when
+        afterwards a product costs the remaining backward passes. A compiled operator caches
+        the batches and their untraced state (Monte-Carlo samples) and runs its compiled
+        product on them. The cache is rebuilt when
         the value of a parameter in ``params`` changes, however it was changed: in place
         (``p.add_``, an optimizer step, ``p.data.copy_``), by ``p.data = ...``, or by
         ``load_state_dict``; this is detected by comparing the parameters with a copy of
@@ -916,7 +1031,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         operator). In-place edits of the batch tensors (``X``, the tensor values of a
         dict-like ``X``, ``y``) that bump their version counter (``X.mul_``, ``X.copy_``,
         ``X[0] = ...``) also rebuild the cache, when the data already live on the operator's
-        device (otherwise the cache holds its own copy, consistent with the old data). The
+        device (otherwise the cache holds its own copy, consistent with the old data), and so
+        does a change of the Monte-Carlo Fisher's ``_seed`` or ``_mc_samples``. The
         cache does not follow anything else: batches replaced or added in ``data``, edits
         through ``X.data``, changes of the model's buffers or of parameters that are not in
         ``params`` go unnoticed, so call :meth:`clear_cache` (or :meth:`cache` again) after
@@ -931,16 +1047,14 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             The operator itself.
 
         Raises:
-            NotImplementedError: If the operator has nothing to cache per batch.
+            NotImplementedError: If the operator has no per-batch product to cache (KFAC
+                and its relatives, whose products use stored factors) or combines batches
+                other than by summation (Jacobians).
             ValueError: If ``max_bytes`` is not a non-negative integer.
         """
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}.")
-        try:
-            supported = getattr(self._batch_product, "prepare", None) is not None
-        except NotImplementedError:
-            supported = False
-        if not supported and type(self)._prepare_batch is CurvatureLinearOperator._prepare_batch:
+        if not (self._CACHEABLE and self._has_batch_product()):
             raise NotImplementedError(
                 f"{type(self).__name__} has no per-batch product state to cache; its products "
                 "are computed without it."
@@ -955,91 +1069,54 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             None
         )
 
-    def _prepare_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor
-    ) -> Callable[[List[Tensor]], List[Tensor]]:
-        """Run a batch's matrix-independent work; return ``multiply(M_chunk)`` for it."""
-        return self._batch_product.prepare(X, y)
-
-    def _parameter_state(self) -> List[Tensor]:
-        """A copy of the parameter values (compared exactly by :meth:`_same_parameters`).
+    def _cache_state(self) -> tuple:
+        """The cache's key: a copy of the parameter values (compared exactly) and the token.
 
         Values rather than ``_version`` counters: ``p.data.copy_(...)`` does not bump
         ``p._version``, and ``p.data = ...`` may reuse the old storage address.
         """
-        return [p.detach().clone() for p in self._params]
+        return ([p.detach().clone() for p in self._params], self._cache_token())
 
-    def _same_parameters(self, state: Optional[List[Tensor]]) -> bool:
-        """Whether the parameters still have the values recorded in ``state``."""
-        return state is not None and all(
+    def _same_state(self, state: Optional[tuple]) -> bool:
+        """Whether the parameters and the token still are as recorded in ``state``."""
+        if state is None or state[1] != self._cache_token():
+            return False
+        return all(
             s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p.detach())
-            for s, p in zip(state, self._params)
+            for s, p in zip(state[0], self._params)
         )
 
-    def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
-        """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
+    def _cache_entries(self) -> Optional[List[Tuple[Tensor, Tensor, Callable]]]:
+        """The cached ``(X, y, multiply)`` of all batches, built if needed; ``None`` if too big."""
         self._check_parameters_present()  # cached products do not pass over the data
+        cached = self._product_cache
         if (
-            self._product_cache is not None
-            and self._same_parameters(self._product_cache[0])
-            and all(_data_versions(t) == v for t, v in self._product_cache[2])
+            cached is not None
+            and self._same_state(cached[0])
+            and all(_data_versions(entry[:2]) == v for entry, v in zip(cached[1], cached[2]))
         ):
-            return self._product_cache[1]
+            return cached[1]
         self._product_cache = None
-        if self._same_parameters(self._product_cache_overflowed_at):
+        if self._same_state(self._product_cache_overflowed_at):
             return None
-        state = self._parameter_state()
-        parameter_storages = {p.untyped_storage().data_ptr() for p in self._params}
-        saved: dict = {}
-
-        def pack(t: Tensor) -> Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in parameter_storages:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
+        state = self._cache_state()
+        saved = _SavedTensorsMeter(self._params)
         entries, data_versions = [], []
         for X, y in self._loop_over_data(desc="cache"):
-            data_versions.append(((X, y), _data_versions((X, y))))
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                multiply = self._prepare_batch(X, y)
-            if sum(saved.values()) > self._product_cache_max_bytes:
+            data_versions.append(_data_versions((X, y)))
+            with saved.hooks():
+                entries.append((X, y, self._multiply_of(X, y)))
+            if saved.nbytes > self._product_cache_max_bytes:
                 warnings.warn(
                     f"{type(self).__name__}: the product cache would exceed max_bytes="
                     f"{self._product_cache_max_bytes}; products run uncached until the parameters "
                     "change. Pass a larger max_bytes to cache().",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 self._product_cache_overflowed_at = state
                 return None
-            entries.append((self._get_normalization_factor(X, y), multiply))
         self._product_cache = (state, entries, data_versions)
         return entries
-
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch matrix with a matrix in list format.
-
-        The default calls :attr:`_batch_product` with ``max_columns``
-        = ``MAX_COLUMNS_PER_CHUNK``.
-
-        Args:
-            X: Input batch.
-            y: Label batch.
-            M: Matrix in list format, entries ``[*in_i, K]``.
-
-        Returns:
-            The product in list format, entries ``[*out_j, K]``.
-        """
-        if self._compiled_batch_product is not None:
-            values = tuple(p.detach() for p in self._params)
-            return in_column_chunks(
-                lambda chunk: list(self._compiled_batch_product(values, X, y, *chunk)),
-                M,
-                self.MAX_COLUMNS_PER_CHUNK,
-            )
-        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))
 
     # ----------------------------------------------------------------- compilation
     _compiled_batch_product: Optional[Callable[..., Tuple[Tensor, ...]]] = None
@@ -1047,15 +1124,18 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     def compile(self, **compile_kwargs) -> "CurvatureLinearOperator":
         """Run this operator's products through ``torch.compile`` from now on (in place).
 
-        The mini-batch product is compiled as a ``torch.func`` program of the parameter
-        values, the batch and the columns (forward-over-reverse where the eager product is
-        reverse-over-reverse, which ``torch.compile`` cannot differentiate); the loop over the
-        data, the weighting and the chunking over columns stay eager. Results equal the eager
-        products up to floating-point round-off. Shapes are static unless ``dynamic`` is
-        passed, so each new batch or column shape compiles once. All operators of one class
-        share one compiled function, so compiling many operators (or shapes) in one process
-        can reach ``torch._dynamo.config.recompile_limit`` (then ``torch.compile`` falls back
-        to eager products, or raises with ``fullgraph=True``).
+        The mini-batch product (:meth:`_prepare_batch` with
+        :class:`~curvlinops._autodiff.FunctionalAutodiff`, a ``torch.func`` program of the
+        parameter values, one batch and a column chunk) is compiled; the loop over the data,
+        the weighting and the chunking over columns stay eager, and so does what cannot be
+        traced (Monte-Carlo sampling, see :meth:`_untraced_state`). Operators without a
+        batch product (KFAC and its relatives) compile their whole product. Results equal
+        the eager products up to floating-point round-off. Shapes are static unless
+        ``dynamic`` is passed, so each new batch or column shape compiles once; compiling
+        many operators (or shapes) in one process can reach
+        ``torch._dynamo.config.recompile_limit`` (then ``torch.compile`` falls back to
+        eager products, or raises with ``fullgraph=True``). Compiling and :meth:`cache`
+        combine: the cache then keeps the batches and their untraced state.
 
         Args:
             **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,
@@ -1064,34 +1144,24 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Returns:
             The operator itself, so ``A = Operator(...).compile()`` works.
         """
-        functional = self._functional_batch_product
-        if functional is None:
+        if not self._has_batch_product():
             return super().compile(**compile_kwargs)
-        # static shapes by default: double backward of convolutions fails with symbolic sizes
-        compiled = torch.compile(functional, **{"dynamic": False, **compile_kwargs})
+        _ = self._functional_model  # built outside the traced code
 
-        def compiled_batch_product(*args, **kwargs) -> Tuple[Tensor, ...]:
+        def product(values, X, y, state, *chunk: Tensor) -> Tuple[Tensor, ...]:
+            ad = FunctionalAutodiff(values, state)
+            return tuple(self._prepare_batch(X, y, ad)(list(chunk)))
+
+        # static shapes by default: double backward of convolutions fails with symbolic sizes
+        compiled = torch.compile(product, **{"dynamic": False, **compile_kwargs})
+
+        def compiled_batch_product(*args) -> Tuple[Tensor, ...]:
             with second_order_context():  # traced with attention kernels that differentiate twice
-                return compiled(*args, **kwargs)
+                return compiled(*args)
 
         self._compiled_batch_product = compiled_batch_product
+        self._product_cache = None  # cached eager multiplies are rebuilt as compiled ones
         return self
-
-    @property
-    def _functional_batch_product(self) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
-        """``(param_values, X, y, *M) -> tuple``: the mini-batch product in ``torch.func``.
-
-        ``None`` (the default) makes :meth:`compile` compile the whole product instead.
-        """
-        return None
-
-    @property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """``(X, y, *M, max_columns) -> tuple``: the mini-batch product (subclasses)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} implements neither _matmat_batch nor _batch_product, "
-            "so it cannot multiply."
-        )
 
     # ----------------------------------------------------------------- gradient & loss
     def data_prediction_loss_gradient(
@@ -1177,6 +1247,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Raises:
             RuntimeError: If anything differs, naming what.
         """
+        self._ensure_spaces()  # also when a subclass calls the check from its constructor
         rtol, atol = 5e-5, 1e-6
 
         def fail(what: str):
@@ -1341,3 +1412,26 @@ def _data_versions(batch) -> tuple:
     X, y = batch
     tensors = list(X.values()) if isinstance(X, MutableMapping) else [X]
     return tuple(t._version for t in [*tensors, y] if isinstance(t, Tensor))
+
+
+class _SavedTensorsMeter:
+    """Sum of the storage sizes that autograd saves for backward (parameters excluded)."""
+
+    def __init__(self, params: Sequence[Tensor]):
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in params}
+        self._saved: dict = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes saved so far."""
+        return sum(self._saved.values())
+
+    def _pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._parameter_storages:
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def hooks(self):
+        """Context manager recording the saved tensors of the graphs built inside."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
