@@ -1,20 +1,21 @@
 r"""Differentiation primitives shared by every curvature operator.
 
-All products are built from reverse-mode automatic differentiation with ``torch.autograd``:
+Every batch product is written once against :class:`Autodiff`, two reverse-mode primitives:
 
-- a *vector-Jacobian product* :math:`\mathbf{J}^\top \mathbf{u}` is one backward pass;
-- a *Jacobian-vector product* :math:`\mathbf{J} \mathbf{v}` uses the double-vjp trick: with a
-  dummy cotangent :math:`\mathbf{u}` the map :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}`
-  is linear, and differentiating :math:`\langle \mathbf{J}^\top \mathbf{u}, \mathbf{v} \rangle`
-  with respect to :math:`\mathbf{u}` gives :math:`\mathbf{J} \mathbf{v}`;
-- a *Hessian-vector product* is reverse-over-reverse (double backward).
+- :meth:`Autodiff.vjp` evaluates a function and returns its *pullback*
+  :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` (a vector-Jacobian product);
+- :meth:`Autodiff.grad` is the gradient of a scalar function, itself differentiable, so that
+  the pullback of a gradient is a Hessian-vector product (reverse-over-reverse);
+- a *Jacobian-vector product* :math:`\mathbf{J} \mathbf{v}` transposes the pullback
+  (:func:`linearize`): :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` is linear, and
+  its own pullback is :math:`\mathbf{v} \mapsto \mathbf{J} \mathbf{v}`.
 
-Several columns are handled at once by ``torch.autograd.grad(..., is_grads_batched=True)``,
-which vectorises the backward pass over a leading column axis with ``vmap``. Measured on this
-project's CPU (``benchmarks/``), reverse-over-reverse with batched backward passes was faster than
-``vmap`` of forward-over-reverse for 1 and 16 columns on MLPs and CNNs, and it also side-steps two
-torch 2.13 pitfalls of ``torch.func`` (wrong ``jvp``-of-``jacrev`` Hessians for ``nn.LayerNorm``
-and "ZeroTensors are immutable" in ``jvp`` of ``grad`` through ``MSELoss``).
+Two implementations execute a product: :data:`EAGER` with ``torch.autograd`` (several columns
+at once by ``torch.autograd.grad(..., is_grads_batched=True)``, the pullback a backward pass
+through a graph recorded once per batch, which the product cache keeps), and
+:class:`FunctionalAutodiff` with ``torch.func`` (``vmap`` over columns), which
+``torch.compile`` traces. Only reverse mode is used; ``benchmarks/README.md`` records why
+(timings, and forward-mode gaps of some layers in the torch versions measured).
 
 Fused attention kernels have no double backward in PyTorch. Every evaluation of the model for
 curvature therefore runs inside :func:`second_order_context`, which selects the composite
@@ -27,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -200,6 +201,26 @@ def _is_compiling() -> bool:
     return False  # pragma: no cover - older torch
 
 
+def parameter_positions(tensors: Iterable[Tensor]) -> Dict[int, int]:
+    """Position of each tensor in ``tensors``, keyed by object identity (first occurrence).
+
+    The library's one notion of parameter identity: a parameter is the *object* (``is``), not
+    its name (tied weights have several) nor its storage (``p.data = ...`` moves it, and
+    views share it). Look a tensor ``p`` up with ``id(p) in positions`` while ``tensors``
+    are alive.
+
+    Args:
+        tensors: The tensors, e.g. ``params`` or ``model.parameters()``.
+
+    Returns:
+        ``{id(t): index}``.
+    """
+    positions: Dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        positions.setdefault(id(t), i)
+    return positions
+
+
 def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str]:
     """Find the names under which ``model_func`` owns each tensor of ``params``.
 
@@ -219,15 +240,16 @@ def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str
             f"model_func must be a torch.nn.Module, got {type(model_func).__name__}. "
             "Wrap your function in an nn.Module whose parameters include params."
         )
-    names_by_id = {id(p): name for name, p in model_func.named_parameters(remove_duplicate=False)}
+    named = list(model_func.named_parameters(remove_duplicate=False))
+    positions = parameter_positions(p for _, p in named)
     names = []
     for i, p in enumerate(params):
-        if id(p) not in names_by_id:
+        if id(p) not in positions:
             raise ValueError(
                 f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of model_func. "
                 "Pass tensors from model_func.parameters()."
             )
-        names.append(names_by_id[id(p)])
+        names.append(named[positions[id(p)]][0])
     return names
 
 
@@ -237,10 +259,10 @@ def substituted_parameters(
 ):
     """Temporarily replace ``params`` (every alias, so tied weights stay tied) by ``values``.
 
-    ``torch.func.functional_call`` replaces the ``Parameter`` objects of modules with tied
-    weights by new ones when it restores them (torch 2.13), which would silently detach a
-    user's optimizer from the model; swapping the entries of ``_parameters`` and putting the
-    very same objects back keeps every parameter's identity.
+    Swapping the entries of ``_parameters`` and putting the very same objects back keeps
+    every parameter's identity (:func:`parameter_positions`), for tied weights too; an
+    optimizer holding the parameters stays attached to the model (``functional_call`` has
+    been seen to restore tied weights as new objects, see ``benchmarks/README.md``).
 
     Args:
         model_func: The module.
@@ -250,7 +272,8 @@ def substituted_parameters(
     Yields:
         Nothing; ``model_func`` evaluates with ``values`` inside the block.
     """
-    replacement = {id(p): v for p, v in zip(params, values)}
+    values = list(values)
+    replacement = {key: values[i] for key, i in parameter_positions(params).items()}
     # The swap is visible to every thread: hold the model's lock (see locked_models). While
     # torch.compile traces, the caller (a product) already holds it, and dynamo cannot trace
     # the lock.
@@ -258,7 +281,7 @@ def substituted_parameters(
         swapped = []
         for module in model_func.modules():
             for name, p in module._parameters.items():
-                if p is not None and id(p) in replacement:
+                if id(p) in replacement:
                     swapped.append((module, name, p))
         try:
             for module, name, p in swapped:

@@ -53,6 +53,7 @@ from curvlinops._autodiff import (
     make_functional_model,
     model_lock,
     parameter_names,
+    parameter_positions,
     restore_buffers,
     second_order_context,
     snapshot_buffers,
@@ -535,20 +536,20 @@ def _check_params_structure(params):
             "params is empty: pass a non-empty list of the model's parameters, e.g. "
             "list(model.parameters())."
         )
-    first_position = {}
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise ValueError(
                 f"params[{i}] is a {type(p).__name__}, not a tensor. Pass the model's "
                 "parameters, e.g. list(model.parameters())."
             )
-        if id(p) in first_position:
+    first_position = parameter_positions(params)
+    for i, p in enumerate(params):
+        if first_position[id(p)] != i:
             raise ValueError(
                 f"params[{first_position[id(p)]}] and params[{i}] are the same tensor "
                 f"(shape {tuple(p.shape)}); each parameter may appear only once. Remove the "
                 "duplicate (tied weights are one parameter)."
             )
-        first_position[id(p)] = i
 
 
 def _check_flag(value, name: str):
@@ -880,7 +881,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """Raise a ``RuntimeError`` if a tensor in ``params`` left the model (was replaced)."""
         if not isinstance(self._model_func, nn.Module):
             return
-        present = {id(p) for p in self._model_func.parameters()}
+        present = parameter_positions(self._model_func.parameters())
         missing = [i for i, p in enumerate(self._params) if id(p) not in present]
         if missing:
             raise RuntimeError(
