@@ -29,7 +29,6 @@ The base class runs the data loop, weighting, chunking, caching and compilation 
 
 import functools
 import inspect
-import warnings
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from itertools import zip_longest
 from numbers import Integral, Real
@@ -42,13 +41,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from curvlinops._autodiff import (
-    EAGER,
     MAX_COLUMNS_PER_CHUNK,
-    Autodiff,
-    FunctionalAutodiff,
     detached_leaves,
     guarded_models,
-    in_column_chunks,
     locked_models,
     make_functional_model,
     model_lock,
@@ -58,6 +53,7 @@ from curvlinops._autodiff import (
     second_order_context,
     snapshot_buffers,
 )
+from curvlinops._batch_products import BatchProducts
 from curvlinops._losses import check_reduction
 from curvlinops.utils import allclose_report
 
@@ -558,6 +554,59 @@ def _check_flag(value, name: str):
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
+def _check_first_batch(data, batch_size_fn):
+    """Peek at the first batch: non-empty, an ``(X, y)`` pair, ``batch_size_fn`` for dicts."""
+    data_iter = _iterate(data)
+    try:
+        batch0 = next(data_iter)
+    except StopIteration:
+        raise ValueError(
+            "data is empty: pass an iterable of (X, y) batches with at least one batch."
+        ) from None
+    X0, _ = _unpack_batch(batch0, 0)
+    if isinstance(X0, MutableMapping) and batch_size_fn is None:
+        raise ValueError(
+            "The inputs X are dict-like, so batch_size_fn must be given to count the "
+            "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
+        )
+
+
+def _check_arguments(progressbar, check_deterministic, num_data, batch_size_fn):
+    """Type and range checks of the flags, ``num_data`` and ``batch_size_fn``."""
+    _check_flag(progressbar, "progressbar")
+    _check_flag(check_deterministic, "check_deterministic")
+    if num_data is not None and (
+        isinstance(num_data, bool) or not isinstance(num_data, Integral) or num_data <= 0
+    ):
+        raise ValueError(
+            f"num_data must be positive, got {num_data!r}: pass the total number of data "
+            "points (an integer > 0), or None to count them."
+        )
+    if batch_size_fn is not None and not callable(batch_size_fn):
+        raise ValueError(
+            f"batch_size_fn must be callable (X -> number of data points), got "
+            f"{type(batch_size_fn).__name__}."
+        )
+
+
+def _check_block_sizes(block_sizes, num_params: int, supported: bool, operator: str):
+    """``block_sizes``: ``None``, or positive integers summing to ``num_params``."""
+    if block_sizes is None:
+        return
+    if not supported:
+        raise ValueError(f"{operator} does not support block_sizes; pass None.")
+    if (
+        not isinstance(block_sizes, Sequence)
+        or any(isinstance(s, bool) or not isinstance(s, Integral) for s in block_sizes)
+        or sum(block_sizes) != num_params
+        or any(s <= 0 for s in block_sizes)
+    ):
+        raise ValueError(
+            f"block_sizes {block_sizes} must be positive and sum to the number of "
+            f"parameter tensors ({num_params}): a list of positive integers."
+        )
+
+
 def _guarded_init(init: Callable) -> Callable:
     """Run a constructor with its model locked, then finish the operator, buffers restored.
 
@@ -598,7 +647,87 @@ def _guarded_init(init: Callable) -> Callable:
     return guarded
 
 
-class CurvatureLinearOperator(PyTorchLinearOperator):
+class _DeterminismCheck:
+    """The determinism check of :class:`CurvatureLinearOperator` (a mixin of it)."""
+
+    def _check_deterministic(self):
+        """Check that two passes over the data and two products agree.
+
+        Compares (per batch for ``FIXED_DATA_ORDER``) inputs, labels, predictions, losses and
+        gradients of two simultaneous passes, then the accumulated losses and gradients, then
+        two products with the same random vector.
+
+        Raises:
+            RuntimeError: If anything differs, naming what.
+        """
+        self._ensure_spaces()  # also when a subclass calls the check from its constructor
+        rtol, atol = 5e-5, 1e-6
+
+        def fail(what: str):
+            raise RuntimeError(
+                f"Non-deterministic {what} detected (two passes over the data gave different "
+                "results). Use model.eval() to disable dropout and batch-norm statistics "
+                "updates, use a data loader without shuffling or augmentation, or pass "
+                "check_deterministic=False if this is intended."
+            )
+
+        def close(a, b) -> bool:  # exact equality, the usual case, is much cheaper to check
+            return a.shape == b.shape and (
+                torch.equal(a, b)
+                or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
+            )
+
+        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        try:
+            self._compare_passes(zip_longest(first, second), close, fail)
+        finally:  # release the passes (and the model lock they hold) now, also on failure
+            first.close()
+            second.close()
+
+        # the probe must not advance the caller's random number generator
+        device = self.device
+        devices = []
+        if device.type == "cuda":
+            devices = [torch.cuda.current_device() if device.index is None else device.index]
+        with torch.random.fork_rng(devices=devices):
+            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
+        if not close(self @ v, self @ v):
+            fail("matrix-vector product")
+
+    def _compare_passes(self, passes, close: Callable, fail: Callable):
+        """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
+        loss1 = loss2 = None
+        grad1 = grad2 = None
+        for batch1, batch2 in passes:
+            if batch1 is None or batch2 is None:
+                fail("number of batches")
+            (X1, y1), pred1, l1, g1 = batch1
+            (X2, y2), pred2, l2, g2 = batch2
+            if self.FIXED_DATA_ORDER:
+                if not _same_inputs(X1, X2, close):
+                    fail("input X")
+                if not close(y1, y2):
+                    fail("label y")
+                if not close(pred1, pred2):
+                    fail("prediction")
+                if l1 is not None and not close(l1, l2):
+                    fail("loss")
+                if g1 is not None and not all(close(a, b) for a, b in zip(g1, g2)):
+                    fail("gradient")
+            if l1 is not None:
+                loss1 = l1 if loss1 is None else loss1 + l1
+                loss2 = l2 if loss2 is None else loss2 + l2
+                grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
+                grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
+        if loss1 is not None:
+            if not close(loss1, loss2):
+                fail("loss")
+            if not all(close(a, b) for a, b in zip(grad1, grad2)):
+                fail("gradient")
+
+
+class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOperator):
     r"""Base class of operators defined by a model, a loss function and data.
 
     The represented matrix refers to the empirical risk
@@ -692,48 +821,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 :func:`validate_params`), ``block_sizes``, ``num_data`` or flags, or an
                 unsupported loss reduction.
         """
-        data_iter = _iterate(data)
-        try:
-            batch0 = next(data_iter)
-        except StopIteration:
-            raise ValueError(
-                "data is empty: pass an iterable of (X, y) batches with at least one batch."
-            ) from None
-        X0, _ = _unpack_batch(batch0, 0)
-        del data_iter, batch0
-        if isinstance(X0, MutableMapping) and batch_size_fn is None:
-            raise ValueError(
-                "The inputs X are dict-like, so batch_size_fn must be given to count the "
-                "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
-            )
+        _check_first_batch(data, batch_size_fn)
         params = validate_params(params, model_func)
-        _check_flag(progressbar, "progressbar")
-        _check_flag(check_deterministic, "check_deterministic")
-        if num_data is not None and (
-            isinstance(num_data, bool) or not isinstance(num_data, Integral) or num_data <= 0
-        ):
-            raise ValueError(
-                f"num_data must be positive, got {num_data!r}: pass the total number of data "
-                "points (an integer > 0), or None to count them."
-            )
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise ValueError(
-                f"batch_size_fn must be callable (X -> number of data points), got "
-                f"{type(batch_size_fn).__name__}."
-            )
-        if block_sizes is not None:
-            if not self.SUPPORTS_BLOCKS:
-                raise ValueError(f"{type(self).__name__} does not support block_sizes; pass None.")
-            if (
-                not isinstance(block_sizes, Sequence)
-                or any(isinstance(s, bool) or not isinstance(s, Integral) for s in block_sizes)
-                or sum(block_sizes) != len(params)
-                or any(s <= 0 for s in block_sizes)
-            ):
-                raise ValueError(
-                    f"block_sizes {block_sizes} must be positive and sum to the number of "
-                    f"parameter tensors ({len(params)}): a list of positive integers."
-                )
+        _check_arguments(progressbar, check_deterministic, num_data, batch_size_fn)
+        _check_block_sizes(block_sizes, len(params), self.SUPPORTS_BLOCKS, type(self).__name__)
         if loss_func is not None:
             check_reduction(loss_func)
         self._block_sizes = [len(params)] if block_sizes is None else [int(s) for s in block_sizes]
@@ -911,259 +1002,6 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         reduction = check_reduction(self._loss_func)
         return 1.0 if reduction == "sum" else self._batch_size(X) / self._N_data
 
-    # ----------------------------------------------------------------- products
-    def _prepare_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
-    ) -> Callable[[List[Tensor]], List[Tensor]]:
-        """The one product hook: a batch's column-independent work, then its multiply.
-
-        Does what all columns share for this batch (forward pass, recorded first backward,
-        Monte-Carlo samples) and returns ``multiply(M_chunk)``, the product of the
-        *unweighted* mini-batch matrix with a column chunk in list format. The base class
-        runs the data loop, the weighting and summation, the chunking over columns, the
-        product cache and compilation on top of it.
-
-        Args:
-            X: Input batch.
-            y: Label batch.
-            ad: How to differentiate: :data:`~curvlinops._autodiff.EAGER`, or a
-                :class:`~curvlinops._autodiff.FunctionalAutodiff` when traced for ``compile``
-                (then the parameter values to use are ``ad.values(self._params)``).
-
-        Returns:
-            ``multiply(M_chunk) -> List[Tensor]``.
-
-        Raises:
-            NotImplementedError: In the base class (operators without a batch product).
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not implement _prepare_batch, so it cannot multiply."
-        )
-
-    def _has_batch_product(self) -> bool:
-        return type(self)._prepare_batch is not CurvatureLinearOperator._prepare_batch
-
-    @functools.cached_property
-    def _functional_model(self) -> Callable[..., Tensor]:
-        """``f(param_values, X)``: the model as a function of the values of ``params``."""
-        return make_functional_model(self._model_func, self._params)
-
-    def _start_pass(self):
-        """Called before every product's pass over the data (e.g. to re-seed a generator)."""
-
-    def _cache_token(self) -> tuple:
-        """What besides parameters and data the cached batch state depends on."""
-        return ()
-
-    def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor):
-        """Per-batch tensors a traced product gets from outside (``ad.state``); none here."""
-        return None
-
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a matrix in list format in one pass over the data."""
-        return self._combine(M, self._batch_multiplies())
-
-    def _combine(
-        self, M: List[Tensor], batches: Iterable[Tuple[Tensor, Tensor, Callable]]
-    ) -> List[Tensor]:
-        """Join the batches' products: ``sum_b w_b A_b M`` (Jacobians stack or slice instead).
-
-        Args:
-            M: The matrix in list format.
-            batches: ``(X, y, multiply)`` per batch, in data order.
-
-        Returns:
-            The product in list format, as views of one new flat buffer.
-        """
-        result = None
-        for X, y, multiply in batches:
-            weight = self._get_normalization_factor(X, y)
-            batch_result = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)
-            if result is None:  # out of place: batch results may alias their inputs
-                result = self._new_output(batch_result[0].shape[-1], like=batch_result[0])
-                for r, b in zip(result, batch_result):
-                    torch.mul(b, weight, out=r)
-            else:
-                for r, b in zip(result, batch_result):
-                    r.add_(b, alpha=weight)
-        return result
-
-    def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:
-        """``(X, y, multiply)`` of every batch: cached, compiled or eager."""
-        self._start_pass()
-        if self._product_cache_max_bytes is not None:
-            entries = self._cache_entries()
-            if entries is not None:
-                yield from entries
-                return
-        for X, y in self._loop_over_data(desc="_matmat"):
-            yield X, y, self._multiply_of(X, y)
-
-    def _multiply_of(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Callable:
-        """The batch's ``multiply``: eager, or through the compiled product."""
-        compiled = self._compiled_batch_product
-        if compiled is None:
-            return self._prepare_batch(X, y)
-        values = tuple(p.detach() for p in self._params)
-        state = self._untraced_state(X, y)
-        return lambda chunk: list(compiled(values, X, y, state, *chunk))
-
-    # ----------------------------------------------------------------- product cache
-    _CACHEABLE: bool = True
-    _product_cache_max_bytes: Optional[int] = None
-    _product_cache: Optional[Tuple[tuple, list, list]] = None
-    _product_cache_overflowed_at: Optional[tuple] = None
-
-    def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
-        """Keep what each batch's product needs between products (opt-in, in place).
-
-        Repeated products over the same data (CG, Lanczos, ``eigsh``) then skip the work that
-        does not depend on the multiplied matrix: the data loading and forward pass of every
-        batch and, for the Hessian, the first backward pass. The first product records, per
-        batch, the autograd graph that later products only differentiate through again;
-        afterwards a product costs the remaining backward passes. A compiled operator caches
-        the batches and their untraced state (Monte-Carlo samples) and runs its compiled
-        product on them. The cache is rebuilt when
-        the value of a parameter in ``params`` changes, however it was changed: in place
-        (``p.add_``, an optimizer step, ``p.data.copy_``), by ``p.data = ...``, or by
-        ``load_state_dict``; this is detected by comparing the parameters with a copy of
-        their values taken when the cache was built (one comparison per product, the memory
-        of one copy of ``params``). Replacing a parameter object raises (rebuild the
-        operator). In-place edits of the batch tensors (``X``, the tensor values of a
-        dict-like ``X``, ``y``) that bump their version counter (``X.mul_``, ``X.copy_``,
-        ``X[0] = ...``) also rebuild the cache, when the data already live on the operator's
-        device (otherwise the cache holds its own copy, consistent with the old data), and so
-        does a change of the Monte-Carlo Fisher's ``_seed`` or ``_mc_samples``. The
-        cache does not follow anything else: batches replaced or added in ``data``, edits
-        through ``X.data``, changes of the model's buffers or of parameters that are not in
-        ``params`` go unnoticed, so call :meth:`clear_cache` (or :meth:`cache` again) after
-        such changes. If the tensors that the
-        graphs save would exceed ``max_bytes``, a warning is issued and products run
-        uncached until the parameters change.
-
-        Args:
-            max_bytes: Bound on the memory of the saved tensors of all batches' graphs.
-
-        Returns:
-            The operator itself.
-
-        Raises:
-            NotImplementedError: If the operator has no per-batch product to cache (KFAC
-                and its relatives, whose products use stored factors) or combines batches
-                other than by summation (Jacobians).
-            ValueError: If ``max_bytes`` is not a non-negative integer.
-        """
-        if not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}.")
-        if not (self._CACHEABLE and self._has_batch_product()):
-            raise NotImplementedError(
-                f"{type(self).__name__} has no per-batch product state to cache; its products "
-                "are computed without it."
-            )
-        self.clear_cache()
-        self._product_cache_max_bytes = max_bytes
-        return self
-
-    def clear_cache(self):
-        """Free the product cache and stop caching (undoes :meth:`cache`)."""
-        self._product_cache = self._product_cache_overflowed_at = self._product_cache_max_bytes = (
-            None
-        )
-
-    def _cache_state(self) -> tuple:
-        """The cache's key: a copy of the parameter values (compared exactly) and the token.
-
-        Values rather than ``_version`` counters: ``p.data.copy_(...)`` does not bump
-        ``p._version``, and ``p.data = ...`` may reuse the old storage address.
-        """
-        return ([p.detach().clone() for p in self._params], self._cache_token())
-
-    def _same_state(self, state: Optional[tuple]) -> bool:
-        """Whether the parameters and the token still are as recorded in ``state``."""
-        if state is None or state[1] != self._cache_token():
-            return False
-        return all(
-            s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p.detach())
-            for s, p in zip(state[0], self._params)
-        )
-
-    def _cache_entries(self) -> Optional[List[Tuple[Tensor, Tensor, Callable]]]:
-        """The cached ``(X, y, multiply)`` of all batches, built if needed; ``None`` if too big."""
-        self._check_parameters_present()  # cached products do not pass over the data
-        cached = self._product_cache
-        if (
-            cached is not None
-            and self._same_state(cached[0])
-            and all(_data_versions(entry[:2]) == v for entry, v in zip(cached[1], cached[2]))
-        ):
-            return cached[1]
-        self._product_cache = None
-        if self._same_state(self._product_cache_overflowed_at):
-            return None
-        state = self._cache_state()
-        saved = _SavedTensorsMeter(self._params)
-        entries, data_versions = [], []
-        for X, y in self._loop_over_data(desc="cache"):
-            data_versions.append(_data_versions((X, y)))
-            with saved.hooks():
-                entries.append((X, y, self._multiply_of(X, y)))
-            if saved.nbytes > self._product_cache_max_bytes:
-                warnings.warn(
-                    f"{type(self).__name__}: the product cache would exceed max_bytes="
-                    f"{self._product_cache_max_bytes}; products run uncached until the parameters "
-                    "change. Pass a larger max_bytes to cache().",
-                    stacklevel=5,
-                )
-                self._product_cache_overflowed_at = state
-                return None
-        self._product_cache = (state, entries, data_versions)
-        return entries
-
-    # ----------------------------------------------------------------- compilation
-    _compiled_batch_product: Optional[Callable[..., Tuple[Tensor, ...]]] = None
-
-    def compile(self, **compile_kwargs) -> "CurvatureLinearOperator":
-        """Run this operator's products through ``torch.compile`` from now on (in place).
-
-        The mini-batch product (:meth:`_prepare_batch` with
-        :class:`~curvlinops._autodiff.FunctionalAutodiff`, a ``torch.func`` program of the
-        parameter values, one batch and a column chunk) is compiled; the loop over the data,
-        the weighting and the chunking over columns stay eager, and so does what cannot be
-        traced (Monte-Carlo sampling, see :meth:`_untraced_state`). Operators without a
-        batch product (KFAC and its relatives) compile their whole product. Results equal
-        the eager products up to floating-point round-off. Shapes are static unless
-        ``dynamic`` is passed, so each new batch or column shape compiles once; compiling
-        many operators (or shapes) in one process can reach
-        ``torch._dynamo.config.recompile_limit`` (then ``torch.compile`` falls back to
-        eager products, or raises with ``fullgraph=True``). Compiling and :meth:`cache`
-        combine: the cache then keeps the batches and their untraced state.
-
-        Args:
-            **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,
-                ``fullgraph``, ``dynamic``).
-
-        Returns:
-            The operator itself, so ``A = Operator(...).compile()`` works.
-        """
-        if not self._has_batch_product():
-            return super().compile(**compile_kwargs)
-        _ = self._functional_model  # built outside the traced code
-
-        def product(values, X, y, state, *chunk: Tensor) -> Tuple[Tensor, ...]:
-            ad = FunctionalAutodiff(values, state)
-            return tuple(self._prepare_batch(X, y, ad)(list(chunk)))
-
-        # static shapes by default: double backward of convolutions fails with symbolic sizes
-        compiled = torch.compile(product, **{"dynamic": False, **compile_kwargs})
-
-        def compiled_batch_product(*args) -> Tuple[Tensor, ...]:
-            with second_order_context():  # traced with attention kernels that differentiate twice
-                return compiled(*args)
-
-        self._compiled_batch_product = compiled_batch_product
-        self._product_cache = None  # cached eager multiplies are rebuilt as compiled ones
-        return self
-
     # ----------------------------------------------------------------- gradient & loss
     def data_prediction_loss_gradient(
         self, desc: str = "batch_prediction_loss_gradient"
@@ -1236,83 +1074,6 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             for t, g in zip(total_grad, gradient):
                 t.add_(g)
         return total_grad, total_loss
-
-    # ----------------------------------------------------------------- determinism
-    def _check_deterministic(self):
-        """Check that two passes over the data and two products agree.
-
-        Compares (per batch for ``FIXED_DATA_ORDER``) inputs, labels, predictions, losses and
-        gradients of two simultaneous passes, then the accumulated losses and gradients, then
-        two products with the same random vector.
-
-        Raises:
-            RuntimeError: If anything differs, naming what.
-        """
-        self._ensure_spaces()  # also when a subclass calls the check from its constructor
-        rtol, atol = 5e-5, 1e-6
-
-        def fail(what: str):
-            raise RuntimeError(
-                f"Non-deterministic {what} detected (two passes over the data gave different "
-                "results). Use model.eval() to disable dropout and batch-norm statistics "
-                "updates, use a data loader without shuffling or augmentation, or pass "
-                "check_deterministic=False if this is intended."
-            )
-
-        def close(a, b) -> bool:  # exact equality, the usual case, is much cheaper to check
-            return a.shape == b.shape and (
-                torch.equal(a, b)
-                or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
-            )
-
-        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        try:
-            self._compare_passes(zip_longest(first, second), close, fail)
-        finally:  # release the passes (and the model lock they hold) now, also on failure
-            first.close()
-            second.close()
-
-        # the probe must not advance the caller's random number generator
-        device = self.device
-        devices = []
-        if device.type == "cuda":
-            devices = [torch.cuda.current_device() if device.index is None else device.index]
-        with torch.random.fork_rng(devices=devices):
-            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
-        if not close(self @ v, self @ v):
-            fail("matrix-vector product")
-
-    def _compare_passes(self, passes, close: Callable, fail: Callable):
-        """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
-        loss1 = loss2 = None
-        grad1 = grad2 = None
-        for batch1, batch2 in passes:
-            if batch1 is None or batch2 is None:
-                fail("number of batches")
-            (X1, y1), pred1, l1, g1 = batch1
-            (X2, y2), pred2, l2, g2 = batch2
-            if self.FIXED_DATA_ORDER:
-                if not _same_inputs(X1, X2, close):
-                    fail("input X")
-                if not close(y1, y2):
-                    fail("label y")
-                if not close(pred1, pred2):
-                    fail("prediction")
-                if l1 is not None and not close(l1, l2):
-                    fail("loss")
-                if g1 is not None and not all(close(a, b) for a, b in zip(g1, g2)):
-                    fail("gradient")
-            if l1 is not None:
-                loss1 = l1 if loss1 is None else loss1 + l1
-                loss2 = l2 if loss2 is None else loss2 + l2
-                grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
-                grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
-        if loss1 is not None:
-            if not close(loss1, loss2):
-                fail("loss")
-            if not all(close(a, b) for a, b in zip(grad1, grad2)):
-                fail("gradient")
 
 
 def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:
@@ -1406,33 +1167,3 @@ def _check_finite_result(t: Tensor, what: str, index: int):
             "Check the model's parameters and buffers for non-finite values (and for "
             "overflow, e.g. in float16)."
         )
-
-
-def _data_versions(batch) -> tuple:
-    """Version counters of the tensors of a batch ``(X, y)`` (bumped by in-place edits)."""
-    X, y = batch
-    tensors = list(X.values()) if isinstance(X, MutableMapping) else [X]
-    return tuple(t._version for t in [*tensors, y] if isinstance(t, Tensor))
-
-
-class _SavedTensorsMeter:
-    """Sum of the storage sizes that autograd saves for backward (parameters excluded)."""
-
-    def __init__(self, params: Sequence[Tensor]):
-        self._parameter_storages = {p.untyped_storage().data_ptr() for p in params}
-        self._saved: dict = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes saved so far."""
-        return sum(self._saved.values())
-
-    def _pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._parameter_storages:
-            self._saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def hooks(self):
-        """Context manager recording the saved tensors of the graphs built inside."""
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
