@@ -75,10 +75,6 @@ class BatchProducts:
     def _start_pass(self):
         """Called before every product's pass over the data (e.g. to re-seed a generator)."""
 
-    def _cache_token(self) -> tuple:
-        """What besides parameters and data the cached batch state depends on."""
-        return ()
-
     def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor):
         """Per-batch tensors a traced product gets from outside (``ad.state``); none here."""
         return None
@@ -134,6 +130,8 @@ class BatchProducts:
 
     # ----------------------------------------------------------------- product cache
     _CACHEABLE: bool = True
+    #: Attributes besides parameters and data that the cached batch states depend on.
+    _CACHE_KEY_ATTRIBUTES: Tuple[str, ...] = ()
     _product_cache_max_bytes: Optional[int] = None
     _product_cache: Optional[Tuple[tuple, list, list]] = None
     _product_cache_overflowed_at: Optional[tuple] = None
@@ -200,11 +198,14 @@ class BatchProducts:
         Values rather than ``_version`` counters: ``p.data.copy_(...)`` does not bump
         ``p._version``, and ``p.data = ...`` may reuse the old storage address.
         """
-        return ([p.detach().clone() for p in self._params], self._cache_token())
+        return ([p.detach().clone() for p in self._params], self._cache_key())
+
+    def _cache_key(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._CACHE_KEY_ATTRIBUTES)
 
     def _same_state(self, state: Optional[tuple]) -> bool:
         """Whether the parameters and the token still are as recorded in ``state``."""
-        if state is None or state[1] != self._cache_token():
+        if state is None or state[1] != self._cache_key():
             return False
         return all(
             s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p.detach())

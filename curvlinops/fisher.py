@@ -154,6 +154,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     SELF_ADJOINT: bool = True
     FIXED_DATA_ORDER: bool = True
     supported_losses = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+    _CACHE_KEY_ATTRIBUTES = ("_seed", "_mc_samples")  # cached samples follow them
 
     def __init__(
         self,
@@ -211,10 +212,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     def _start_pass(self):
         """Seed the generator with ``_seed``: every product draws the same samples."""
         self._generator = seeded_generator(self._generator, self.device, self._seed)
-
-    def _cache_token(self) -> tuple:
-        """Cached samples are stale once ``_seed`` or ``_mc_samples`` change."""
-        return (self._seed, self._mc_samples)
 
     def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Tensor:
         """The scaled samples of a batch, drawn from an eager forward pass (for ``compile``).
