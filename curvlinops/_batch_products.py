@@ -90,7 +90,9 @@ class BatchProducts:
 
         Args:
             M: The matrix in list format.
-            batches: ``(X, y, multiply)`` per batch, in data order.
+            batches: ``(X, y, multiply)`` per batch, in data order. An override must drop
+                each ``multiply`` before taking the next one (``del``), so that only one
+                batch's recorded graph is alive at a time.
 
         Returns:
             The product in list format, as views of one new flat buffer.
@@ -106,6 +108,7 @@ class BatchProducts:
             else:
                 for r, b in zip(result, batch_result):
                     r.add_(b, alpha=weight)
+            del multiply  # free this batch's graph before the next batch records its own
         return result
 
     def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:

@@ -211,10 +211,10 @@ class JacobianLinearOperator(_JacobianBase):
 
     def _combine(self, M: List[Tensor], batches) -> List[Tensor]:
         """Stack the batches' Jacobian-matrix products along the data axis."""
-        results = [
-            in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)[0]
-            for _, _, multiply in batches
-        ]
+        results = []
+        for _, _, multiply in batches:
+            results.append(in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)[0])
+            del multiply  # one batch's graph alive at a time
         result = torch.cat(results)
         _check_num_data(self, result.shape[0])
         return [result]
@@ -255,6 +255,7 @@ class TransposedJacobianLinearOperator(_JacobianBase):
             for r, p in zip(result, batch_result):
                 r.add_(p)
             start = end
+            del multiply  # one batch's graph alive at a time
         _check_num_data(self, start)
         return result
 

@@ -933,3 +933,24 @@ def test_construction_errors_surface_at_construction():
     empty = [(X[:0], y[:0]) for X, y in c.data]
     with pytest.raises(ValueError, match="num_data must be positive"):
         HessianLinearOperator(c.model, c.loss_func, c.params, empty)
+
+
+@pytest.mark.parametrize("cls", [GGNLinearOperator, JacobianLinearOperator])
+def test_one_batch_graph_alive_at_a_time(cls):
+    """A product holds one batch's recorded graph at a time (peak memory of one batch)."""
+    import weakref
+
+    c = make_case("mlp_ce", "mean")
+    args = (c.model, c.params, c.data) if cls is JacobianLinearOperator else c.tensors()
+    A = cls(*args, check_deterministic=False)
+    alive, prepare = [], A._prepare_batch
+
+    def counting_prepare(X, y, *rest):
+        assert all(ref() is None for ref in alive), "previous batch's multiply still alive"
+        multiply = prepare(X, y, *rest)
+        alive.append(weakref.ref(multiply))
+        return multiply
+
+    A._prepare_batch = counting_prepare
+    A @ torch.randn(A.shape[1], dtype=DT)
+    assert len(alive) == len(c.data) > 1
