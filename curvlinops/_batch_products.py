@@ -57,14 +57,22 @@ class BatchProducts:
         Returns:
             ``multiply(M_chunk) -> List[Tensor]``.
 
+        Downstream subclasses written against the 3.0.1 contract may implement
+        ``_matmat_batch(X, y, M)`` (the whole mini-batch product) instead; it is called from
+        here, and such operators compile their whole product and cannot be cached.
+
         Raises:
             NotImplementedError: In the base class (operators without a batch product).
         """
+        matmat_batch = getattr(type(self), "_matmat_batch", None)
+        if matmat_batch is not None:  # 3.0.1 subclass contract (API.md section 2.2)
+            return lambda M: matmat_batch(self, X, y, M)
         raise NotImplementedError(
             f"{type(self).__name__} does not implement _prepare_batch, so it cannot multiply."
         )
 
     def _has_batch_product(self) -> bool:
+        """Whether the operator defines ``_prepare_batch`` (traceable and cacheable)."""
         return type(self)._prepare_batch is not BatchProducts._prepare_batch
 
     @functools.cached_property

@@ -954,3 +954,21 @@ def test_one_batch_graph_alive_at_a_time(cls):
     A._prepare_batch = counting_prepare
     A @ torch.randn(A.shape[1], dtype=DT)
     assert len(alive) == len(c.data) > 1
+
+
+class _LegacyBatchIdentity(CurvatureLinearOperator):
+    """A downstream subclass of the 3.0.1 contract: only ``_matmat_batch``, ``M`` per batch."""
+
+    SELF_ADJOINT = True
+
+    def _matmat_batch(self, X, y, M):
+        return [m.clone() for m in M]
+
+
+def test_subclass_with_matmat_batch_of_the_3_0_1_contract_still_multiplies():
+    c = make_case("mlp_ce", "mean")
+    A = _LegacyBatchIdentity(*c.tensors())  # the determinism check multiplies, too
+    M = torch.randn(A.shape[1], 3, dtype=DT)
+    assert_close(A @ M, M)  # sum_b (B_b / N) M
+    with pytest.raises(NotImplementedError, match="_LegacyBatchIdentity"):
+        A.cache()
