@@ -1,32 +1,34 @@
 r"""Differentiation primitives shared by every curvature operator.
 
-All products are built from reverse-mode automatic differentiation with ``torch.autograd``:
+Every batch product is written once against :class:`Autodiff`, two reverse-mode primitives:
 
-- a *vector-Jacobian product* :math:`\mathbf{J}^\top \mathbf{u}` is one backward pass;
-- a *Jacobian-vector product* :math:`\mathbf{J} \mathbf{v}` uses the double-vjp trick: with a
-  dummy cotangent :math:`\mathbf{u}` the map :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}`
-  is linear, and differentiating :math:`\langle \mathbf{J}^\top \mathbf{u}, \mathbf{v} \rangle`
-  with respect to :math:`\mathbf{u}` gives :math:`\mathbf{J} \mathbf{v}`;
-- a *Hessian-vector product* is reverse-over-reverse (double backward).
+- :meth:`Autodiff.vjp` evaluates a function and returns its *pullback*
+  :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` (a vector-Jacobian product);
+- :meth:`Autodiff.grad` is the gradient of a scalar function, itself differentiable, so that
+  the pullback of a gradient is a Hessian-vector product (reverse-over-reverse);
+- a *Jacobian-vector product* :math:`\mathbf{J} \mathbf{v}` transposes the pullback
+  (:func:`linearize`): :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` is linear, and
+  its own pullback is :math:`\mathbf{v} \mapsto \mathbf{J} \mathbf{v}`.
 
-Several columns are handled at once by ``torch.autograd.grad(..., is_grads_batched=True)``,
-which vectorises the backward pass over a leading column axis with ``vmap``. Measured on this
-project's CPU (``benchmarks/``), reverse-over-reverse with batched backward passes was faster than
-``vmap`` of forward-over-reverse for 1 and 16 columns on MLPs and CNNs, and it also side-steps two
-torch 2.13 pitfalls of ``torch.func`` (wrong ``jvp``-of-``jacrev`` Hessians for ``nn.LayerNorm``
-and "ZeroTensors are immutable" in ``jvp`` of ``grad`` through ``MSELoss``).
+Two implementations execute a product: :data:`EAGER` with ``torch.autograd`` (several columns
+at once by ``torch.autograd.grad(..., is_grads_batched=True)``, the pullback a backward pass
+through a graph recorded once per batch, which the product cache keeps), and
+:class:`FunctionalAutodiff` with ``torch.func`` (``vmap`` over columns), which
+``torch.compile`` traces. Only reverse mode is used; ``benchmarks/README.md`` records why
+(timings, and forward-mode gaps of some layers in the torch versions measured).
 
 Fused attention kernels have no double backward in PyTorch. Every evaluation of the model for
 curvature therefore runs inside :func:`second_order_context`, which selects the composite
 ("math") scaled-dot-product attention that is differentiable to any order.
 """
 
+import inspect
 import itertools
 import threading
 import weakref
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
-from typing import Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -199,6 +201,26 @@ def _is_compiling() -> bool:
     return False  # pragma: no cover - older torch
 
 
+def parameter_positions(tensors: Iterable[Tensor]) -> Dict[int, int]:
+    """Position of each tensor in ``tensors``, keyed by object identity (first occurrence).
+
+    The library's one notion of parameter identity: a parameter is the *object* (``is``), not
+    its name (tied weights have several) nor its storage (``p.data = ...`` moves it, and
+    views share it). Look a tensor ``p`` up with ``id(p) in positions`` while ``tensors``
+    are alive.
+
+    Args:
+        tensors: The tensors, e.g. ``params`` or ``model.parameters()``.
+
+    Returns:
+        ``{id(t): index}``.
+    """
+    positions: Dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        positions.setdefault(id(t), i)
+    return positions
+
+
 def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str]:
     """Find the names under which ``model_func`` owns each tensor of ``params``.
 
@@ -218,15 +240,16 @@ def parameter_names(model_func: nn.Module, params: Sequence[Tensor]) -> List[str
             f"model_func must be a torch.nn.Module, got {type(model_func).__name__}. "
             "Wrap your function in an nn.Module whose parameters include params."
         )
-    names_by_id = {id(p): name for name, p in model_func.named_parameters(remove_duplicate=False)}
+    named = list(model_func.named_parameters(remove_duplicate=False))
+    positions = parameter_positions(p for _, p in named)
     names = []
     for i, p in enumerate(params):
-        if id(p) not in names_by_id:
+        if id(p) not in positions:
             raise ValueError(
                 f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of model_func. "
                 "Pass tensors from model_func.parameters()."
             )
-        names.append(names_by_id[id(p)])
+        names.append(named[positions[id(p)]][0])
     return names
 
 
@@ -236,10 +259,10 @@ def substituted_parameters(
 ):
     """Temporarily replace ``params`` (every alias, so tied weights stay tied) by ``values``.
 
-    ``torch.func.functional_call`` replaces the ``Parameter`` objects of modules with tied
-    weights by new ones when it restores them (torch 2.13), which would silently detach a
-    user's optimizer from the model; swapping the entries of ``_parameters`` and putting the
-    very same objects back keeps every parameter's identity.
+    Swapping the entries of ``_parameters`` and putting the very same objects back keeps
+    every parameter's identity (:func:`parameter_positions`), for tied weights too; an
+    optimizer holding the parameters stays attached to the model (``functional_call`` has
+    been seen to restore tied weights as new objects, see ``benchmarks/README.md``).
 
     Args:
         model_func: The module.
@@ -249,7 +272,8 @@ def substituted_parameters(
     Yields:
         Nothing; ``model_func`` evaluates with ``values`` inside the block.
     """
-    replacement = {id(p): v for p, v in zip(params, values)}
+    values = list(values)
+    replacement = {key: values[i] for key, i in parameter_positions(params).items()}
     # The swap is visible to every thread: hold the model's lock (see locked_models). While
     # torch.compile traces, the caller (a product) already holds it, and dynamo cannot trace
     # the lock.
@@ -257,7 +281,7 @@ def substituted_parameters(
         swapped = []
         for module in model_func.modules():
             for name, p in module._parameters.items():
-                if p is not None and id(p) in replacement:
+                if id(p) in replacement:
                     swapped.append((module, name, p))
         try:
             for module, name, p in swapped:
@@ -300,16 +324,17 @@ def detached_leaves(params: Sequence[Tensor]) -> List[Tensor]:
 def vjp(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
-    cotangents: Sequence[Tensor],
+    cotangents: Sequence[Optional[Tensor]],
     batched: bool,
     create_graph: bool = False,
 ) -> List[Tensor]:
-    """Vector-Jacobian products, optionally for several columns at once.
+    """Vector-Jacobian products through a recorded graph, optionally for several columns.
 
     Args:
         outputs: Tensors to differentiate.
         inputs: Tensors to differentiate with respect to.
-        cotangents: One per output; with ``batched=True`` each carries a leading column axis.
+        cotangents: One per output (``None`` for a zero cotangent); with ``batched=True``
+            each carries a leading column axis.
         batched: Whether the cotangents have a leading column axis.
         create_graph: Whether to record the backward pass for further differentiation.
 
@@ -317,8 +342,9 @@ def vjp(
         One tensor per input (with the leading column axis if ``batched``). Inputs that the
         outputs do not depend on get zeros.
     """
-    leading = cotangents[0].shape[:1] if batched else ()
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    given = [c for c in cotangents if c is not None]
+    leading = given[0].shape[:1] if batched and given else ()
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
     if not pairs:  # the outputs are constant in the inputs
         return [x.new_zeros((*leading, *x.shape)) for x in inputs]
     outs, cots = zip(*pairs)
@@ -333,6 +359,128 @@ def vjp(
     )
     # Unused inputs get zeros (``materialize_grads`` would drop the column axis).
     return [x.new_zeros((*leading, *x.shape)) if g is None else g for g, x in zip(grads, inputs)]
+
+
+#: ``pullback(cotangents, batched, wrt=None) -> list``: vector-Jacobian products of a function
+#: evaluated by :meth:`Autodiff.vjp`, one cotangent per output (``None`` for zero; leading
+#: column axis if ``batched``), returning the products w.r.t. the primals at positions ``wrt``
+#: (all if ``None``).
+Pullback = Callable[..., List[Tensor]]
+
+
+def _as_list(out: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
+    return [out] if isinstance(out, Tensor) else list(out)
+
+
+class Autodiff:
+    r"""The two reverse-mode primitives every product is written with.
+
+    Each batch product is defined once in terms of :meth:`vjp` (evaluate a function and
+    return its pullback) and :meth:`grad` (the gradient of a scalar function, itself
+    differentiable). Two implementations execute it: :data:`EAGER` with ``torch.autograd``
+    (the pullback is a backward pass through the recorded graph, batched over columns with
+    ``is_grads_batched``) and :class:`FunctionalAutodiff` with ``torch.func`` (no
+    ``torch.autograd`` call, so ``torch.compile`` can trace the whole product).
+
+    Attributes:
+        state: Per-batch tensors that were computed outside a traced product (e.g.
+            Monte-Carlo samples, which need a generator); ``None`` when not traced.
+    """
+
+    state = None
+
+    def values(self, params: Sequence[Tensor]) -> List[Tensor]:
+        """The values at which ``params`` are differentiated (the parameters themselves)."""
+        return list(params)
+
+    def vjp(self, fn: Callable[..., Any], primals: Sequence[Tensor]) -> Tuple[Any, Pullback]:
+        """Evaluate ``fn(*primals)`` (a tensor or a tuple of tensors) and its pullback."""
+        raise NotImplementedError
+
+    def grad(self, fn: Callable[..., Tensor]) -> Callable[..., Tuple[Tensor, ...]]:
+        """The gradient ``(*inputs) -> tuple`` of a scalar function w.r.t. all its inputs."""
+        raise NotImplementedError
+
+
+class EagerAutodiff(Autodiff):
+    """:class:`Autodiff` with ``torch.autograd`` (reverse-over-reverse, batched backward)."""
+
+    def vjp(self, fn, primals):
+        """Evaluate ``fn`` at fresh leaves of ``primals``; the pullback is a backward pass."""
+        leaves = detached_leaves(primals)
+        with second_order_context():
+            out = fn(*leaves)
+        outs = _as_list(out)
+
+        def pullback(cotangents, batched: bool, wrt=None) -> List[Tensor]:
+            inputs = leaves if wrt is None else [leaves[i] for i in wrt]
+            # differentiable in the cotangents only when they are being differentiated
+            create_graph = torch.is_grad_enabled() and any(
+                c is not None and c.requires_grad for c in cotangents
+            )
+            return vjp(outs, inputs, cotangents, batched, create_graph=create_graph)
+
+        return out, pullback
+
+    def grad(self, fn):
+        """The gradient, recorded for double backward when the inputs require grad."""
+
+        def gradient(*inputs: Tensor) -> Tuple[Tensor, ...]:
+            with second_order_context():
+                leaves = [x if x.requires_grad else x.detach().requires_grad_() for x in inputs]
+                out = fn(*leaves)
+                create_graph = any(x.requires_grad for x in inputs)
+                return tuple(vjp([out], leaves, [torch.ones_like(out)], False, create_graph))
+
+        return gradient
+
+
+class FunctionalAutodiff(Autodiff):
+    """:class:`Autodiff` with ``torch.func`` (traceable), at given parameter values.
+
+    Args:
+        param_values: The values substituted for the parameters.
+        state: Per-batch tensors computed outside the traced product (see
+            :attr:`Autodiff.state`).
+    """
+
+    def __init__(self, param_values: Sequence[Tensor], state=None):
+        self._values = list(param_values)
+        self.state = state
+
+    def values(self, params):
+        """The given parameter values (``params`` only fixes their number)."""
+        return self._values
+
+    def vjp(self, fn, primals):
+        """``torch.func.vjp``; columns are batched with ``torch.func.vmap``."""
+        out, pb = torch.func.vjp(fn, *primals)
+        outs = _as_list(out)
+
+        def pullback(cotangents, batched: bool, wrt=None) -> List[Tensor]:
+            given = next(c for c in cotangents if c is not None)
+            leading = given.shape[:1] if batched else ()
+            full = [
+                o.new_zeros((*leading, *o.shape)) if c is None else c
+                for o, c in zip(outs, cotangents)
+            ]
+            cot = full[0] if isinstance(out, Tensor) else tuple(full)
+            result = torch.func.vmap(pb)(cot) if batched else pb(cot)
+            return list(result) if wrt is None else [result[i] for i in wrt]
+
+        return out, pullback
+
+    def grad(self, fn):
+        """``torch.func.grad`` w.r.t. every input."""
+
+        def gradient(*inputs: Tensor) -> Tuple[Tensor, ...]:
+            return tuple(torch.func.grad(fn, argnums=tuple(range(len(inputs))))(*inputs))
+
+        return gradient
+
+
+#: The eager implementation (stateless, shared).
+EAGER = EagerAutodiff()
 
 
 def columns_first(M: Sequence[Tensor]) -> Tuple[List[Tensor], bool]:
@@ -358,27 +506,56 @@ def columns_last(M: Sequence[Tensor], batched: bool) -> List[Tensor]:
     return [m.unsqueeze(-1) for m in M]
 
 
-def linearize(output: Tensor, inputs: Sequence[Tensor]) -> Callable[..., Tensor]:
-    r"""Jacobian-vector products :math:`\mathbf{J}\mathbf{v}` by the double-vjp trick.
+def linearize(ad: Autodiff, output: Tensor, pullback: Pullback) -> Callable[..., Tensor]:
+    r"""Jacobian-vector products :math:`\mathbf{J}\mathbf{v}` by transposing the pullback.
 
-    Records :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` once; every call of the
-    returned function is one backward pass through that record.
+    The pullback :math:`\mathbf{u} \mapsto \mathbf{J}^\top \mathbf{u}` is linear in
+    :math:`\mathbf{u}`; its own pullback at any point (zero here) is
+    :math:`\mathbf{v} \mapsto \mathbf{J}\mathbf{v}`. No forward mode is needed (which some
+    layers lack), and the transposed pullback is recorded once for all columns.
 
     Args:
-        output: A tensor computed from ``inputs`` with a recorded graph.
-        inputs: The tensors to differentiate with respect to.
+        ad: The autodiff implementation that produced ``pullback``.
+        output: The output of the function that ``pullback`` belongs to.
+        pullback: Its pullback (see :data:`Pullback`).
 
     Returns:
         ``jvp(tangents, batched)`` returning ``J v`` shaped like ``output`` (with the
         tangents' leading column axis if ``batched``).
     """
-    dummy = torch.zeros_like(output, requires_grad=True)
-    Jt_dummy = vjp([output], inputs, [dummy], batched=False, create_graph=True)
+    _, transposed = ad.vjp(lambda u: tuple(pullback([u], False)), [torch.zeros_like(output)])
 
     def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
-        return vjp(Jt_dummy, [dummy], tangents, batched=batched)[0]
+        return transposed(list(tangents), batched)[0]
 
     return jvp
+
+
+def loss_hessian_product(
+    ad: Autodiff, loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor
+) -> Callable[[Tensor, bool], Tensor]:
+    r"""Products with the Hessian of the loss w.r.t. the model output.
+
+    Computes :math:`\nabla^2_{\mathbf{f}} \ell(\mathbf{f}, \mathbf{y}) \mathbf{V}` by double
+    backward through the loss only (not through the network), so any loss works. The
+    loss's gradient is recorded once and reused by every call.
+
+    Args:
+        ad: The autodiff implementation.
+        loss_func: The loss function.
+        output: The model output (detached).
+        y: The labels.
+
+    Returns:
+        ``hessian_product(V, batched)`` for ``V`` shaped like ``output`` (leading column
+        axis if ``batched``).
+    """
+    _, pullback = ad.vjp(ad.grad(lambda f: loss_func(f, y)), [output])
+
+    def hessian_product(V: Tensor, batched: bool) -> Tensor:
+        return pullback([V], batched)[0]
+
+    return hessian_product
 
 
 def in_column_chunks(
@@ -404,28 +581,23 @@ def in_column_chunks(
     return [torch.cat(parts, dim=-1) for parts in zip(*results)]
 
 
-def make_output_hessian_product(
-    loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor
-) -> Callable[[Tensor, bool], Tensor]:
-    r"""Products with the Hessian of the loss w.r.t. the model output.
+def eager_batch_product(
+    prepare: Callable[..., Callable[[List[Tensor]], List[Tensor]]],
+) -> Callable[..., Tuple[Tensor, ...]]:
+    """Turn ``prepare(X, y, *args) -> multiply`` into ``(X, y, *args_and_M, max_columns)``.
 
-    Computes :math:`\nabla^2_{\mathbf{f}} \ell(\mathbf{f}, \mathbf{y}) \mathbf{V}` by double
-    backward through the loss only (not through the network), so any loss works. The
-    loss's gradient is recorded once and reused by every call.
-
-    Args:
-        loss_func: The loss function.
-        output: The model output (its graph is not used).
-        y: The labels.
-
-    Returns:
-        ``hessian_product(V, batched)`` for ``V`` shaped like ``output`` (leading column
-        axis if ``batched``).
+    The public ``make_batch_*`` helpers are this wrapper around the operators' definitions;
+    the number of extra arguments is that of ``prepare`` beyond ``X`` and ``y``.
     """
-    f = output.detach().requires_grad_()
-    (grad_f,) = torch.autograd.grad(loss_func(f, y), f, create_graph=True)
+    num_args = len(inspect.signature(prepare).parameters) - 2
 
-    def hessian_product(V: Tensor, batched: bool) -> Tensor:
-        return vjp([grad_f], [f], [V], batched=batched)[0]
+    def batch_product(
+        X: Union[Tensor, MutableMapping],
+        y: Tensor,
+        *args_and_M,
+        max_columns: int = MAX_COLUMNS_PER_CHUNK,
+    ) -> Tuple[Tensor, ...]:
+        args, M = args_and_M[:num_args], args_and_M[num_args:]
+        return tuple(in_column_chunks(prepare(X, y, *args), M, max_columns))
 
-    return hessian_product
+    return batch_product

@@ -22,13 +22,13 @@ structure, the determinism check, and gradient/loss evaluation. Products are mem
 after a batch's forward pass, the columns are multiplied in chunks of at most
 :attr:`CurvatureLinearOperator.MAX_COLUMNS_PER_CHUNK`, so all chunks share one forward pass while
 peak memory does not grow with the number of columns. A
-subclass implements only the product of its mini-batch matrix with a matrix in list format
-(:meth:`CurvatureLinearOperator._matmat_batch`).
+subclass implements one hook, :meth:`CurvatureLinearOperator._prepare_batch`: for a batch, do
+what all columns share and return the product of the mini-batch matrix with a column chunk.
+The base class runs the data loop, weighting, chunking, caching and compilation on top of it.
 """
 
 import functools
 import inspect
-import warnings
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from itertools import zip_longest
 from numbers import Integral, Real
@@ -44,15 +44,16 @@ from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
     guarded_models,
-    in_column_chunks,
     locked_models,
     make_functional_model,
     model_lock,
     parameter_names,
+    parameter_positions,
     restore_buffers,
     second_order_context,
     snapshot_buffers,
 )
+from curvlinops._batch_products import BatchProducts
 from curvlinops._losses import check_reduction
 from curvlinops.utils import allclose_report
 
@@ -531,20 +532,20 @@ def _check_params_structure(params):
             "params is empty: pass a non-empty list of the model's parameters, e.g. "
             "list(model.parameters())."
         )
-    first_position = {}
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise ValueError(
                 f"params[{i}] is a {type(p).__name__}, not a tensor. Pass the model's "
                 "parameters, e.g. list(model.parameters())."
             )
-        if id(p) in first_position:
+    first_position = parameter_positions(params)
+    for i, p in enumerate(params):
+        if first_position[id(p)] != i:
             raise ValueError(
                 f"params[{first_position[id(p)]}] and params[{i}] are the same tensor "
                 f"(shape {tuple(p.shape)}); each parameter may appear only once. Remove the "
                 "duplicate (tied weights are one parameter)."
             )
-        first_position[id(p)] = i
 
 
 def _check_flag(value, name: str):
@@ -553,12 +554,68 @@ def _check_flag(value, name: str):
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
+def _check_first_batch(data, batch_size_fn):
+    """Peek at the first batch: non-empty, an ``(X, y)`` pair, ``batch_size_fn`` for dicts."""
+    data_iter = _iterate(data)
+    try:
+        batch0 = next(data_iter)
+    except StopIteration:
+        raise ValueError(
+            "data is empty: pass an iterable of (X, y) batches with at least one batch."
+        ) from None
+    X0, _ = _unpack_batch(batch0, 0)
+    if isinstance(X0, MutableMapping) and batch_size_fn is None:
+        raise ValueError(
+            "The inputs X are dict-like, so batch_size_fn must be given to count the "
+            "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
+        )
+
+
+def _check_arguments(progressbar, check_deterministic, num_data, batch_size_fn):
+    """Type and range checks of the flags, ``num_data`` and ``batch_size_fn``."""
+    _check_flag(progressbar, "progressbar")
+    _check_flag(check_deterministic, "check_deterministic")
+    if num_data is not None and (
+        isinstance(num_data, bool) or not isinstance(num_data, Integral) or num_data <= 0
+    ):
+        raise ValueError(
+            f"num_data must be positive, got {num_data!r}: pass the total number of data "
+            "points (an integer > 0), or None to count them."
+        )
+    if batch_size_fn is not None and not callable(batch_size_fn):
+        raise ValueError(
+            f"batch_size_fn must be callable (X -> number of data points), got "
+            f"{type(batch_size_fn).__name__}."
+        )
+
+
+def _check_block_sizes(block_sizes, num_params: int, supported: bool, operator: str):
+    """``block_sizes``: ``None``, or positive integers summing to ``num_params``."""
+    if block_sizes is None:
+        return
+    if not supported:
+        raise ValueError(f"{operator} does not support block_sizes; pass None.")
+    if (
+        not isinstance(block_sizes, Sequence)
+        or any(isinstance(s, bool) or not isinstance(s, Integral) for s in block_sizes)
+        or sum(block_sizes) != num_params
+        or any(s <= 0 for s in block_sizes)
+    ):
+        raise ValueError(
+            f"block_sizes {block_sizes} must be positive and sum to the number of "
+            f"parameter tensors ({num_params}): a list of positive integers."
+        )
+
+
 def _guarded_init(init: Callable) -> Callable:
-    """Run a constructor with its model locked and its buffers restored afterwards.
+    """Run a constructor with its model locked, then finish the operator, buffers restored.
 
     A ``params`` argument is checked first (:func:`_check_params_structure`), so that
     subclasses which inspect ``params`` before the base constructor (KFAC's layer mapping)
-    report a generator, an empty list or a duplicate tensor as such.
+    report a generator, an empty list or a duplicate tensor as such. When the outermost
+    constructor of the concrete class returns, :meth:`CurvatureLinearOperator._finish_init`
+    measures the data, builds the spaces and runs the determinism check, so subclasses may
+    set their own state before or after calling the base constructor.
     """
     if getattr(init, "_curvlinops_guarded", False):
         return init
@@ -573,23 +630,115 @@ def _guarded_init(init: Callable) -> Callable:
         if "params" in arguments:
             _check_params_structure(arguments["params"])
         model = args[0] if args else kwargs.get("model_func")
-        with guarded_models([model] if isinstance(model, nn.Module) else []):
-            init(self, *args, **kwargs)
+        depth = self.__dict__.get("_init_depth", 0)
+        self.__dict__["_init_depth"] = depth + 1
+        try:
+            with guarded_models([model] if isinstance(model, nn.Module) else []):
+                init(self, *args, **kwargs)
+                if depth == 0:
+                    self._finish_init()
+        finally:
+            if depth == 0:
+                del self.__dict__["_init_depth"]
+            else:
+                self.__dict__["_init_depth"] = depth
 
     guarded._curvlinops_guarded = True
     return guarded
 
 
-class CurvatureLinearOperator(PyTorchLinearOperator):
+class _DeterminismCheck:
+    """The determinism check of :class:`CurvatureLinearOperator` (a mixin of it)."""
+
+    def _check_deterministic(self):
+        """Check that two passes over the data and two products agree.
+
+        Compares (per batch for ``FIXED_DATA_ORDER``) inputs, labels, predictions, losses and
+        gradients of two simultaneous passes, then the accumulated losses and gradients, then
+        two products with the same random vector.
+
+        Raises:
+            RuntimeError: If anything differs, naming what.
+        """
+        self._ensure_spaces()  # also when a subclass calls the check from its constructor
+        rtol, atol = 5e-5, 1e-6
+
+        def fail(what: str):
+            raise RuntimeError(
+                f"Non-deterministic {what} detected (two passes over the data gave different "
+                "results). Use model.eval() to disable dropout and batch-norm statistics "
+                "updates, use a data loader without shuffling or augmentation, or pass "
+                "check_deterministic=False if this is intended."
+            )
+
+        def close(a, b) -> bool:  # exact equality, the usual case, is much cheaper to check
+            return a.shape == b.shape and (
+                torch.equal(a, b)
+                or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
+            )
+
+        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
+        try:
+            self._compare_passes(zip_longest(first, second), close, fail)
+        finally:  # release the passes (and the model lock they hold) now, also on failure
+            first.close()
+            second.close()
+
+        # the probe must not advance the caller's random number generator
+        device = self.device
+        devices = []
+        if device.type == "cuda":
+            devices = [torch.cuda.current_device() if device.index is None else device.index]
+        with torch.random.fork_rng(devices=devices):
+            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
+        if not close(self @ v, self @ v):
+            fail("matrix-vector product")
+
+    def _compare_passes(self, passes, close: Callable, fail: Callable):
+        """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
+        loss1 = loss2 = None
+        grad1 = grad2 = None
+        for batch1, batch2 in passes:
+            if batch1 is None or batch2 is None:
+                fail("number of batches")
+            (X1, y1), pred1, l1, g1 = batch1
+            (X2, y2), pred2, l2, g2 = batch2
+            if self.FIXED_DATA_ORDER:
+                if not _same_inputs(X1, X2, close):
+                    fail("input X")
+                if not close(y1, y2):
+                    fail("label y")
+                if not close(pred1, pred2):
+                    fail("prediction")
+                if l1 is not None and not close(l1, l2):
+                    fail("loss")
+                if g1 is not None and not all(close(a, b) for a, b in zip(g1, g2)):
+                    fail("gradient")
+            if l1 is not None:
+                loss1 = l1 if loss1 is None else loss1 + l1
+                loss2 = l2 if loss2 is None else loss2 + l2
+                grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
+                grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
+        if loss1 is not None:
+            if not close(loss1, loss2):
+                fail("loss")
+            if not all(close(a, b) for a, b in zip(grad1, grad2)):
+                fail("gradient")
+
+
+class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOperator):
     r"""Base class of operators defined by a model, a loss function and data.
 
     The represented matrix refers to the empirical risk
     :math:`\mathcal{L}(\boldsymbol{\theta}) = \sum_b w_b \ell_b(\boldsymbol{\theta})` with
     :math:`w_b = 1` for ``reduction='sum'`` and :math:`w_b = B_b / N` for ``'mean'``
     (:math:`B_b` the size of batch :math:`b`, :math:`N` = ``num_data``). A subclass implements
-    :meth:`_matmat_batch`, the product of the mini-batch matrix (built from :math:`\ell_b`,
-    without :math:`w_b`) with a matrix in list format; this class weights and sums it over
-    the batches.
+    :meth:`_prepare_batch`, which returns the product of the mini-batch matrix (built from
+    :math:`\ell_b`, without :math:`w_b`) with a column chunk; this class weights and sums it
+    over the batches (:meth:`_combine`), chunks the columns, caches and compiles. Its
+    constructor only stores and validates the arguments; the data are measured, the spaces
+    built and the determinism check run once the concrete class's constructor has returned.
 
     Attributes:
         SELF_ADJOINT: Whether the operator is self-adjoint.
@@ -672,48 +821,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 :func:`validate_params`), ``block_sizes``, ``num_data`` or flags, or an
                 unsupported loss reduction.
         """
-        data_iter = _iterate(data)
-        try:
-            batch0 = next(data_iter)
-        except StopIteration:
-            raise ValueError(
-                "data is empty: pass an iterable of (X, y) batches with at least one batch."
-            ) from None
-        X0, _ = _unpack_batch(batch0, 0)
-        del data_iter, batch0
-        if isinstance(X0, MutableMapping) and batch_size_fn is None:
-            raise ValueError(
-                "The inputs X are dict-like, so batch_size_fn must be given to count the "
-                "data points of a batch, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
-            )
+        _check_first_batch(data, batch_size_fn)
         params = validate_params(params, model_func)
-        _check_flag(progressbar, "progressbar")
-        _check_flag(check_deterministic, "check_deterministic")
-        if num_data is not None and (
-            isinstance(num_data, bool) or not isinstance(num_data, Integral) or num_data <= 0
-        ):
-            raise ValueError(
-                f"num_data must be positive, got {num_data!r}: pass the total number of data "
-                "points (an integer > 0), or None to count them."
-            )
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise ValueError(
-                f"batch_size_fn must be callable (X -> number of data points), got "
-                f"{type(batch_size_fn).__name__}."
-            )
-        if block_sizes is not None:
-            if not self.SUPPORTS_BLOCKS:
-                raise ValueError(f"{type(self).__name__} does not support block_sizes; pass None.")
-            if (
-                not isinstance(block_sizes, Sequence)
-                or any(isinstance(s, bool) or not isinstance(s, Integral) for s in block_sizes)
-                or sum(block_sizes) != len(params)
-                or any(s <= 0 for s in block_sizes)
-            ):
-                raise ValueError(
-                    f"block_sizes {block_sizes} must be positive and sum to the number of "
-                    f"parameter tensors ({len(params)}): a list of positive integers."
-                )
+        _check_arguments(progressbar, check_deterministic, num_data, batch_size_fn)
+        _check_block_sizes(block_sizes, len(params), self.SUPPORTS_BLOCKS, type(self).__name__)
         if loss_func is not None:
             check_reduction(loss_func)
         self._block_sizes = [len(params)] if block_sizes is None else [int(s) for s in block_sizes]
@@ -724,18 +835,42 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._data = data
         self._progressbar = progressbar
         self._batch_size_fn = (lambda X: X.shape[0]) if batch_size_fn is None else batch_size_fn
-        self._N_data = (
-            sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
-            if num_data is None
-            else int(num_data)
-        )
-        if self._N_data <= 0:
-            raise ValueError(f"num_data must be positive, got {self._N_data}.")
+        self._num_data = None if num_data is None else int(num_data)
+        self._check_on_init = bool(check_deterministic)
 
-        super().__init__(self._get_in_shape(), self._get_out_shape())
+    def _finish_init(self):
+        """Measure ``num_data``, build the spaces, run the determinism check (once).
 
-        if check_deterministic:
+        Called when the concrete class's constructor has returned (see
+        :func:`_guarded_init`), so every hook it calls sees the subclass's whole state.
+        """
+        _ = self._N_data  # counts the data now, so that empty or malformed data raise here
+        self._ensure_spaces()
+        if self._check_on_init:
             self._check_deterministic()
+
+    @property
+    def _N_data(self) -> int:
+        """Total number of data points: ``num_data``, or counted with one pass when first used.
+
+        Raises:
+            ValueError: If the data hold no data point.
+        """
+        if self._num_data is None:
+            total = sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
+            if total <= 0:
+                raise ValueError(f"num_data must be positive, got {total}.")
+            self._num_data = total
+        return self._num_data
+
+    @_N_data.setter
+    def _N_data(self, value: int):
+        self._num_data = int(value)
+
+    def _ensure_spaces(self):
+        """Build the input and output spaces from the shape hooks, if not done yet."""
+        if "shape" not in self.__dict__:
+            PyTorchLinearOperator.__init__(self, self._get_in_shape(), self._get_out_shape())
 
     # ----------------------------------------------------------------- properties
     def _get_in_shape(self) -> List[torch.Size]:
@@ -837,7 +972,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """Raise a ``RuntimeError`` if a tensor in ``params`` left the model (was replaced)."""
         if not isinstance(self._model_func, nn.Module):
             return
-        present = {id(p) for p in self._model_func.parameters()}
+        present = parameter_positions(self._model_func.parameters())
         missing = [i for i, p in enumerate(self._params) if id(p) not in present]
         if missing:
             raise RuntimeError(
@@ -866,232 +1001,6 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """Weight ``w_b`` of a batch: 1 for sum reduction, ``B_b / N`` for mean."""
         reduction = check_reduction(self._loss_func)
         return 1.0 if reduction == "sum" else self._batch_size(X) / self._N_data
-
-    # ----------------------------------------------------------------- products
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a matrix in list format in one pass: ``sum_b w_b A_b M``."""
-        if self._product_cache_max_bytes is not None and self._compiled_batch_product is None:
-            entries = self._cache_entries()
-            if entries is not None:
-                return self._accumulate(
-                    (weight, in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK))
-                    for weight, multiply in entries
-                )
-        return self._accumulate(
-            (self._get_normalization_factor(X, y), self._matmat_batch(X, y, M))
-            for X, y in self._loop_over_data(desc="_matmat")
-        )
-
-    def _accumulate(self, weighted_batch_results: Iterable[Tuple[float, List[Tensor]]]):
-        """Sum ``w_b A_b M`` over the batches into one new flat buffer."""
-        result = None
-        for weight, batch_result in weighted_batch_results:
-            if result is None:  # out of place: batch results may alias their inputs
-                result = self._new_output(batch_result[0].shape[-1], like=batch_result[0])
-                for r, b in zip(result, batch_result):
-                    torch.mul(b, weight, out=r)
-            else:
-                for r, b in zip(result, batch_result):
-                    r.add_(b, alpha=weight)
-        return result
-
-    # ----------------------------------------------------------------- product cache
-    _product_cache_max_bytes: Optional[int] = None
-    _product_cache: Optional[Tuple[list, list, list]] = None
-    _product_cache_overflowed_at: Optional[tuple] = None
-
-    def cache(self, max_bytes: int = 2**30) -> "CurvatureLinearOperator":
-        """Keep what each batch's product needs between products (opt-in, in place).
-
-        Repeated products over the same data (CG, Lanczos, ``eigsh``) then skip the work that
-        does not depend on the multiplied matrix: the data loading and forward pass of every
-        batch and, for the Hessian, the first backward pass. The first product records, per
-        batch, the autograd graph that later products only differentiate through again;
-        afterwards a product costs the remaining backward passes. The cache is rebuilt when
-        the value of a parameter in ``params`` changes, however it was changed: in place
-        (``p.add_``, an optimizer step, ``p.data.copy_``), by ``p.data = ...``, or by
-        ``load_state_dict``; this is detected by comparing the parameters with a copy of
-        their values taken when the cache was built (one comparison per product, the memory
-        of one copy of ``params``). Replacing a parameter object raises (rebuild the
-        operator). In-place edits of the batch tensors (``X``, the tensor values of a
-        dict-like ``X``, ``y``) that bump their version counter (``X.mul_``, ``X.copy_``,
-        ``X[0] = ...``) also rebuild the cache, when the data already live on the operator's
-        device (otherwise the cache holds its own copy, consistent with the old data). The
-        cache does not follow anything else: batches replaced or added in ``data``, edits
-        through ``X.data``, changes of the model's buffers or of parameters that are not in
-        ``params`` go unnoticed, so call :meth:`clear_cache` (or :meth:`cache` again) after
-        such changes. If the tensors that the
-        graphs save would exceed ``max_bytes``, a warning is issued and products run
-        uncached until the parameters change.
-
-        Args:
-            max_bytes: Bound on the memory of the saved tensors of all batches' graphs.
-
-        Returns:
-            The operator itself.
-
-        Raises:
-            NotImplementedError: If the operator has nothing to cache per batch.
-            ValueError: If ``max_bytes`` is not a non-negative integer.
-        """
-        if not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}.")
-        try:
-            supported = getattr(self._batch_product, "prepare", None) is not None
-        except NotImplementedError:
-            supported = False
-        if not supported and type(self)._prepare_batch is CurvatureLinearOperator._prepare_batch:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no per-batch product state to cache; its products "
-                "are computed without it."
-            )
-        self.clear_cache()
-        self._product_cache_max_bytes = max_bytes
-        return self
-
-    def clear_cache(self):
-        """Free the product cache and stop caching (undoes :meth:`cache`)."""
-        self._product_cache = self._product_cache_overflowed_at = self._product_cache_max_bytes = (
-            None
-        )
-
-    def _prepare_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor
-    ) -> Callable[[List[Tensor]], List[Tensor]]:
-        """Run a batch's matrix-independent work; return ``multiply(M_chunk)`` for it."""
-        return self._batch_product.prepare(X, y)
-
-    def _parameter_state(self) -> List[Tensor]:
-        """A copy of the parameter values (compared exactly by :meth:`_same_parameters`).
-
-        Values rather than ``_version`` counters: ``p.data.copy_(...)`` does not bump
-        ``p._version``, and ``p.data = ...`` may reuse the old storage address.
-        """
-        return [p.detach().clone() for p in self._params]
-
-    def _same_parameters(self, state: Optional[List[Tensor]]) -> bool:
-        """Whether the parameters still have the values recorded in ``state``."""
-        return state is not None and all(
-            s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p.detach())
-            for s, p in zip(state, self._params)
-        )
-
-    def _cache_entries(self) -> Optional[List[Tuple[float, Callable]]]:
-        """The cached ``(w_b, multiply_b)`` of all batches, built if needed; ``None`` if too big."""
-        self._check_parameters_present()  # cached products do not pass over the data
-        if (
-            self._product_cache is not None
-            and self._same_parameters(self._product_cache[0])
-            and all(_data_versions(t) == v for t, v in self._product_cache[2])
-        ):
-            return self._product_cache[1]
-        self._product_cache = None
-        if self._same_parameters(self._product_cache_overflowed_at):
-            return None
-        state = self._parameter_state()
-        parameter_storages = {p.untyped_storage().data_ptr() for p in self._params}
-        saved: dict = {}
-
-        def pack(t: Tensor) -> Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in parameter_storages:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        entries, data_versions = [], []
-        for X, y in self._loop_over_data(desc="cache"):
-            data_versions.append(((X, y), _data_versions((X, y))))
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                multiply = self._prepare_batch(X, y)
-            if sum(saved.values()) > self._product_cache_max_bytes:
-                warnings.warn(
-                    f"{type(self).__name__}: the product cache would exceed max_bytes="
-                    f"{self._product_cache_max_bytes}; products run uncached until the parameters "
-                    "change. Pass a larger max_bytes to cache().",
-                    stacklevel=4,
-                )
-                self._product_cache_overflowed_at = state
-                return None
-            entries.append((self._get_normalization_factor(X, y), multiply))
-        self._product_cache = (state, entries, data_versions)
-        return entries
-
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch matrix with a matrix in list format.
-
-        The default calls :attr:`_batch_product` with ``max_columns``
-        = ``MAX_COLUMNS_PER_CHUNK``.
-
-        Args:
-            X: Input batch.
-            y: Label batch.
-            M: Matrix in list format, entries ``[*in_i, K]``.
-
-        Returns:
-            The product in list format, entries ``[*out_j, K]``.
-        """
-        if self._compiled_batch_product is not None:
-            values = tuple(p.detach() for p in self._params)
-            return in_column_chunks(
-                lambda chunk: list(self._compiled_batch_product(values, X, y, *chunk)),
-                M,
-                self.MAX_COLUMNS_PER_CHUNK,
-            )
-        return list(self._batch_product(X, y, *M, max_columns=self.MAX_COLUMNS_PER_CHUNK))
-
-    # ----------------------------------------------------------------- compilation
-    _compiled_batch_product: Optional[Callable[..., Tuple[Tensor, ...]]] = None
-
-    def compile(self, **compile_kwargs) -> "CurvatureLinearOperator":
-        """Run this operator's products through ``torch.compile`` from now on (in place).
-
-        The mini-batch product is compiled as a ``torch.func`` program of the parameter
-        values, the batch and the columns (forward-over-reverse where the eager product is
-        reverse-over-reverse, which ``torch.compile`` cannot differentiate); the loop over the
-        data, the weighting and the chunking over columns stay eager. Results equal the eager
-        products up to floating-point round-off. Shapes are static unless ``dynamic`` is
-        passed, so each new batch or column shape compiles once. All operators of one class
-        share one compiled function, so compiling many operators (or shapes) in one process
-        can reach ``torch._dynamo.config.recompile_limit`` (then ``torch.compile`` falls back
-        to eager products, or raises with ``fullgraph=True``).
-
-        Args:
-            **compile_kwargs: Passed on to ``torch.compile`` (e.g. ``backend``, ``mode``,
-                ``fullgraph``, ``dynamic``).
-
-        Returns:
-            The operator itself, so ``A = Operator(...).compile()`` works.
-        """
-        functional = self._functional_batch_product
-        if functional is None:
-            return super().compile(**compile_kwargs)
-        # static shapes by default: double backward of convolutions fails with symbolic sizes
-        compiled = torch.compile(functional, **{"dynamic": False, **compile_kwargs})
-
-        def compiled_batch_product(*args, **kwargs) -> Tuple[Tensor, ...]:
-            with second_order_context():  # traced with attention kernels that differentiate twice
-                return compiled(*args, **kwargs)
-
-        self._compiled_batch_product = compiled_batch_product
-        return self
-
-    @property
-    def _functional_batch_product(self) -> Optional[Callable[..., Tuple[Tensor, ...]]]:
-        """``(param_values, X, y, *M) -> tuple``: the mini-batch product in ``torch.func``.
-
-        ``None`` (the default) makes :meth:`compile` compile the whole product instead.
-        """
-        return None
-
-    @property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """``(X, y, *M, max_columns) -> tuple``: the mini-batch product (subclasses)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} implements neither _matmat_batch nor _batch_product, "
-            "so it cannot multiply."
-        )
 
     # ----------------------------------------------------------------- gradient & loss
     def data_prediction_loss_gradient(
@@ -1165,82 +1074,6 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             for t, g in zip(total_grad, gradient):
                 t.add_(g)
         return total_grad, total_loss
-
-    # ----------------------------------------------------------------- determinism
-    def _check_deterministic(self):
-        """Check that two passes over the data and two products agree.
-
-        Compares (per batch for ``FIXED_DATA_ORDER``) inputs, labels, predictions, losses and
-        gradients of two simultaneous passes, then the accumulated losses and gradients, then
-        two products with the same random vector.
-
-        Raises:
-            RuntimeError: If anything differs, naming what.
-        """
-        rtol, atol = 5e-5, 1e-6
-
-        def fail(what: str):
-            raise RuntimeError(
-                f"Non-deterministic {what} detected (two passes over the data gave different "
-                "results). Use model.eval() to disable dropout and batch-norm statistics "
-                "updates, use a data loader without shuffling or augmentation, or pass "
-                "check_deterministic=False if this is intended."
-            )
-
-        def close(a, b) -> bool:  # exact equality, the usual case, is much cheaper to check
-            return a.shape == b.shape and (
-                torch.equal(a, b)
-                or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
-            )
-
-        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        try:
-            self._compare_passes(zip_longest(first, second), close, fail)
-        finally:  # release the passes (and the model lock they hold) now, also on failure
-            first.close()
-            second.close()
-
-        # the probe must not advance the caller's random number generator
-        device = self.device
-        devices = []
-        if device.type == "cuda":
-            devices = [torch.cuda.current_device() if device.index is None else device.index]
-        with torch.random.fork_rng(devices=devices):
-            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
-        if not close(self @ v, self @ v):
-            fail("matrix-vector product")
-
-    def _compare_passes(self, passes, close: Callable, fail: Callable):
-        """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
-        loss1 = loss2 = None
-        grad1 = grad2 = None
-        for batch1, batch2 in passes:
-            if batch1 is None or batch2 is None:
-                fail("number of batches")
-            (X1, y1), pred1, l1, g1 = batch1
-            (X2, y2), pred2, l2, g2 = batch2
-            if self.FIXED_DATA_ORDER:
-                if not _same_inputs(X1, X2, close):
-                    fail("input X")
-                if not close(y1, y2):
-                    fail("label y")
-                if not close(pred1, pred2):
-                    fail("prediction")
-                if l1 is not None and not close(l1, l2):
-                    fail("loss")
-                if g1 is not None and not all(close(a, b) for a, b in zip(g1, g2)):
-                    fail("gradient")
-            if l1 is not None:
-                loss1 = l1 if loss1 is None else loss1 + l1
-                loss2 = l2 if loss2 is None else loss2 + l2
-                grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
-                grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
-        if loss1 is not None:
-            if not close(loss1, loss2):
-                fail("loss")
-            if not all(close(a, b) for a, b in zip(grad1, grad2)):
-                fail("gradient")
 
 
 def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:
@@ -1334,10 +1167,3 @@ def _check_finite_result(t: Tensor, what: str, index: int):
             "Check the model's parameters and buffers for non-finite values (and for "
             "overflow, e.g. in float16)."
         )
-
-
-def _data_versions(batch) -> tuple:
-    """Version counters of the tensors of a batch ``(X, y)`` (bumped by in-place edits)."""
-    X, y = batch
-    tensors = list(X.values()) if isinstance(X, MutableMapping) else [X]
-    return tuple(t._version for t in [*tensors, y] if isinstance(t, Tensor))

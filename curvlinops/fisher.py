@@ -30,14 +30,13 @@ drawn by one torch call, the same as in the 3.0.1 release (API contract, section
 """
 
 from collections.abc import Callable, MutableMapping
-from functools import cached_property
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from curvlinops._autodiff import in_column_chunks
+from curvlinops._autodiff import EAGER, Autodiff, eager_batch_product, make_functional_model
 from curvlinops._losses import (
     check_binary_targets,
     check_positive_integer,
@@ -50,11 +49,8 @@ from curvlinops._losses import (
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.ggn import make_functional_ggn_type_product
-from curvlinops.gradient_moments import (
-    apply_gradient_moments,
-    make_batch_gradient_moment_product,
-)
+from curvlinops.ggn import prepare_ggn_type_product
+from curvlinops.gradient_moments import OutputGradients, gradient_moments_middle
 
 
 def make_grad_output_sampler(
@@ -91,6 +87,28 @@ def make_grad_output_sampler(
     return sampler
 
 
+def sampled_output_gradients(
+    loss_func, mc_samples: int, generator: Optional[Generator]
+) -> OutputGradients:
+    r"""The MC-Fisher's output factor: samples scaled by :math:`(M c_b)^{-1/2}`, ``[M, R, C]``.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        mc_samples: Number of samples :math:`M` per row.
+        generator: The random number generator (one draw per call).
+
+    Returns:
+        ``output_grads(output_flat, y_flat)``.
+    """
+    sampler = make_grad_output_sampler(loss_func)
+
+    def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
+        grads = sampler(output_flat, mc_samples, y_flat, generator)
+        return (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5 * grads
+
+    return output_grads
+
+
 def make_batch_fmc_matrix_product(
     model_func: nn.Module, loss_func, params: Tuple[Tensor, ...]
 ) -> Callable[..., Tuple[Tensor, ...]]:
@@ -106,27 +124,15 @@ def make_batch_fmc_matrix_product(
         format (entries ``[*p.shape, K]``). One draw of ``mc_samples`` samples per call
         serves all columns.
     """
-    sampler = make_grad_output_sampler(loss_func)
-    product = make_batch_gradient_moment_product(model_func, loss_func, params)
-
-    def sampled_gradients_of(mc_samples: int, generator: Optional[Generator]):
-        def sampled_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
-            grads = sampler(output_flat, mc_samples, y_flat, generator)
-            scale = (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5
-            return scale * grads
-
-        return sampled_gradients
-
-    def fmc_matrix_product(
-        X, y: Tensor, mc_samples: int, generator: Optional[Generator], *M: Tensor, **kwargs
-    ) -> Tuple[Tensor, ...]:
-        return product(X, y, sampled_gradients_of(mc_samples, generator), *M, **kwargs)
+    check_supported_loss(loss_func, "make_grad_output_sampler")
+    f = make_functional_model(model_func, params)
 
     def prepare(X, y: Tensor, mc_samples: int, generator: Optional[Generator]):
-        return product.prepare(X, y, sampled_gradients_of(mc_samples, generator))
+        output_grads = sampled_output_gradients(loss_func, mc_samples, generator)
+        middle = gradient_moments_middle(loss_func, output_grads)
+        return prepare_ggn_type_product(EAGER, f, params, X, y, middle)
 
-    fmc_matrix_product.prepare = prepare
-    return fmc_matrix_product
+    return eager_batch_product(prepare)
 
 
 class FisherMCLinearOperator(CurvatureLinearOperator):
@@ -148,6 +154,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     SELF_ADJOINT: bool = True
     FIXED_DATA_ORDER: bool = True
     supported_losses = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+    _CACHE_KEY_ATTRIBUTES = ("_seed", "_mc_samples")  # cached samples follow them
 
     def __init__(
         self,
@@ -202,53 +209,32 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             batch_size_fn=batch_size_fn,
         )
 
-    @cached_property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product, built once."""
-        return make_batch_fmc_matrix_product(self._model_func, self._loss_func, tuple(self._params))
-
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Seed the generator with ``_seed``, then make one pass over the data."""
+    def _start_pass(self):
+        """Seed the generator with ``_seed``: every product draws the same samples."""
         self._generator = seeded_generator(self._generator, self.device, self._seed)
-        return super()._matmat(M)
 
-    def _prepare_batch(self, X: Union[Tensor, MutableMapping], y: Tensor):
-        """Forward pass and samples of a batch (drawn once, as every product would)."""
-        return self._batch_product.prepare(X, y, self._mc_samples, self._generator)
+    def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Tensor:
+        """The scaled samples of a batch, drawn from an eager forward pass (for ``compile``).
 
-    def _matmat_batch(
-        self, X: Union[Tensor, MutableMapping], y: Tensor, M: List[Tensor]
-    ) -> List[Tensor]:
-        """Multiply the mini-batch Monte-Carlo Fisher with ``M``.
-
-        Compiled, the samples are drawn outside the compiled program (a generator cannot be
-        traced) from the output of one extra forward pass, exactly as the eager product draws
-        them.
+        A generator cannot be traced, so a compiled product receives the samples that the
+        eager product would draw (same generator state, same output).
         """
-        if self._compiled_batch_product is None:
-            return list(self._batch_product(X, y, self._mc_samples, self._generator, *M))
         with torch.no_grad():
-            output = self._model_func(X)
+            output = self._functional_model(self._params, X)
         output_flat, y_flat = flatten_output_and_labels(self._loss_func, output, y)
-        grads = make_grad_output_sampler(self._loss_func)(
-            output_flat, self._mc_samples, y_flat, self._generator
-        )
-        scale = (self._mc_samples * num_terms_normalization(self._loss_func, output_flat)) ** -0.5
-        values = tuple(p.detach() for p in self._params)
-        return in_column_chunks(
-            lambda chunk: list(
-                self._compiled_batch_product(values, X, y, scale * grads, *chunk, num_extra=1)
-            ),
-            M,
-            self.MAX_COLUMNS_PER_CHUNK,
-        )
+        return self._output_gradients()(output_flat, y_flat)
 
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product given the scaled samples, in ``torch.func`` (for compiling)."""
-        loss_func = self._loss_func
+    def _output_gradients(self) -> OutputGradients:
+        return sampled_output_gradients(self._loss_func, self._mc_samples, self._generator)
 
-        def middle(output: Tensor, y: Tensor, JM: Tensor, grads: Tensor) -> Tensor:
-            return apply_gradient_moments(loss_func, grads, JM)
-
-        return make_functional_ggn_type_product(self._model_func, tuple(self._params), middle)
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Forward pass and samples (drawn once per batch), then ``J^T (samples) J``."""
+        if ad.state is None:
+            output_grads = self._output_gradients()
+        else:  # traced: the samples were drawn outside (see _untraced_state)
+            output_grads = lambda output_flat, y_flat: ad.state  # noqa: E731
+        middle = gradient_moments_middle(self._loss_func, output_grads)
+        values = ad.values(self._params)
+        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)

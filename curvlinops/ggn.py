@@ -14,30 +14,27 @@ with the loss Hessian taken w.r.t. *all* entries of the batch output
 images) are exact. It is the Hessian of the risk of the model linearised at
 :math:`\boldsymbol{\theta}`, and positive semi-definite for convex losses.
 
-Products use one forward pass per batch: :math:`\mathbf{J}_b \mathbf{V}` by the double-vjp trick,
-the loss Hessian by double backward through the loss alone, and :math:`\mathbf{J}_b^\top` by one
-backward pass, each for all columns at once. The same pattern with a different middle factor
-gives the empirical and Monte-Carlo Fisher (:func:`make_batch_ggn_type_product`).
+Products use one forward pass per batch: :math:`\mathbf{J}_b \mathbf{V}` by transposing the
+pullback, the loss Hessian by double backward through the loss alone, and
+:math:`\mathbf{J}_b^\top` by the pullback, each for all columns at once. The same routine
+(:func:`prepare_ggn_type_product`) with a different middle factor gives the empirical and the
+Monte-Carlo Fisher.
 """
 
 from collections.abc import Callable, MutableMapping
-from functools import cached_property
 from typing import List, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
-    MAX_COLUMNS_PER_CHUNK,
+    EAGER,
+    Autodiff,
     columns_first,
     columns_last,
-    detached_leaves,
-    in_column_chunks,
+    eager_batch_product,
     linearize,
+    loss_hessian_product,
     make_functional_model,
-    make_output_hessian_product,
-    second_order_context,
-    vjp,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 
@@ -47,114 +44,44 @@ MiddleFactor = Callable[[Tensor, bool], Tensor]
 MakeMiddleFactor = Callable[[Tensor, Tensor], MiddleFactor]
 
 
-def make_batch_ggn_type_product(
-    model_func: nn.Module, params: Tuple[Tensor, ...]
-) -> Callable[..., Tuple[Tensor, ...]]:
-    r"""Build ``(X, y, make_middle, *M) -> J^T middle(J M)`` with one forward pass per batch.
+def prepare_ggn_type_product(
+    ad: Autodiff,
+    f: Callable[[Sequence[Tensor], Union[Tensor, MutableMapping]], Tensor],
+    values: Sequence[Tensor],
+    X: Union[Tensor, MutableMapping],
+    y: Tensor,
+    make_middle: MakeMiddleFactor,
+) -> Callable[[List[Tensor]], List[Tensor]]:
+    r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
     Args:
-        model_func: The neural network.
-        params: The parameters defining :math:`\mathbf{J}`.
+        ad: The autodiff implementation.
+        f: Functional model ``f(param_values, X)``.
+        values: The parameter values defining :math:`\mathbf{J}`.
+        X: Input batch.
+        y: Label batch.
+        make_middle: ``make_middle(output, y) -> middle`` (called once, on the detached
+            output), with ``middle(JM, batched)`` the output-space factor.
 
     Returns:
-        The batch product in list format (entries ``[*p.shape, K]``), with a keyword
-        ``max_columns`` (columns per chunk). ``make_middle(output, y)`` is called once per
-        batch (e.g. to draw samples) and returns the output-space factor ``middle(JM,
-        batched)``, which is applied to every chunk's :math:`\mathbf{J}\mathbf{M}`. Its
-        attribute ``prepare(X, y, make_middle)`` runs the forward pass alone and returns
-        ``multiply(M_chunk)`` (used by the product cache).
+        ``multiply(M_chunk)`` in list format (entries ``[*p.shape, K]``): per call a
+        transposed pullback, the middle factor and a pullback, for all columns at once.
     """
-    f = make_functional_model(model_func, params)
+    output, pullback = ad.vjp(lambda *v: f(v, X), values)
+    jvp = linearize(ad, output, pullback)
+    middle = make_middle(output.detach(), y)
 
-    def prepare(
-        X: Union[Tensor, MutableMapping], y: Tensor, make_middle: MakeMiddleFactor
-    ) -> Callable[[List[Tensor]], List[Tensor]]:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            output = f(leaves, X)
-            jvp = linearize(output, leaves)
-            middle = make_middle(output.detach(), y)
+    def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+        M_cols, batched = columns_first(M_chunk)
+        T = middle(jvp(M_cols, batched), batched)
+        return columns_last(pullback([T], batched), batched)
 
-        def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-            M_cols, batched = columns_first(M_chunk)
-            T = middle(jvp(M_cols, batched), batched)
-            result = vjp([output], leaves, [T], batched)
-            return columns_last([r.detach() for r in result], batched)
-
-        return multiply
-
-    def ggn_type_product(
-        X: Union[Tensor, MutableMapping],
-        y: Tensor,
-        make_middle: MakeMiddleFactor,
-        *M: Tensor,
-        max_columns: int = MAX_COLUMNS_PER_CHUNK,
-    ) -> Tuple[Tensor, ...]:
-        return tuple(in_column_chunks(prepare(X, y, make_middle), M, max_columns))
-
-    ggn_type_product.prepare = prepare
-    return ggn_type_product
+    return multiply
 
 
-# ``middle(output, y, JM, *extra) -> T``: the output-space factor applied to ``J M`` (leading
-# column axis) inside a ``torch.func`` program; ``extra`` holds tensors computed outside it.
-FunctionalMiddle = Callable[..., Tensor]
-
-
-def make_functional_ggn_type_product(
-    model_func: nn.Module, params: Tuple[Tensor, ...], middle: FunctionalMiddle
-) -> Callable[..., Tuple[Tensor, ...]]:
-    r"""Build ``J^T middle(J M)`` for one batch as a ``torch.func`` program (for compiling).
-
-    Args:
-        model_func: The neural network.
-        params: The parameters defining :math:`\mathbf{J}`.
-        middle: ``middle(output, y, JM, *extra)`` with ``JM`` of shape ``[K, *output.shape]``.
-
-    Returns:
-        ``product(param_values, X, y, *extra_and_M, num_extra=0)``: the first ``num_extra``
-        positional tensors after ``y`` are handed to ``middle``, the rest are the matrix in
-        list format (entries ``[*p.shape, K]``); returns the product in list format.
-    """
-    f = make_functional_model(model_func, params)
-
-    def product(
-        param_values: Sequence[Tensor],
-        X: Union[Tensor, MutableMapping],
-        y: Tensor,
-        *extra_and_M: Tensor,
-        num_extra: int = 0,
-    ) -> Tuple[Tensor, ...]:
-        extra, M = extra_and_M[:num_extra], extra_and_M[num_extra:]
-        primals = tuple(param_values)
-
-        def f_of(*values: Tensor) -> Tensor:
-            return f(values, X)
-
-        output, pullback = torch.func.vjp(f_of, *primals)
-        # J v by transposing the pullback (double-vjp trick): no forward mode, which some
-        # layers lack in torch 2.13
-        _, transposed_pullback = torch.func.vjp(pullback, torch.zeros_like(output))
-
-        def jvp(*v: Tensor) -> Tensor:
-            return transposed_pullback(v)[0]
-
-        JM = torch.func.vmap(jvp, in_dims=-1)(*M)
-        T = middle(output.detach(), y, JM, *extra)
-        return tuple(torch.func.vmap(pullback, out_dims=-1)(T))
-
-    return product
-
-
-def make_functional_output_hessian_product(loss_func) -> FunctionalMiddle:
-    """Loss-Hessian products w.r.t. the output by ``vjp`` of ``grad`` (a functional middle)."""
-
-    def middle(output: Tensor, y: Tensor, JM: Tensor) -> Tensor:
-        gradient = torch.func.grad(lambda out: loss_func(out, y))
-        _, pullback = torch.func.vjp(gradient, output)
-        return torch.func.vmap(lambda v: pullback(v)[0])(JM)
-
-    return middle
+def loss_hessian_middle(ad: Autodiff, loss_func: Callable) -> MakeMiddleFactor:
+    """The GGN's middle factor: the loss Hessian w.r.t. the output."""
+    return lambda output, y: loss_hessian_product(ad, loss_func, output, y)
 
 
 def make_batch_ggn_matrix_product(
@@ -173,16 +100,11 @@ def make_batch_ggn_matrix_product(
         ``ggn_matrix_product(X, y, *M, max_columns=16)`` returning ``G_b M`` (entries
         ``[*p.shape, K]``), multiplying at most ``max_columns`` columns at once.
     """
-    product = make_batch_ggn_type_product(model_func, params)
-
-    def loss_hessian(output: Tensor, y: Tensor) -> MiddleFactor:
-        return make_output_hessian_product(loss_func, output, y)
-
-    def ggn_matrix_product(X, y, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
-        return product(X, y, loss_hessian, *M, **kwargs)
-
-    ggn_matrix_product.prepare = lambda X, y: product.prepare(X, y, loss_hessian)
-    return ggn_matrix_product
+    f = make_functional_model(model_func, params)
+    middle = loss_hessian_middle(EAGER, loss_func)
+    return eager_batch_product(
+        lambda X, y: prepare_ggn_type_product(EAGER, f, params, X, y, middle)
+    )
 
 
 def make_ggn_vector_product(
@@ -202,15 +124,11 @@ def make_ggn_vector_product(
 
     def ggn_vector_product(params, X, y, *args) -> Tuple[Tensor, ...]:
         c_args, v = args[:num_c_extra_args], args[num_c_extra_args:]
-        with second_order_context():
-            leaves = detached_leaves(params)
-            output = f(*leaves, X)
-            Jv = linearize(output, leaves)(v, batched=False)
-            HJv = make_output_hessian_product(lambda pred, y_: c(pred, y_, *c_args), output, y)(
-                Jv, batched=False
-            )
-            result = vjp([output], leaves, [HJv], batched=False)
-        return tuple(r.detach() for r in result)
+        middle = loss_hessian_middle(EAGER, lambda pred, y_: c(pred, y_, *c_args))
+        multiply = prepare_ggn_type_product(
+            EAGER, lambda values, X_: f(*values, X_), params, X, y, middle
+        )
+        return tuple(t.squeeze(-1) for t in multiply([t.unsqueeze(-1) for t in v]))
 
     return ggn_vector_product
 
@@ -233,16 +151,10 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
     SELF_ADJOINT: bool = True
 
-    @cached_property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product, built once."""
-        return make_batch_ggn_matrix_product(self._model_func, self._loss_func, tuple(self._params))
-
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
-        return make_functional_ggn_type_product(
-            self._model_func,
-            tuple(self._params),
-            make_functional_output_hessian_product(self._loss_func),
-        )
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Forward pass, then ``J^T (loss Hessian) J`` per column chunk."""
+        middle = loss_hessian_middle(ad, self._loss_func)
+        values = ad.values(self._params)
+        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)

@@ -19,24 +19,25 @@ Jacobian-vector product, a row-wise rank-one middle factor, and a vector-Jacobia
 no per-example gradients are materialised.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from functools import cached_property
-from typing import Tuple
+from typing import List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops._autodiff import EAGER, Autodiff, eager_batch_product, make_functional_model
 from curvlinops._losses import (
     check_supported_loss,
     flatten_output_and_labels,
     from_rows,
     num_terms_normalization,
-    row_loss_gradients,
+    sum_reduced,
     to_rows,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.ggn import make_batch_ggn_type_product, make_functional_ggn_type_product
+from curvlinops.ggn import MakeMiddleFactor, MiddleFactor, prepare_ggn_type_product
 
 # ``output_grads(output_flat, y_flat) -> [M, R, C]``: output gradients per row, pre-scaled.
 OutputGradients = Callable[[Tensor, Tensor], Tensor]
@@ -59,54 +60,52 @@ def apply_gradient_moments(loss_func, grads: Tensor, JM: Tensor) -> Tensor:
     return from_rows(loss_func, T_rows, JM.shape, num_leading=1)
 
 
-def ef_output_gradients(loss_func, output_flat: Tensor, y_flat: Tensor) -> Tensor:
-    """Row gradients scaled by ``c_b^{-1/2}``, ``[1, R, C]``: the EF's output factor."""
-    grads = row_loss_gradients(loss_func, output_flat, y_flat)
-    scale = num_terms_normalization(loss_func, output_flat) ** -0.5
-    return (scale * grads).unsqueeze(0)
+def gradient_moments_middle(loss_func, output_grads: OutputGradients) -> MakeMiddleFactor:
+    r"""The middle factor of the empirical and the Monte-Carlo Fisher.
 
-
-def make_batch_gradient_moment_product(
-    model_func: nn.Module, loss_func, params: Tuple[Tensor, ...]
-) -> Callable[..., Tuple[Tensor, ...]]:
-    r"""Build ``(X, y, output_grads, *M) -> J^T (sum_r e_r e_r^T (x) G_r G_r^T) J M``.
-
-    ``G_r`` holds the ``M`` output gradients of row ``r`` returned by ``output_grads``, which
-    also carries the normalisation. The empirical and the Monte-Carlo Fisher differ only in
-    these gradients.
+    :math:`\sum_r \mathbf{e}_r\mathbf{e}_r^\top \otimes \mathbf{G}_r \mathbf{G}_r^\top`
+    with the ``[M, C]`` output gradients :math:`\mathbf{G}_r` of row :math:`r`.
 
     Args:
-        model_func: The neural network.
         loss_func: The loss function (decides the 2-d row view).
-        params: The parameters.
+        output_grads: ``(output_flat, y_flat) -> [M, R, C]``, the pre-scaled output
+            gradients :math:`\mathbf{G}_r` of each row, called once per batch.
 
     Returns:
-        The batch product in list format (entries ``[*p.shape, K]``), with a keyword
-        ``max_columns``. ``output_grads`` is called once per batch.
+        ``make_middle`` for :func:`~curvlinops.ggn.prepare_ggn_type_product`.
     """
-    product = make_batch_ggn_type_product(model_func, params)
 
-    def middle_of(output_grads: OutputGradients):
-        def make_middle(output: Tensor, y: Tensor) -> Callable[[Tensor, bool], Tensor]:
-            grads = output_grads(*flatten_output_and_labels(loss_func, output, y))  # once
+    def make_middle(output: Tensor, y: Tensor) -> MiddleFactor:
+        grads = output_grads(*flatten_output_and_labels(loss_func, output, y))
 
-            def middle(JM: Tensor, batched: bool) -> Tensor:
-                T = apply_gradient_moments(loss_func, grads, JM if batched else JM.unsqueeze(0))
-                return T if batched else T.squeeze(0)
+        def middle(JM: Tensor, batched: bool) -> Tensor:
+            T = apply_gradient_moments(loss_func, grads, JM if batched else JM.unsqueeze(0))
+            return T if batched else T.squeeze(0)
 
-            return middle
+        return middle
 
-        return make_middle
+    return make_middle
 
-    def gradient_moment_product(
-        X, y: Tensor, output_grads: OutputGradients, *M: Tensor, **kwargs
-    ) -> Tuple[Tensor, ...]:
-        return product(X, y, middle_of(output_grads), *M, **kwargs)
 
-    gradient_moment_product.prepare = lambda X, y, output_grads: product.prepare(
-        X, y, middle_of(output_grads)
-    )
-    return gradient_moment_product
+def ef_output_gradients(ad: Autodiff, loss_func, row_loss) -> OutputGradients:
+    r"""The EF's output factor: row gradients scaled by :math:`c_b^{-1/2}`, ``[1, R, C]``.
+
+    Args:
+        ad: The autodiff implementation.
+        loss_func: The loss function (its reduction decides :math:`c_b`).
+        row_loss: The loss with ``reduction='sum'``, whose gradient w.r.t. the flattened
+            output holds each row's gradient (built once, outside traced code).
+
+    Returns:
+        ``output_grads(output_flat, y_flat)``.
+    """
+
+    def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
+        (grads,) = ad.grad(lambda out: row_loss(out, y_flat))(output_flat)
+        scale = num_terms_normalization(loss_func, output_flat) ** -0.5
+        return (scale * grads).unsqueeze(0)
+
+    return output_grads
 
 
 def make_batch_ef_matrix_product(
@@ -124,16 +123,13 @@ def make_batch_ef_matrix_product(
         ``[*p.shape, K]``).
     """
     check_supported_loss(loss_func, "EFLinearOperator")
-    product = make_batch_gradient_moment_product(model_func, loss_func, params)
-
-    def loss_gradients(output_flat: Tensor, y_flat: Tensor) -> Tensor:
-        return ef_output_gradients(loss_func, output_flat, y_flat)
-
-    def ef_matrix_product(X, y: Tensor, *M: Tensor, **kwargs) -> Tuple[Tensor, ...]:
-        return product(X, y, loss_gradients, *M, **kwargs)
-
-    ef_matrix_product.prepare = lambda X, y: product.prepare(X, y, loss_gradients)
-    return ef_matrix_product
+    f = make_functional_model(model_func, params)
+    middle = gradient_moments_middle(
+        loss_func, ef_output_gradients(EAGER, loss_func, sum_reduced(loss_func))
+    )
+    return eager_batch_product(
+        lambda X, y: prepare_ggn_type_product(EAGER, f, params, X, y, middle)
+    )
 
 
 class EFLinearOperator(CurvatureLinearOperator):
@@ -157,21 +153,16 @@ class EFLinearOperator(CurvatureLinearOperator):
     SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
     @cached_property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product, built once."""
-        return make_batch_ef_matrix_product(self._model_func, self._loss_func, tuple(self._params))
+    def _row_loss(self):
+        """The loss with ``reduction='sum'`` (checked to be supported; built once)."""
+        check_supported_loss(self._loss_func, type(self).__name__)
+        return sum_reduced(self._loss_func)
 
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
-        loss_func = self._loss_func
-        check_supported_loss(loss_func, type(self).__name__)
-
-        def middle(output: Tensor, y: Tensor, JM: Tensor) -> Tensor:
-            output_flat, y_flat = flatten_output_and_labels(loss_func, output, y)
-            # d(mean-reduced loss)/d(output) * c_b is the per-row gradient, without autograd
-            c_b = num_terms_normalization(loss_func, output_flat)
-            grads = c_b**0.5 * torch.func.grad(lambda out: loss_func(out, y_flat))(output_flat)
-            return apply_gradient_moments(loss_func, grads.unsqueeze(0), JM)
-
-        return make_functional_ggn_type_product(self._model_func, tuple(self._params), middle)
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Forward pass and row gradients, then ``J^T (rank-one rows) J`` per chunk."""
+        output_grads = ef_output_gradients(ad, self._loss_func, self._row_loss)
+        middle = gradient_moments_middle(self._loss_func, output_grads)
+        values = ad.values(self._params)
+        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)

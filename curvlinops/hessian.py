@@ -12,29 +12,23 @@ With ``block_sizes = [s_1, s_2, ...]`` it represents the block-diagonal matrix w
 :math:`i`-th block is the Hessian w.r.t. the :math:`i`-th consecutive group of :math:`s_i`
 parameter tensors.
 
-Products are reverse-over-reverse: one forward pass and one backward pass that records its own
-graph per batch, then one backward pass through that graph for all columns at once
-(``is_grads_batched``). On this CPU that beat forward-over-reverse (``vmap`` of ``jvp`` of
-``grad``) for 1 and for 16 columns (see ``benchmarks/``), and it is exact for
-``nn.LayerNorm``, where ``torch.func.hessian`` is not in torch 2.13.
+Products are a double backward: per batch, one forward pass and one differentiable backward
+pass (the gradient), then, per column chunk and parameter group, the pullback of the gradient
+(:func:`prepare_hessian_product`, executed eagerly or, after ``compile``, with ``torch.func``).
 """
 
 from collections.abc import Callable, MutableMapping
-from functools import cached_property
 from typing import List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
-    MAX_COLUMNS_PER_CHUNK,
+    EAGER,
+    Autodiff,
     columns_first,
     columns_last,
-    detached_leaves,
-    in_column_chunks,
+    eager_batch_product,
     make_functional_model,
-    second_order_context,
-    vjp,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 
@@ -44,6 +38,44 @@ def parameter_groups(num_params: int, block_sizes: Optional[List[int]]) -> List[
     sizes = [num_params] if block_sizes is None else list(block_sizes)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def prepare_hessian_product(
+    ad: Autodiff,
+    f: Callable[[Sequence[Tensor], Union[Tensor, MutableMapping]], Tensor],
+    loss_func: Callable[[Tensor, Tensor], Tensor],
+    values: Sequence[Tensor],
+    X: Union[Tensor, MutableMapping],
+    y: Tensor,
+    groups: Sequence[range],
+) -> Callable[[List[Tensor]], List[Tensor]]:
+    """One batch's (block-diagonal) Hessian: gradient once, then ``multiply(M_chunk)``.
+
+    Args:
+        ad: The autodiff implementation.
+        f: Functional model ``f(param_values, X)``.
+        loss_func: The loss function.
+        values: The parameter values.
+        X: Input batch.
+        y: Label batch.
+        groups: Index ranges of the parameter groups (diagonal blocks).
+
+    Returns:
+        ``multiply(M_chunk)``: ``H_b M_chunk`` in list format (entries ``[*p.shape, K]``);
+        each call is one pullback of the gradient per group.
+    """
+    _, pullback = ad.vjp(ad.grad(lambda *v: loss_func(f(v, X), y)), values)
+
+    def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+        M_cols, batched = columns_first(M_chunk)
+        HM: List[Tensor] = [None] * len(M_cols)
+        for group in groups:
+            cotangents = [M_cols[i] if i in group else None for i in range(len(M_cols))]
+            for i, product in zip(group, pullback(cotangents, batched, wrt=group)):
+                HM[i] = product
+        return columns_last(HM, batched)
+
+    return multiply
 
 
 def make_batch_hessian_matrix_product(
@@ -64,99 +96,13 @@ def make_batch_hessian_matrix_product(
         ``hessian_matrix_product(X, y, *M, max_columns=16)`` returning ``H_b M`` in list
         format (entries ``[*p.shape, K]``), with ``H_b`` the Hessian of
         ``loss_func(model_func(X), y)``. Columns are multiplied in chunks of at most
-        ``max_columns`` after one forward and one (recorded) backward pass. Its attribute
-        ``prepare(X, y)`` runs those two passes alone and returns ``multiply(M_chunk)``,
-        which then costs one backward pass per call (used by the product cache).
+        ``max_columns`` after one forward and one (recorded) backward pass.
     """
     f = make_functional_model(model_func, params)
     groups = parameter_groups(len(params), block_sizes)
-
-    def prepare(
-        X: Union[Tensor, MutableMapping], y: Tensor
-    ) -> Callable[[List[Tensor]], List[Tensor]]:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            loss = loss_func(f(leaves, X), y)
-            grad = vjp([loss], leaves, [loss.new_ones(())], batched=False, create_graph=True)
-
-        def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-            M_cols, batched = columns_first(M_chunk)
-            HM = [None] * len(params)
-            for group in groups:
-                products = vjp(
-                    [grad[i] for i in group],
-                    [leaves[i] for i in group],
-                    [M_cols[i] for i in group],
-                    batched=batched,
-                )
-                for i, product in zip(group, products):
-                    HM[i] = product.detach()
-            return columns_last(HM, batched)
-
-        return multiply
-
-    def hessian_matrix_product(
-        X: Union[Tensor, MutableMapping],
-        y: Tensor,
-        *M: Tensor,
-        max_columns: int = MAX_COLUMNS_PER_CHUNK,
-    ) -> Tuple[Tensor, ...]:
-        return tuple(in_column_chunks(prepare(X, y), M, max_columns))
-
-    hessian_matrix_product.prepare = prepare
-    return hessian_matrix_product
-
-
-def make_functional_hessian_matrix_product(
-    model_func: nn.Module,
-    loss_func: Callable[[Tensor, Tensor], Tensor],
-    params: Tuple[Tensor, ...],
-    block_sizes: Optional[List[int]] = None,
-) -> Callable[..., Tuple[Tensor, ...]]:
-    """Build the (block-diagonal) mini-batch Hessian product as a ``torch.func`` program.
-
-    Reverse-over-reverse like the eager product (``vmap`` over the columns of the ``vjp`` of
-    ``grad``; forward mode is wrong or missing for some layers in torch 2.13), with no
-    ``torch.autograd`` call, so that ``torch.compile`` can trace it whole.
-
-    Args:
-        model_func: The neural network.
-        loss_func: The loss function.
-        params: The parameters w.r.t. which the Hessian is taken.
-        block_sizes: Sizes of consecutive parameter groups; ``None`` for the full Hessian.
-
-    Returns:
-        ``product(param_values, X, y, *M)`` returning ``H_b M`` in list format (entries
-        ``[*p.shape, K]``), evaluated at ``param_values`` instead of ``params``.
-    """
-    f = make_functional_model(model_func, params)
-    groups = [tuple(group) for group in parameter_groups(len(params), block_sizes)]
-    all_argnums = [tuple(range(len(group))) for group in groups]  # not traced by dynamo
-
-    def product(
-        param_values: Sequence[Tensor], X: Union[Tensor, MutableMapping], y: Tensor, *M: Tensor
-    ) -> Tuple[Tensor, ...]:
-        HM = [None] * len(params)
-        for group, argnums in zip(groups, all_argnums):
-
-            def loss_of_group(*group_values: Tensor, group=group) -> Tensor:
-                values = list(param_values)
-                for i, value in zip(group, group_values):
-                    values[i] = value
-                return loss_func(f(values, X), y)
-
-            gradient = torch.func.grad(loss_of_group, argnums=argnums)
-            _, pullback = torch.func.vjp(gradient, *(param_values[i] for i in group))
-
-            def hvp(*v: Tensor, pullback=pullback) -> Tuple[Tensor, ...]:
-                return pullback(v)
-
-            products = torch.func.vmap(hvp, in_dims=-1, out_dims=-1)(*(M[i] for i in group))
-            for i, product_i in zip(group, products):
-                HM[i] = product_i
-        return tuple(HM)
-
-    return product
+    return eager_batch_product(
+        lambda X, y: prepare_hessian_product(EAGER, f, loss_func, params, X, y, groups)
+    )
 
 
 class HessianLinearOperator(CurvatureLinearOperator):
@@ -180,16 +126,11 @@ class HessianLinearOperator(CurvatureLinearOperator):
     SELF_ADJOINT: bool = True
     SUPPORTS_BLOCKS: bool = True
 
-    @cached_property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product, built once."""
-        return make_batch_hessian_matrix_product(
-            self._model_func, self._loss_func, tuple(self._params), self._block_sizes
-        )
-
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """The mini-batch product as a ``torch.func`` program (for :meth:`compile`)."""
-        return make_functional_hessian_matrix_product(
-            self._model_func, self._loss_func, tuple(self._params), self._block_sizes
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Gradient of the batch loss, then products with its pullback per group."""
+        groups = parameter_groups(len(self._params), self._block_sizes)
+        return prepare_hessian_product(
+            ad, self._functional_model, self._loss_func, ad.values(self._params), X, y, groups
         )

@@ -8,30 +8,58 @@ with per-datum outputs of shape :math:`S`, the Jacobian has shape :math:`(N \pro
     {\partial \theta_d}\,,
 
 rows ordered by data point, then output entry (row-major). Its output space is one tensor
-``[N, *S]``; the transposed operator swaps the spaces. :math:`\mathbf{J}\mathbf{M}` uses the
-double-vjp trick and :math:`\mathbf{J}^\top \mathbf{V}` one backward pass per batch, each for all
-columns at once.
+``[N, *S]``; the transposed operator swaps the spaces. :math:`\mathbf{J}\mathbf{M}` transposes the
+pullback and :math:`\mathbf{J}^\top \mathbf{V}` is the pullback, one forward pass per batch and
+all columns at once.
 """
 
 from collections.abc import Callable, MutableMapping
 from functools import cached_property
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
+    EAGER,
     MAX_COLUMNS_PER_CHUNK,
+    Autodiff,
     columns_first,
     columns_last,
-    detached_leaves,
+    eager_batch_product,
     in_column_chunks,
     linearize,
     make_functional_model,
     second_order_context,
-    vjp,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
+
+
+def prepare_jacobian_product(
+    ad: Autodiff, f: Callable[..., Tensor], values: Sequence[Tensor], X, transposed: bool
+) -> Callable[[List[Tensor]], List[Tensor]]:
+    """One batch's Jacobian (or its transpose): forward pass once, then ``multiply``.
+
+    Args:
+        ad: The autodiff implementation.
+        f: Functional model ``f(param_values, X)``.
+        values: The parameter values.
+        X: Input batch.
+        transposed: Whether to multiply with the transposed Jacobian.
+
+    Returns:
+        ``multiply(M_chunk)``: ``[J M]`` (entry ``[B, *S, K]``) for ``M`` in parameter list
+        format, or ``J^T V`` in parameter list format for ``[V]`` with ``V`` ``[B, *S, K]``.
+    """
+    output, pullback = ad.vjp(lambda *v: f(v, X), values)
+    apply = pullback if transposed else linearize(ad, output, pullback)
+
+    def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+        M_cols, batched = columns_first(M_chunk)
+        result = apply(M_cols, batched)
+        return columns_last(result if transposed else [result], batched)
+
+    return multiply
 
 
 def make_batch_jacobian_matrix_product(
@@ -48,19 +76,12 @@ def make_batch_jacobian_matrix_product(
         ``M`` in list format.
     """
     f = make_functional_model(model_func, params)
+    product = eager_batch_product(
+        lambda X, y: prepare_jacobian_product(EAGER, f, params, X, transposed=False)
+    )
 
-    def jacobian_matrix_product(
-        X: Union[Tensor, MutableMapping], *M: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK
-    ) -> Tensor:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            jvp = linearize(f(leaves, X), leaves)
-
-            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-                M_cols, batched = columns_first(M_chunk)
-                return columns_last([jvp(M_cols, batched).detach()], batched)
-
-            return in_column_chunks(multiply, M, max_columns)[0]
+    def jacobian_matrix_product(X, *M: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK):
+        return product(X, None, *M, max_columns=max_columns)[0]
 
     return jacobian_matrix_product
 
@@ -79,20 +100,14 @@ def make_batch_transposed_jacobian_matrix_product(
         ``[B, *S, K]``, returning a tuple of ``[*p.shape, K]``.
     """
     f = make_functional_model(model_func, params)
+    product = eager_batch_product(
+        lambda X, y: prepare_jacobian_product(EAGER, f, params, X, transposed=True)
+    )
 
     def transposed_jacobian_matrix_product(
-        X: Union[Tensor, MutableMapping], V: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK
+        X, V: Tensor, max_columns: int = MAX_COLUMNS_PER_CHUNK
     ) -> Tuple[Tensor, ...]:
-        with second_order_context():
-            leaves = detached_leaves(params)
-            output = f(leaves, X)
-
-            def multiply(V_chunk: List[Tensor]) -> List[Tensor]:
-                V_cols, batched = columns_first(V_chunk)
-                JtV = vjp([output], leaves, V_cols, batched)
-                return columns_last([t.detach() for t in JtV], batched)
-
-            return tuple(in_column_chunks(multiply, [V], max_columns))
+        return product(X, None, V, max_columns=max_columns)
 
     return transposed_jacobian_matrix_product
 
@@ -116,6 +131,8 @@ class _JacobianBase(CurvatureLinearOperator):
     """Shared set-up of the Jacobian and its transpose (no loss, fixed data order)."""
 
     FIXED_DATA_ORDER: bool = True
+    _CACHEABLE: bool = False  # rows follow the data order; see cache()
+    _TRANSPOSED: bool = False
 
     def __init__(
         self,
@@ -153,24 +170,18 @@ class _JacobianBase(CurvatureLinearOperator):
     def _output_shape(self) -> torch.Size:
         """Shape ``[N, *S]`` of the outputs of all data, from one forward pass."""
         X, _ = next(iter(self._loop_over_data(desc="output_shape")))
-        f = make_functional_model(self._model_func, self._params)
         with torch.no_grad(), second_order_context():
-            output = f(self._params, X)
+            output = self._functional_model(self._params, X)
         return torch.Size([self._N_data, *output.shape[1:]])
 
-    def _product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """``(X, *M, max_columns) -> tuple``: the eager or (after ``compile``) compiled product."""
-        if self._compiled_batch_product is None:
-            return self._batch_product
-        values = tuple(p.detach() for p in self._params)
-
-        def compiled_product(X, *M: Tensor, max_columns: int) -> Tuple[Tensor, ...]:
-            def multiply(chunk: List[Tensor]) -> List[Tensor]:
-                return list(self._compiled_batch_product(values, X, *chunk))
-
-            return tuple(in_column_chunks(multiply, M, max_columns))
-
-        return compiled_product
+    def _prepare_batch(
+        self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
+    ) -> Callable[[List[Tensor]], List[Tensor]]:
+        """Forward pass, then products with the (transposed) Jacobian per column chunk."""
+        values = ad.values(self._params)
+        return prepare_jacobian_product(
+            ad, self._functional_model, values, X, transposed=self._TRANSPOSED
+        )
 
     def _adjoint_kwargs(self) -> dict:
         """Arguments that rebuild the operator's counterpart on the same model and data."""
@@ -198,37 +209,15 @@ class JacobianLinearOperator(_JacobianBase):
     def _get_out_shape(self) -> List[torch.Size]:
         return [self._output_shape]
 
-    @cached_property
-    def _batch_product(self) -> Callable[..., Tensor]:
-        return make_batch_jacobian_matrix_product(self._model_func, tuple(self._params))
-
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+    def _combine(self, M: List[Tensor], batches) -> List[Tensor]:
         """Stack the batches' Jacobian-matrix products along the data axis."""
-        max_columns = self.MAX_COLUMNS_PER_CHUNK
-        product = self._product()
-        products = [
-            product(X, *M, max_columns=max_columns) for X, _ in self._loop_over_data(desc="_matmat")
-        ]
-        result = torch.cat([p if isinstance(p, Tensor) else p[0] for p in products])
+        results = []
+        for _, _, multiply in batches:
+            results.append(in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)[0])
+            del multiply  # one batch's graph alive at a time
+        result = torch.cat(results)
         _check_num_data(self, result.shape[0])
         return [result]
-
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor]]:
-        """``(param_values, X, *M) -> (J M,)`` in ``torch.func`` (for :meth:`compile`)."""
-        f = make_functional_model(self._model_func, self._params)
-
-        def product(param_values, X, *M: Tensor) -> Tuple[Tensor]:
-            output, pullback = torch.func.vjp(lambda *p: f(p, X), *param_values)
-            # J v by transposing the pullback: forward mode is missing for some layers
-            _, transposed_pullback = torch.func.vjp(pullback, torch.zeros_like(output))
-
-            def jvp(*v: Tensor) -> Tensor:
-                return transposed_pullback(v)[0]
-
-            return (torch.func.vmap(jvp, in_dims=-1, out_dims=-1)(*M),)
-
-        return product
 
     def _adjoint(self) -> PyTorchLinearOperator:
         return TransposedJacobianLinearOperator(**self._adjoint_kwargs())
@@ -248,11 +237,9 @@ class TransposedJacobianLinearOperator(_JacobianBase):
     def _get_in_shape(self) -> List[torch.Size]:
         return [self._output_shape]
 
-    @cached_property
-    def _batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        return make_batch_transposed_jacobian_matrix_product(self._model_func, tuple(self._params))
+    _TRANSPOSED: bool = True
 
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+    def _combine(self, M: List[Tensor], batches) -> List[Tensor]:
         """Sum the batches' products with consecutive row blocks of ``M``."""
         (V,) = M
         result = [
@@ -260,28 +247,17 @@ class TransposedJacobianLinearOperator(_JacobianBase):
             for p in self._params
         ]
         start = 0
-        product = self._product()
-        for X, _ in self._loop_over_data(desc="_matmat"):
+        for X, _, multiply in batches:
             end = start + self._batch_size(X)
             if end > V.shape[0]:
                 _check_num_data(self, end)
-            batch_result = product(X, V[start:end], max_columns=self.MAX_COLUMNS_PER_CHUNK)
+            batch_result = in_column_chunks(multiply, [V[start:end]], self.MAX_COLUMNS_PER_CHUNK)
             for r, p in zip(result, batch_result):
                 r.add_(p)
             start = end
+            del multiply  # one batch's graph alive at a time
         _check_num_data(self, start)
         return result
-
-    @property
-    def _functional_batch_product(self) -> Callable[..., Tuple[Tensor, ...]]:
-        """``(param_values, X, V) -> J^T V`` in ``torch.func`` (for :meth:`compile`)."""
-        f = make_functional_model(self._model_func, self._params)
-
-        def product(param_values, X, V: Tensor) -> Tuple[Tensor, ...]:
-            _, pullback = torch.func.vjp(lambda *p: f(p, X), *param_values)
-            return tuple(torch.func.vmap(pullback, in_dims=-1, out_dims=-1)(V))
-
-        return product
 
     def _adjoint(self) -> PyTorchLinearOperator:
         return JacobianLinearOperator(**self._adjoint_kwargs())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlinops._autodiff import parameter_names
+from curvlinops._autodiff import make_functional_model
 from curvlinops._losses import flatten_labels, to_rows
 
 
@@ -231,10 +231,13 @@ def make_functional_model_and_loss(
     Raises:
         ValueError: If a tensor of ``params`` is not a parameter of ``model_func``.
     """
-    names = parameter_names(model_func, params)
-    f = make_functional_call(model_func, names)
-    c = make_functional_call(loss_func, [])
-    return f, c
+    num_params = len(params)
+    f_of_values = make_functional_model(model_func, params)  # parameters matched by identity
+
+    def f(*params_and_X):
+        return f_of_values(params_and_X[:num_params], *params_and_X[num_params:])
+
+    return f, make_functional_call(loss_func, [])
 
 
 def make_functional_flattened_model_and_loss(

@@ -897,3 +897,78 @@ def test_shuffling_with_batchnorm_detected():
     # without the coupling, re-partitioning does not change the mean risk: accepted
     H = HessianLinearOperator(c.model, c.loss_func, c.params, RepartitionedData(X, y))
     assert_close(densify(H), cached_reference("hessian", "mlp_ce", "mean"))
+
+
+class _ScaledHessian(HessianLinearOperator):
+    """Sets its state after the base constructor, which the hooks below need."""
+
+    def __init__(self, *args, scale: float = 2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scale = scale  # after super(): the data pass and the check come later
+
+    def _get_in_shape(self):
+        assert self._scale == 3.0
+        return super()._get_in_shape()
+
+    def _prepare_batch(self, X, y, ad=None):
+        multiply = super()._prepare_batch(X, y) if ad is None else super()._prepare_batch(X, y, ad)
+        return lambda M: [self._scale * t for t in multiply(M)]
+
+
+def test_subclass_state_set_after_base_constructor_is_seen_by_construction():
+    """Measuring the data, the spaces and the determinism check run after the subclass's
+    constructor, so a subclass may set its state in any order."""
+    c = make_case("mlp_ce", "mean")
+    data = list(c.data)
+    H = _ScaledHessian(c.model, c.loss_func, c.params, data, scale=3.0)
+    assert "_init_depth" not in vars(H)
+    assert H._N_data == c.num_data
+    M = torch.randn(H.shape[1], 2, dtype=DT)
+    assert_close(H @ M, 3.0 * (cached_reference("hessian", "mlp_ce", "mean") @ M))
+
+
+def test_construction_errors_surface_at_construction():
+    """Deferred measuring still raises in the constructor, e.g. for data without points."""
+    c = make_case("mlp_ce", "mean")
+    empty = [(X[:0], y[:0]) for X, y in c.data]
+    with pytest.raises(ValueError, match="num_data must be positive"):
+        HessianLinearOperator(c.model, c.loss_func, c.params, empty)
+
+
+@pytest.mark.parametrize("cls", [GGNLinearOperator, JacobianLinearOperator])
+def test_one_batch_graph_alive_at_a_time(cls):
+    """A product holds one batch's recorded graph at a time (peak memory of one batch)."""
+    import weakref
+
+    c = make_case("mlp_ce", "mean")
+    args = (c.model, c.params, c.data) if cls is JacobianLinearOperator else c.tensors()
+    A = cls(*args, check_deterministic=False)
+    alive, prepare = [], A._prepare_batch
+
+    def counting_prepare(X, y, *rest):
+        assert all(ref() is None for ref in alive), "previous batch's multiply still alive"
+        multiply = prepare(X, y, *rest)
+        alive.append(weakref.ref(multiply))
+        return multiply
+
+    A._prepare_batch = counting_prepare
+    A @ torch.randn(A.shape[1], dtype=DT)
+    assert len(alive) == len(c.data) > 1
+
+
+class _LegacyBatchIdentity(CurvatureLinearOperator):
+    """A downstream subclass of the 3.0.1 contract: only ``_matmat_batch``, ``M`` per batch."""
+
+    SELF_ADJOINT = True
+
+    def _matmat_batch(self, X, y, M):
+        return [m.clone() for m in M]
+
+
+def test_subclass_with_matmat_batch_of_the_3_0_1_contract_still_multiplies():
+    c = make_case("mlp_ce", "mean")
+    A = _LegacyBatchIdentity(*c.tensors())  # the determinism check multiplies, too
+    M = torch.randn(A.shape[1], 3, dtype=DT)
+    assert_close(A @ M, M)  # sum_b (B_b / N) M
+    with pytest.raises(NotImplementedError, match="_LegacyBatchIdentity"):
+        A.cache()

@@ -91,3 +91,30 @@ def test_errors():
         ActivationHessianLinearOperator(model, loss_func, ("9", "input", 0), data)
     with pytest.raises(ValueError, match="io type"):
         ActivationHessianLinearOperator(model, loss_func, ("1", "middle", 0), data)
+
+
+def test_compile_is_refused_clearly():
+    """The activation hooks cannot be traced: compile() says so instead of failing later."""
+    from cases import make_case
+
+    c = make_case("mlp_ce", "mean")
+    name = next(n for n, m in c.model.named_modules() if isinstance(m, torch.nn.Linear))
+    A = ActivationHessianLinearOperator(c.model, c.loss_func, (name, "input", 0), c.data[:1])
+    with pytest.raises(NotImplementedError, match="cannot be compiled"):
+        A.compile()
+
+
+def test_cached_products_equal_uncached():
+    from cases import make_case
+
+    c = make_case("mlp_ce", "mean")
+    name = next(n for n, m in c.model.named_modules() if isinstance(m, torch.nn.Linear))
+    args = (c.model, c.loss_func, (name, "output", 0), c.data[:1])
+    eager = ActivationHessianLinearOperator(*args)
+    cached = ActivationHessianLinearOperator(*args).cache()
+    for seed in range(2):
+        M = torch.randn(
+            eager.shape[1], 3, dtype=eager.dtype, generator=torch.Generator().manual_seed(seed)
+        )
+        assert_close(cached @ M, eager @ M)
+    assert cached._product_cache is not None

@@ -116,3 +116,56 @@ def test_cache_errors():
     for bad in (-1, 1.5, None):
         with pytest.raises(ValueError, match="max_bytes"):
             H.cache(max_bytes=bad)
+
+
+def test_cached_mc_fisher_follows_seed_and_mc_samples():
+    """Changing ``_seed`` (or ``_mc_samples``) draws fresh samples also with the cache on."""
+    c = make_case("mlp_ce", "mean")
+    cached = FisherMCLinearOperator(*c.tensors(), seed=5).cache()
+    M = columns(cached.shape[1], 2, 0)
+    first = cached @ M
+    for attribute, value in [("_seed", 6), ("_mc_samples", 3)]:
+        setattr(cached, attribute, value)
+        fresh = FisherMCLinearOperator(
+            *c.tensors(), seed=cached._seed, mc_samples=cached._mc_samples
+        )
+        result = cached @ M
+        assert_close(result, fresh @ M)
+        assert not torch.allclose(result, first)
+
+
+@pytest.mark.parametrize(
+    "operator, kind, name",
+    [
+        (HessianLinearOperator, "hessian", "mlp_ce"),
+        (GGNLinearOperator, "ggn", "cnn_mse"),
+        (EFLinearOperator, "ef", "seq_bce"),
+    ],
+)
+def test_cache_and_compile_combine(operator, kind, name):
+    """A compiled operator caches too: correct products, data read by the first product only."""
+    torch._dynamo.reset()
+    c = make_case(name, "mean")
+    data = CountingData(c.data)
+    A = operator(c.model, c.loss_func, c.params, data, **c.kwargs())
+    A.compile(backend="eager", fullgraph=True).cache()
+    passes = data.passes
+    expected = cached_reference(kind, name, "mean")
+    for seed in range(2):
+        M = columns(A.shape[1], 3, seed)
+        assert_close(A @ M, expected @ M)
+    assert A._product_cache is not None and data.passes == passes + 1
+    torch._dynamo.reset()
+
+
+def test_cached_then_compiled_mc_fisher_draws_the_eager_samples():
+    torch._dynamo.reset()
+    c = make_case("seq_mse", "mean")
+    eager = FisherMCLinearOperator(*c.tensors(), mc_samples=2, seed=3)
+    both = FisherMCLinearOperator(*c.tensors(), mc_samples=2, seed=3).cache()
+    M = columns(eager.shape[1], 2, 0)
+    both @ M  # builds an eager cache, which compile() must drop
+    both.compile(backend="eager", fullgraph=True)
+    assert_close(both @ M, eager @ M)
+    assert_close(both @ M, eager @ M)
+    torch._dynamo.reset()

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
+    EAGER,
+    Autodiff,
     columns_first,
     columns_last,
-    in_column_chunks,
     second_order_context,
     vjp,
 )
@@ -217,7 +218,11 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
 
     _get_out_shape = _get_in_shape
 
-    def _matmat_batch(self, X, y: Tensor, M: List[Tensor]) -> List[Tensor]:
+    def _prepare_batch(self, X, y: Tensor, ad: Autodiff = EAGER):
+        """Forward pass with the activation as a leaf and its gradient, then its pullback.
+
+        Eager only (``ad`` is always :data:`~curvlinops._autodiff.EAGER`, see :meth:`compile`).
+        """
         with second_order_context():
             leaves: List[Tensor] = []
             with _replaced_by_leaf(self._model_func, self._activation, leaves):
@@ -225,12 +230,23 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             (Z,) = leaves
             (grad,) = vjp([loss], [Z], [loss.new_ones(())], batched=False, create_graph=True)
 
-            def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
-                (M_cols,), batched = columns_first(M_chunk)
-                (HM,) = vjp([grad], [Z], [M_cols], batched=batched)
-                return columns_last([HM.detach()], batched)
+        def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
+            (M_cols,), batched = columns_first(M_chunk)
+            (HM,) = vjp([grad], [Z], [M_cols], batched=batched)
+            return columns_last([HM], batched)
 
-            return list(in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK))
+        return multiply
+
+    def compile(self, **compile_kwargs):
+        """Not supported: the activation is replaced by forward hooks, which are not traced.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError(
+            "ActivationHessianLinearOperator cannot be compiled (its activation hooks cannot "
+            "be traced); use it eagerly."
+        )
 
 
 __all__ = ["ActivationHessianLinearOperator", "store_activation"]
