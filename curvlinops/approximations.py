@@ -34,6 +34,7 @@ from typing import Callable, Iterable, List
 import torch
 from torch import Tensor, nn
 
+from curvlinops._losses import is_supported_loss, loss_strategy
 from curvlinops.diagonal.exact import ef_diagonal, squared_gradient_sum
 
 __all__ = [
@@ -188,7 +189,7 @@ def gauss_newton_matrix_approximation(
     Raises:
         ValueError: If ``loss_fn`` is not MSE-based or a parameter is unreachable.
     """
-    if not isinstance(loss_fn, nn.MSELoss):
+    if not (is_supported_loss(loss_fn) and loss_strategy(loss_fn).least_squares):
         raise ValueError(
             f"The Gauss-Newton matrix J^T J is defined for least-squares (MSE) losses, got "
             f"{type(loss_fn).__name__}. Use curvlinops.diagonal.exact.ggn_diagonal for others."

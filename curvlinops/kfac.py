@@ -56,7 +56,6 @@ from torch.nn.functional import unfold
 
 from curvlinops._autodiff import guarded_models
 from curvlinops._losses import (
-    check_binary_targets,
     check_positive_integer,
     check_sampling_options,
     check_seed,
@@ -64,6 +63,7 @@ from curvlinops._losses import (
     flatten_labels,
     kfac_mc_grad_outputs,
     loss_hessian_sqrt_columns,
+    loss_strategy,
     num_terms_normalization,
     row_loss_gradients,
     seeded_generator,
@@ -127,7 +127,7 @@ def block_right(V: Tensor, R: Tensor) -> Tensor:
     """``V @ R`` for a block ``V`` of shape ``[o, n]`` or, columns last, ``[o, n, K]``.
 
     The columns-last case makes one transposing copy and then a single large matrix product,
-    which beats ``K`` broadcast products on the CPU.
+    instead of ``K`` broadcast products.
     """
     if V.ndim == 2:
         return V @ R
@@ -348,9 +348,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
     def _infer_num_per_example_loss_terms(self) -> int:
         total = 0
         for _, y in self._loop_over_data(desc="num_per_example_loss_terms"):
-            total += (
-                y.numel() if isinstance(self._loss_func, CrossEntropyLoss) else y.shape[:-1].numel()
-            )
+            total += loss_strategy(self._loss_func).num_rows(y)
         if total % self._N_data != 0:
             raise ValueError(
                 f"Cannot infer num_per_example_loss_terms: {total} loss terms over "
@@ -419,8 +417,9 @@ class KFACLinearOperator(CurvatureLinearOperator):
         loss_func = self._loss_func
         f = f_flat.detach()
         if fisher_type == FisherType.TYPE2:
-            if isinstance(loss_func, BCEWithLogitsLoss):
-                check_binary_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
+            loss_strategy(loss_func).check_targets(
+                y, f"{type(self).__name__} (fisher_type='type-2')"
+            )
             vectors, num_samples = loss_hessian_sqrt_columns(loss_func, f), 1
         elif fisher_type == FisherType.MC:
             vectors = self._mc_vectors(f)
@@ -439,7 +438,7 @@ class KFACLinearOperator(CurvatureLinearOperator):
             )
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
-        correction = 1.0 if isinstance(loss_func, CrossEntropyLoss) else sqrt(f.shape[1])
+        correction = loss_strategy(loss_func).mean_correction(f.shape[1])
         return vectors * (sqrt(kappa) * correction / num_terms_normalization(loss_func, f))
 
     def _layer_rows(self, name: str, x: Tensor, reduce: bool, append_ones: bool = True) -> Tensor:

@@ -31,7 +31,7 @@ def rademacher(
     r"""Draw a vector with i.i.d. Rademacher entries (:math:`\pm 1` with probability ½).
 
     The entries are the Bernoulli(½) draws of ``bernoulli_(0.5)`` on an uninitialised vector
-    (the contract's draw, reproduced exactly and faster on the CPU), mapped to
+    (the contract's draw, reproduced exactly), mapped to
     :math:`\{-1, +1\}` by :math:`b \mapsto 2b - 1`.
 
     Args:

@@ -42,7 +42,6 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from curvlinops._autodiff import make_functional_model, second_order_context
 from curvlinops._ekfac_correction import per_example_square_sums
 from curvlinops._losses import (
-    check_binary_targets,
     check_positive_integer,
     check_sampling_options,
     check_seed,
@@ -51,6 +50,7 @@ from curvlinops._losses import (
     flatten_output_and_labels,
     from_rows,
     loss_hessian_sqrt_columns,
+    loss_strategy,
     num_terms_normalization,
     row_loss_gradients,
     seeded_generator,
@@ -373,8 +373,7 @@ class GGNDiagonalLinearOperator(_ExactDiagonal):
         return "type-2", {}
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        if isinstance(self._loss_func, BCEWithLogitsLoss):
-            check_binary_targets(y, type(self).__name__)
+        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
         return loss_hessian_sqrt_columns(self._loss_func, output_flat)
 
 
@@ -445,8 +444,7 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
         return "mc", {"seed": self._seed, "mc_samples": self._mc_samples}
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        if isinstance(self._loss_func, BCEWithLogitsLoss):
-            check_binary_targets(y, type(self).__name__)
+        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
         samples = fisher_mc_grad_samples(
             self._loss_func, output_flat, self._mc_samples, self._generator
         )
