@@ -275,7 +275,37 @@ class KroneckerBlock:
         return eigen.inverse(float(options.damping))
 
 
-class EigenbasisBlock:
+class _SpectralBlock:
+    """Trace, determinants and norm of a block from its eigenvalues ``{kind: [d_out, n]}``."""
+
+    eigenvalues: Dict[str, Tensor]
+
+    def trace(self, kind: str) -> Tensor:
+        """Sum of the kind's eigenvalues."""
+        return self.eigenvalues[kind].sum()
+
+    def det(self, kind: str) -> Tensor:
+        """Product of the kind's eigenvalues."""
+        return self.eigenvalues[kind].prod()
+
+    def logdet(self, kind: str) -> Tensor:
+        """Sum of the logarithms of the kind's eigenvalues."""
+        return self.eigenvalues[kind].log().sum()
+
+    def squared_frobenius_norm(self, kind: str) -> Tensor:
+        """Sum of the kind's squared eigenvalues."""
+        return (self.eigenvalues[kind] ** 2).sum()
+
+    def inverse_parts(self, options: "InverseOptions") -> None:
+        """Nothing to precompute or cache: the eigenvalues are already there."""
+        return None
+
+    def inverse_from_parts(self, parts, options: "InverseOptions", kinds):
+        """The exactly damped inverse (``parts`` is unused)."""
+        return self.inverse(float(options.damping))
+
+
+class EigenbasisBlock(_SpectralBlock):
     r"""A layer's block in a Kronecker eigenbasis, :math:`\mathbf{Q}_G \otimes \mathbf{Q}_A`.
 
     :math:`\mathbf{V} \mapsto \mathbf{Q}_G((\mathbf{Q}_G^\top\mathbf{V}\mathbf{Q}_A) \odot
@@ -350,30 +380,6 @@ class EigenbasisBlock:
         out = block_left(self.Q_G, block_scale(rotated, self.eigenvalues[kind]))
         return out if kind == "bias" else block_right(out, self.Q_A.T)
 
-    def trace(self, kind: str) -> Tensor:
-        """Sum of the kind's eigenvalues."""
-        return self.eigenvalues[kind].sum()
-
-    def det(self, kind: str) -> Tensor:
-        """Product of the kind's eigenvalues."""
-        return self.eigenvalues[kind].prod()
-
-    def logdet(self, kind: str) -> Tensor:
-        """Sum of the logarithms of the kind's eigenvalues."""
-        return self.eigenvalues[kind].log().sum()
-
-    def squared_frobenius_norm(self, kind: str) -> Tensor:
-        """Sum of the kind's squared eigenvalues."""
-        return (self.eigenvalues[kind] ** 2).sum()
-
-    def inverse_parts(self, options: InverseOptions) -> None:
-        """Nothing to precompute or cache: the eigenbasis is already there."""
-        return None
-
-    def inverse_from_parts(self, parts, options: InverseOptions, kinds) -> "EigenbasisBlock":
-        """The exactly damped inverse (``parts`` is unused)."""
-        return self.inverse(float(options.damping))
-
     def inverse(self, delta: float) -> "EigenbasisBlock":
         """``(block + delta I)^{-1}``, refusing a numerically singular damped block.
 
@@ -405,25 +411,21 @@ class EigenbasisBlock:
             )
 
 
-class DiagonalBlock:
+class DiagonalBlock(_SpectralBlock):
     r"""A diagonal layer block, :math:`\mathbf{V} \mapsto \mathbf{D} \odot \mathbf{V}`.
 
-    Trace :math:`\sum D`, determinant :math:`\prod D`, log-determinant :math:`\sum \log D`,
-    squared Frobenius norm :math:`\sum D^2`, damped inverse :math:`1 / (\mathbf{D} + \delta)`.
+    Its eigenvalues are the entries :math:`\mathbf{D}`: trace :math:`\sum D`, determinant
+    :math:`\prod D`, log-determinant :math:`\sum \log D`, squared Frobenius norm
+    :math:`\sum D^2`, damped inverse :math:`1 / (\mathbf{D} + \delta)`.
 
     Attributes:
         name: The layer's module name (for messages).
-        entries: ``{kind: [d_out, n]}``.
+        eigenvalues: The diagonal entries ``{kind: [d_out, n]}``.
     """
 
     def __init__(self, name: str, entries: Dict[str, Tensor]):
         """Store the diagonal (by reference)."""
-        self.name, self.entries = name, entries
-
-    @property
-    def eigenvalues(self) -> Dict[str, Tensor]:
-        """The diagonal entries (the eigenvalues in the standard basis)."""
-        return self.entries
+        self.name, self.eigenvalues = name, entries
 
     def factors(self) -> Tuple[None, None]:
         """No factors: ``(None, None)``."""
@@ -431,43 +433,16 @@ class DiagonalBlock:
 
     def matmat(self, V: Tensor, kind: str) -> Tensor:
         """Entry-wise product with the kind's diagonal."""
-        return block_scale(V, self.entries[kind])
-
-    def trace(self, kind: str) -> Tensor:
-        """Sum of the kind's entries."""
-        return self.entries[kind].sum()
-
-    def det(self, kind: str) -> Tensor:
-        """Product of the kind's entries."""
-        return self.entries[kind].prod()
-
-    def logdet(self, kind: str) -> Tensor:
-        """Sum of the logarithms of the kind's entries."""
-        return self.entries[kind].log().sum()
-
-    def squared_frobenius_norm(self, kind: str) -> Tensor:
-        """Sum of the kind's squared entries."""
-        return (self.entries[kind] ** 2).sum()
-
-    def inverse_parts(self, options: InverseOptions) -> None:
-        """Nothing to precompute or cache."""
-        return None
-
-    def inverse_from_parts(self, parts, options: InverseOptions, kinds) -> "DiagonalBlock":
-        """The damped inverse (``parts`` is unused)."""
-        return self.inverse(float(options.damping))
+        return block_scale(V, self.eigenvalues[kind])
 
     def inverse(self, delta: float) -> "DiagonalBlock":
-        """``(D + delta)^{-1}`` entry-wise, as an eigenbasis block in the standard basis.
+        """``(D + delta)^{-1}`` entry-wise.
 
         Raises:
             torch.linalg.LinAlgError: If a damped entry is not clearly positive.
         """
-        as_eigen = EigenbasisBlock(self.name, None, None, self.entries)
-        for kind, values in self.entries.items():
-            if not _is_compiling():
-                as_eigen._check_invertible(kind, values + delta, delta)
-        return DiagonalBlock(self.name, {k: 1.0 / (v + delta) for k, v in self.entries.items()})
+        inverse = EigenbasisBlock(self.name, None, None, self.eigenvalues).inverse(delta)
+        return DiagonalBlock(self.name, inverse.eigenvalues)
 
 
 Block = Union[KroneckerBlock, EigenbasisBlock, DiagonalBlock]
@@ -523,3 +498,73 @@ def apply_block_diagonal(
         else:
             targets[0].copy_(out)
     return result
+
+
+class BlockDiagonalMixin:
+    """Products and properties of an operator that is block-diagonal over layers.
+
+    The operator supplies ``_layer_blocks()`` (``{module name: block}``), ``_layout()``
+    (:func:`block_layout`), ``_new_output`` and the property caches ``_trace``, ``_det``,
+    ``_logdet``, ``_frobenius_norm``; the trace, (log-)determinant and Frobenius norm are
+    those of the blocks combined (sums, products, root of the summed squares).
+    """
+
+    def _apply_blocks(self, M: List[Tensor], blocks: Dict[str, "Block"]) -> List[Tensor]:
+        """Multiply ``M`` (list format) by the block-diagonal matrix of ``blocks``."""
+        result = self._new_output(M[0].shape[-1], like=M[0])
+        return apply_block_diagonal(
+            self._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
+        )
+
+    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
+        return self._apply_blocks(M, self._layer_blocks())
+
+    def _block_sum(self, quantity: str) -> Tensor:
+        """Sum of a per-block quantity (``"trace"``, ``"logdet"``, ...) over all blocks."""
+        blocks = self._layer_blocks()
+        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._layout())
+
+    @property
+    def trace(self) -> Tensor:
+        r"""Trace, the sum of the block traces.
+
+        KFAC: :math:`\sum \mathrm{tr}(\mathbf{A})\mathrm{tr}(\mathbf{G})` over blocks.
+        """
+        if self._trace is None:
+            self._trace = self._block_sum("trace")
+        return self._trace
+
+    @property
+    def det(self) -> Tensor:
+        r"""Determinant, the product of the block determinants.
+
+        KFAC: :math:`\prod \det(\mathbf{A})^m \det(\mathbf{G})^n` over blocks.
+        """
+        if self._det is None:
+            det = torch.ones((), dtype=self.dtype, device=self.device)
+            blocks = self._layer_blocks()
+            for name, kind, _ in self._layout():
+                det = det * blocks[name].det(kind)
+            self._det = det
+        return self._det
+
+    @property
+    def logdet(self) -> Tensor:
+        r"""Log-determinant, the sum of the block log-determinants.
+
+        KFAC: :math:`\sum m \log\det\mathbf{A} + n \log\det\mathbf{G}` over blocks.
+        """
+        if self._logdet is None:
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            self._logdet = zero + self._block_sum("logdet")
+        return self._logdet
+
+    @property
+    def frobenius_norm(self) -> Tensor:
+        r"""Frobenius norm, the root of the sum of the squared block norms.
+
+        KFAC: :math:`\sqrt{\sum \|\mathbf{A}\|_F^2 \|\mathbf{G}\|_F^2}` over blocks.
+        """
+        if self._frobenius_norm is None:
+            self._frobenius_norm = torch.as_tensor(self._block_sum("squared_frobenius_norm")).sqrt()
+        return self._frobenius_norm

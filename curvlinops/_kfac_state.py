@@ -35,6 +35,24 @@ def check_numeric_arguments(seed, mc_samples, num_per_example_loss_terms):
         )
 
 
+#: Checkpoint entries installed as they are, each into the attribute ``_<key>`` (``num_data``
+#: into ``_N_data``).
+_INSTALLED_KEYS = (
+    "progressbar",
+    "seed",
+    "fisher_type",
+    "mc_samples",
+    "kfac_approx",
+    "num_per_example_loss_terms",
+    "separate_weight_and_bias",
+    "num_data",
+    "trace",
+    "det",
+    "logdet",
+    "frobenius_norm",
+)
+
+
 class KFACStateMixin:
     """Checkpointing of a Kronecker-factored operator (see the module docstring)."""
 
@@ -200,20 +218,10 @@ class KFACStateMixin:
     def _install_state_dict(self, state_dict: Dict):
         """Load the model's parameters and install the (validated) checkpoint."""
         self._model_func.load_state_dict(state_dict["model_func_state_dict"])
-        self._progressbar = state_dict["progressbar"]
-        self._seed = state_dict["seed"]
-        self._fisher_type = state_dict["fisher_type"]
-        self._mc_samples = state_dict["mc_samples"]
-        self._kfac_approx = state_dict["kfac_approx"]
-        self._num_per_example_loss_terms = state_dict["num_per_example_loss_terms"]
-        self._separate_weight_and_bias = state_dict["separate_weight_and_bias"]
-        self._N_data = state_dict["num_data"]
+        for key in _INSTALLED_KEYS:
+            setattr(self, "_N_data" if key == "num_data" else f"_{key}", state_dict[key])
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
-        self._trace = state_dict["trace"]
-        self._det = state_dict["det"]
-        self._logdet = state_dict["logdet"]
-        self._frobenius_norm = state_dict["frobenius_norm"]
 
     def load_state_dict(self, state_dict: Dict):
         """Restore a checkpoint (overwrites the model's parameters).

@@ -49,21 +49,10 @@ import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from curvlinops._blocks import (
-    Block,
-    KroneckerBlock,
-    Slot,
-    apply_block_diagonal,
-    block_layout,
-)
+from curvlinops._blocks import Block, BlockDiagonalMixin, KroneckerBlock, Slot, block_layout
+from curvlinops._kfac_factors import accumulate, gradient_factor, input_factor, rows_with_ones
 from curvlinops._kfac_state import KFACStateMixin, check_numeric_arguments
-from curvlinops._layer_pass import (
-    LayerBatch,
-    LayerPass,
-    conv2d_patches_channels_first,
-    layer_rows,
-    map_parameters,
-)
+from curvlinops._layer_pass import LayerBatch, LayerPass, layer_rows, map_parameters
 from curvlinops._losses import (
     check_sampling_options,
     draw_label,
@@ -104,7 +93,28 @@ class KFACType(str, Enum, metaclass=MetaEnum):
     REDUCE = "reduce"
 
 
-def _check_choices(cls, loss_func, fisher_type, mc_samples, kfac_approx, separate):
+class _ParsedEnum:
+    """An attribute holding a value as passed, whose enum member is parsed on assignment.
+
+    Reading returns the value as passed (string or member); the member is stored in the
+    attribute named ``member_attribute``, so code uses it without parsing again.
+    """
+
+    def __init__(self, enum: type, member_attribute: str):
+        self.enum, self.member_attribute = enum, member_attribute
+
+    def __set_name__(self, owner, name: str):
+        self.value_attribute = f"{name}_value"
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else getattr(instance, self.value_attribute)
+
+    def __set__(self, instance, value):
+        setattr(instance, self.member_attribute, self.enum(value))
+        setattr(instance, self.value_attribute, value)
+
+
+def _check_choices(cls, loss_func, fisher_type, mc_samples, kfac_approx):
     """The constructor's checks of loss, enums and flags, in the contract's order.
 
     Raises:
@@ -131,7 +141,22 @@ def _check_choices(cls, loss_func, fisher_type, mc_samples, kfac_approx, separat
         )
 
 
-class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
+def _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, cls):
+    """Check ``separate_weight_and_bias`` and the loss options that sampling ignores.
+
+    Raises:
+        ValueError: If ``separate_weight_and_bias`` is not a boolean.
+        NotImplementedError: If the loss uses options that sampled vectors would ignore.
+    """
+    if not isinstance(separate_weight_and_bias, bool) and separate_weight_and_bias not in (0, 1):
+        raise ValueError(
+            f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
+        )
+    if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
+        check_sampling_options(loss_func, cls.__name__)
+
+
+class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator):
     r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
 
     See the module docstring for the mathematics. Each block maps a weight
@@ -202,17 +227,9 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
             NotImplementedError: If a parameter does not belong to a supported layer, or the
                 loss uses options that sampling ignores.
         """
-        _check_choices(type(self), loss_func, fisher_type, mc_samples, kfac_approx, None)
+        _check_choices(type(self), loss_func, fisher_type, mc_samples, kfac_approx)
         check_numeric_arguments(seed, mc_samples, num_per_example_loss_terms)
-        if not isinstance(separate_weight_and_bias, bool) and separate_weight_and_bias not in (
-            0,
-            1,
-        ):
-            raise ValueError(
-                f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
-            )
-        if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
-            check_sampling_options(loss_func, type(self).__name__)
+        _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, type(self))
         self._mapping = self.compute_parameter_mapping(params, model_func)
         self._modules = dict(model_func.named_modules())
         self._seed, self._mc_samples = seed, mc_samples
@@ -239,25 +256,9 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
             self._check_deterministic()
 
     # ----------------------------------------------------------------- set-up
-    # The enums are parsed once per assignment: the contract keeps the values as passed in
-    # ``_fisher_type`` / ``_kfac_approx``, the members live in ``_fisher`` / ``_approx``.
-    @property
-    def _fisher_type(self) -> Union[str, FisherType]:
-        return self._fisher_type_value
-
-    @_fisher_type.setter
-    def _fisher_type(self, value):
-        self._fisher = FisherType(value)
-        self._fisher_type_value = value
-
-    @property
-    def _kfac_approx(self) -> Union[str, KFACType]:
-        return self._kfac_approx_value
-
-    @_kfac_approx.setter
-    def _kfac_approx(self, value):
-        self._approx = KFACType(value)
-        self._kfac_approx_value = value
+    # The contract keeps the values as passed; their members are parsed once per assignment.
+    _fisher_type = _ParsedEnum(FisherType, "_fisher")
+    _kfac_approx = _ParsedEnum(KFACType, "_approx")
 
     @classmethod
     def compute_parameter_mapping(
@@ -404,36 +405,12 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
     def _layer_rows(self, name: str, x: Tensor, reduce: bool, append_ones: bool = True) -> Tensor:
         """A layer input as rows ``[B, S, d_in']`` (``S = 1`` if reduced; ones if joint)."""
         rows = layer_rows(self._modules[name], x, reduce)
-        if append_ones and self._joint(name):
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        return rows
+        return rows_with_ones(rows) if append_ones and self._joint(name) else rows
 
     def _input_factor(self, name: str, x: Tensor) -> Tensor:
-        """A batch's contribution to the input factor, from the layer input ``x``.
-
-        Computed from the rows without appending the bias ones (their block follows from the
-        row sums), and for ``Conv2d`` in the expand setting from ``F.unfold``'s
-        channels-first layout, which avoids a transposing copy of all patches.
-        """
-        module = self._modules[name]
-        if isinstance(module, nn.Conv2d) and self._approx == KFACType.EXPAND:
-            rows_t, num_locations = conv2d_patches_channels_first(module, x)
-            scale = 1.0 / (self._N_data * num_locations)
-        else:
-            rows = self._layer_rows(name, x, self._approx == KFACType.REDUCE, append_ones=False)
-            scale = 1.0 / (self._N_data * rows.shape[1])
-            rows_t = rows.reshape(-1, rows.shape[-1]).T
-        d, num_rows = rows_t.shape
-        # scale whichever is smaller, the rows or the factor
-        prescale = rows_t.numel() < d * d
-        if prescale:
-            rows_t = rows_t * sqrt(scale)
-        core = rows_t @ rows_t.T
-        if self._joint(name):
-            sums = rows_t.sum(1, keepdim=True) * (sqrt(scale) if prescale else 1.0)
-            count = sums.new_full((1, 1), num_rows * (scale if prescale else 1.0))
-            core = torch.cat([torch.cat([core, sums], 1), torch.cat([sums.T, count], 1)], 0)
-        return core if prescale else core.mul_(scale)
+        """A batch's contribution to the input factor (see :func:`input_factor`)."""
+        reduce = self._approx == KFACType.REDUCE
+        return input_factor(self._modules[name], x, reduce, self._joint(name), self._N_data)
 
     # ----------------------------------------------------------------- factors
     def compute_kronecker_factors(self):
@@ -445,9 +422,10 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
         A: Dict[str, Tensor] = {}
         G: Dict[str, Tensor] = {}
         for batch in self._layer_pass(input_names, self._input_factor, "compute_kronecker_factors"):
-            _accumulate(A, batch.inputs)
+            accumulate(A, batch.inputs)
             if batch.grads is not None:
-                _accumulate(G, {n: self._gradient_factor(g) for n, g in batch.grads.items()})
+                reduce = self._approx == KFACType.REDUCE
+                accumulate(G, {n: gradient_factor(g, reduce) for n, g in batch.grads.items()})
         if self._fisher == FisherType.FORWARD_ONLY:
             for name, entry in self._mapping.items():
                 param = self._params[next(iter(entry.values()))]
@@ -464,13 +442,6 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
             )
         self._input_covariances.update(A)
         self._gradient_covariances.update(G)
-
-    def _gradient_factor(self, g: Tensor) -> Tensor:
-        """A batch's contribution to G from output-gradient rows ``[V, B, S, d_out]``."""
-        if self._approx == KFACType.REDUCE:
-            g = g.sum(2)
-        flat = g.reshape(-1, g.shape[-1])
-        return flat.T @ flat
 
     def _maybe_compute_kronecker_factors(self):
         """Compute the factors if both factor dicts are empty."""
@@ -500,70 +471,9 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
             for name in self._mapping
         }
 
-    def _apply_blocks(self, M: List[Tensor], blocks: Dict[str, Block]) -> List[Tensor]:
-        """Multiply ``M`` (list format) by the block-diagonal matrix of ``blocks``."""
-        result = self._new_output(M[0].shape[-1], like=M[0])
-        return apply_block_diagonal(
-            self._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
-        )
-
     def _prepare_compile(self):
         """Compute the factors eagerly: their hooks and autograd passes are not traced."""
         self._layer_blocks()
-
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        return self._apply_blocks(M, self._layer_blocks())
-
-    # ----------------------------------------------------------------- properties
-    def _block_sum(self, quantity: str) -> Tensor:
-        """Sum of a per-block quantity (``"trace"``, ``"logdet"``, ...) over all blocks."""
-        blocks = self._layer_blocks()
-        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._layout())
-
-    @property
-    def trace(self) -> Tensor:
-        r"""Trace, the sum of the block traces.
-
-        KFAC: :math:`\sum \mathrm{tr}(\mathbf{A})\mathrm{tr}(\mathbf{G})` over blocks.
-        """
-        if self._trace is None:
-            self._trace = self._block_sum("trace")
-        return self._trace
-
-    @property
-    def det(self) -> Tensor:
-        r"""Determinant, the product of the block determinants.
-
-        KFAC: :math:`\prod \det(\mathbf{A})^m \det(\mathbf{G})^n` over blocks.
-        """
-        if self._det is None:
-            det = torch.ones((), dtype=self.dtype, device=self.device)
-            blocks = self._layer_blocks()
-            for name, kind, _ in self._layout():
-                det = det * blocks[name].det(kind)
-            self._det = det
-        return self._det
-
-    @property
-    def logdet(self) -> Tensor:
-        r"""Log-determinant, the sum of the block log-determinants.
-
-        KFAC: :math:`\sum m \log\det\mathbf{A} + n \log\det\mathbf{G}` over blocks.
-        """
-        if self._logdet is None:
-            zero = torch.zeros((), dtype=self.dtype, device=self.device)
-            self._logdet = zero + self._block_sum("logdet")
-        return self._logdet
-
-    @property
-    def frobenius_norm(self) -> Tensor:
-        r"""Frobenius norm, the root of the sum of the squared block norms.
-
-        KFAC: :math:`\sqrt{\sum \|\mathbf{A}\|_F^2 \|\mathbf{G}\|_F^2}` over blocks.
-        """
-        if self._frobenius_norm is None:
-            self._frobenius_norm = torch.as_tensor(self._block_sum("squared_frobenius_norm")).sqrt()
-        return self._frobenius_norm
 
     # ----------------------------------------------------------------- determinism
     def _has_factors(self) -> bool:
@@ -603,9 +513,3 @@ class KFACLinearOperator(KFACStateMixin, CurvatureLinearOperator):
 
     def _recompute(self):
         self.compute_kronecker_factors()
-
-
-def _accumulate(totals: Dict[str, Tensor], contributions: Dict[str, Tensor]):
-    """Add per-layer contributions into ``totals`` (in place after the first batch)."""
-    for name, value in contributions.items():
-        totals[name] = value if name not in totals else totals[name].add_(value)

@@ -321,14 +321,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                     f"not have ({list(self._A._mapping)})."
                 )
         self._A._install_state_dict(state_dict["A"])
-        self._damping = state_dict["damping"]
-        self._use_heuristic_damping = state_dict["use_heuristic_damping"]
-        self._min_damping = state_dict["min_damping"]
-        self._use_exact_damping = state_dict["use_exact_damping"]
-        self._cache = state_dict["cache"]
-        self._retry_double_precision = state_dict["retry_double_precision"]
-        self._inverse_input_covariances = dict(state_dict["inverse_input_covariances"])
-        self._inverse_gradient_covariances = dict(state_dict["inverse_gradient_covariances"])
+        for key in _STATE_KEYS[1:]:  # everything but the wrapped operator's state
+            value = state_dict[key]
+            setattr(self, f"_{key}", dict(value) if isinstance(value, dict) else value)
 
     @classmethod
     def from_state_dict(
