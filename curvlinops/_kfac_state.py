@@ -272,21 +272,16 @@ class KFACStateMixin:
                 f"{sorted(loss_classes)}."
             )
         loss_func = loss_classes[state_dict["loss_type"]](reduction=state_dict["loss_reduction"])
+        # the stored hyper-parameters are the constructor's keyword arguments of that name
+        hyperparameters = {key: state_dict[key] for key in _INSTALLED_KEYS[:8]}
         op = cls(
             model_func,
             loss_func,
             params,
             data,
-            progressbar=state_dict["progressbar"],
             check_deterministic=False,
-            seed=state_dict["seed"],
-            fisher_type=state_dict["fisher_type"],
-            mc_samples=state_dict["mc_samples"],
-            kfac_approx=state_dict["kfac_approx"],
-            num_per_example_loss_terms=state_dict["num_per_example_loss_terms"],
-            separate_weight_and_bias=state_dict["separate_weight_and_bias"],
-            num_data=state_dict["num_data"],
             batch_size_fn=batch_size_fn,
+            **hyperparameters,
         )
         op.load_state_dict(state_dict)
         if check_deterministic:

@@ -67,6 +67,16 @@ def _is_non_negative_number(value) -> bool:
     )
 
 
+def _check_state_keys(state_dict: Dict):
+    """Raise ``ValueError`` unless ``state_dict`` has every key of an inverse's checkpoint."""
+    missing = [key for key in _STATE_KEYS if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
+            "it with KFACInverseLinearOperator.state_dict()."
+        )
+
+
 def _check_flag(value, name: str):
     """Raise ``ValueError`` unless ``value`` is a boolean (or 0/1)."""
     if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, int) and value in (0, 1)):
@@ -294,12 +304,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             ValueError: If keys are missing, the stored hyper-parameters are invalid for the
                 wrapped operator, or the cached inverses belong to unknown modules.
         """
-        missing = [key for key in _STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
-                "it with KFACInverseLinearOperator.state_dict()."
-            )
+        _check_state_keys(state_dict)
         # everything is checked before anything changes (the wrapped operator included)
         self._A._warn_overwrite(stacklevel=3)
         self._A._validate_state_dict(state_dict["A"])
@@ -342,20 +347,8 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             ValueError: If keys are missing (or see :meth:`__init__` and
                 :meth:`load_state_dict`).
         """
-        missing = [key for key in _STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
-                "it with KFACInverseLinearOperator.state_dict()."
-            )
-        inverse = cls(
-            A,
-            damping=state_dict["damping"],
-            use_heuristic_damping=state_dict["use_heuristic_damping"],
-            min_damping=state_dict["min_damping"],
-            use_exact_damping=state_dict["use_exact_damping"],
-            cache=state_dict["cache"],
-            retry_double_precision=state_dict["retry_double_precision"],
-        )
+        _check_state_keys(state_dict)
+        # the constructor's keyword arguments are the hyper-parameter keys of the checkpoint
+        inverse = cls(A, **{key: state_dict[key] for key in _STATE_KEYS[1:7]})
         inverse.load_state_dict(state_dict)
         return inverse
