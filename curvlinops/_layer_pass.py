@@ -111,6 +111,11 @@ class LayerBatch:
     reused: List[str] = field(default_factory=list)
 
 
+def _note_reuse(batch: LayerBatch, name: str):
+    if name not in batch.reused:
+        batch.reused.append(name)
+
+
 class LayerPass:
     """The data pass over a model's supported layers (see the module docstring).
 
@@ -181,7 +186,7 @@ class LayerPass:
                         f"({type(module).__name__}), got {len(args)}."
                     )
                 if name in batch.inputs:
-                    batch.reused.append(name)
+                    _note_reuse(batch, name)
                 else:
                     batch.inputs[name] = input_fn(name, args[0].detach())
 
@@ -190,7 +195,7 @@ class LayerPass:
         def store_output(name):
             def hook(module, args, layer_output):
                 if name in outputs:
-                    batch.reused.append(name)
+                    _note_reuse(batch, name)
                     return None
                 outputs[name] = layer_output
                 # the next layer gets a copy, so in-place ops cannot overwrite the node
