@@ -15,8 +15,11 @@ with per-example gradients :math:`\boldsymbol{\Gamma}_n = \sum_s \mathbf{g}_{n,s
 \mathbf{a}_{n,s}^\top` built from the same backpropagated vectors (and scaling
 :math:`\kappa`) as KFAC's :math:`\mathbf{G}`; biases use :math:`\mathbf{Q}_G^\top \sum_s
 \mathbf{g}_{n,s}`. Same-sized factors are decomposed in one batched ``eigh`` call (with a
-float64 and then a damped fallback), and the correction takes one further pass over the data.
-Only 2-d model outputs (one loss term per datum) are supported.
+float64 and then a damped fallback), and the correction takes one further pass over the data
+(the same layer pass as KFAC's factors). Only 2-d model outputs (one loss term per datum) are
+supported. The operator is the block-diagonal composition of one
+:class:`~curvlinops._blocks.EigenbasisBlock` per layer, built from the live eigenvector and
+eigenvalue dicts.
 """
 
 from math import sqrt

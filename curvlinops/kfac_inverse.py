@@ -29,7 +29,10 @@ weight-and-bias block is :math:`\mathbf{G} \otimes \mathbf{A}` on :math:`[\mathb
   eigenvalues :math:`\boldsymbol{\Lambda}`, i.e. :math:`(\mathrm{EKFAC} + \delta
   \mathbf{I})^{-1}` exactly.
 
-Biases (separate) use the :math:`\mathbf{G}` part alone. A Cholesky factorisation that fails
+The wrapped operator supplies one block per layer (:mod:`curvlinops._blocks`); each block
+computes its damped inverse (factor inverses or eigenpairs, cached per layer with
+``cache=True``; an eigenbasis block needs nothing cached). Biases (separate) use the
+:math:`\mathbf{G}` part alone. A Cholesky factorisation that fails
 in a low precision is retried in float64 (with a warning) when
 ``retry_double_precision=True``.
 """
