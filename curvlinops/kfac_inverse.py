@@ -39,7 +39,7 @@ in a low precision is retried in float64 (with a warning) when
 
 import math
 from numbers import Real
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -202,18 +202,15 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             retry_double=self._retry_double_precision,
         )
 
-    def _inverse_block(self, name: str) -> Tuple[Tuple[object, object], Block]:
+    def _inverse_block(
+        self, name: str, block: Block, kinds: List[str], options: InverseOptions
+    ) -> Tuple[Tuple[object, object], Block]:
         """A module's damped inverse block and its (cacheable) parts.
 
         The wrapped operator supplies the module's block; the block computes what its
         inverse needs (inverted damped factors, or eigenpairs), which is cached per module
         with ``cache=True`` (blocks already in an eigenbasis need nothing cached).
-
-        Raises:
-            ValueError: If ``name`` is not a module of the KFAC operator.
         """
-        block = self._A._layer_block(name)
-        options = self._options()
         if name in self._inverse_gradient_covariances:
             parts = (
                 self._inverse_input_covariances[name],
@@ -224,9 +221,15 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             if self._cache and parts is not None:
                 self._inverse_input_covariances[name] = parts[0]
                 self._inverse_gradient_covariances[name] = parts[1]
-        kinds = [kind for n, kind, _ in self._A._layout() if n == name]
         inverse = block.inverse_from_parts(parts, options, kinds)
         return (inverse.factors() if parts is None else parts), inverse
+
+    def _kinds(self) -> Dict[str, List[str]]:
+        """The parameter kinds of every module's blocks."""
+        kinds: Dict[str, List[str]] = {}
+        for name, kind, _ in self._A._layout():
+            kinds.setdefault(name, []).append(kind)
+        return kinds
 
     def _compute_or_get_cached_inverse(self, name: str) -> Tuple[object, object, object]:
         r"""Inverse parts of a module, from the cache or computed (and cached if enabled).
@@ -252,7 +255,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         Raises:
             ValueError: If ``name`` is not a module of the KFAC operator.
         """
-        (A_part, G_part), inverse = self._inverse_block(name)
+        block = self._A._layer_block(name)
+        kinds = self._kinds()[name]
+        (A_part, G_part), inverse = self._inverse_block(name, block, kinds, self._options())
         return A_part, G_part, inverse.eigenvalues
 
     # ----------------------------------------------------------------- products
@@ -267,7 +272,11 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             self._compute_or_get_cached_inverse(name)
 
     def _matmat(self, M):
-        blocks = {name: self._inverse_block(name)[1] for name in self._A._mapping}
+        options, kinds = self._options(), self._kinds()
+        blocks = {
+            name: self._inverse_block(name, block, kinds[name], options)[1]
+            for name, block in self._A._layer_blocks().items()
+        }
         result = self._A._new_output(M[0].shape[-1], like=M[0])
         return apply_block_diagonal(
             self._A._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
