@@ -91,112 +91,353 @@ def check_supported_loss(loss_func, operator: str):
         )
 
 
+class LossStrategy:
+    r"""The conventions of one supported loss, used by every operator.
+
+    A strategy wraps a loss module and answers, for the flattened 2-d view of the output
+    (module docstring): which axis holds the classes, how outputs and labels become rows,
+    the normalisation :math:`c_b`, a square root of the row loss Hessian, row gradients,
+    the Monte-Carlo draws of API.md section 20, and which targets and options it supports.
+    Subclasses fill in the loss-specific parts; nothing outside this module branches on the
+    loss type.
+
+    Attributes:
+        loss_class: The ``torch.nn`` loss class the strategy handles.
+        classes_axis_one: Whether the classes are on axis 1 (cross-entropy) instead of last.
+        least_squares: Whether the loss is a least-squares loss (Gauss-Newton :math:`J^\top J`).
+        sampled_options: Loss attributes (with their defaults) that sampling cannot honour.
+    """
+
+    loss_class: type = torch.nn.Module
+    classes_axis_one: bool = False
+    least_squares: bool = False
+    sampled_options: Tuple[Tuple[str, object], ...] = ()
+
+    def __init__(self, loss_func):
+        """Wrap a loss module.
+
+        Args:
+            loss_func: An instance of :attr:`loss_class`.
+        """
+        self.loss_func = loss_func
+
+    # ------------------------------------------------------------- row view
+    def class_axis(self, num_leading: int = 0) -> int:
+        """Axis holding the classes/features of an output with ``num_leading`` extra axes."""
+        return num_leading + 1 if self.classes_axis_one else -1
+
+    def to_rows(self, T: Tensor, num_leading: int = 0) -> Tensor:
+        """View an output-shaped tensor as rows of loss terms ``[*leading, R, C]``.
+
+        Args:
+            T: Tensor shaped like a batch output, with ``num_leading`` extra leading axes.
+            num_leading: Number of extra leading axes (e.g. a column axis) to keep.
+
+        Returns:
+            The rows, batch outermost and positions in row-major order.
+        """
+        if T.ndim == num_leading + 1:  # scalar outputs [B]: one entry per row
+            T = T.unsqueeze(-1)
+        moved = T.movedim(self.class_axis(num_leading), -1)
+        return moved.reshape(*T.shape[:num_leading], -1, moved.shape[-1])
+
+    def from_rows(self, rows: Tensor, shape: torch.Size, num_leading: int = 0) -> Tensor:
+        """Inverse of :meth:`to_rows`: restore the output shape ``shape`` (incl. leading axes)."""
+        axis = self.class_axis(num_leading)
+        moved_shape = list(shape)
+        moved_shape.append(moved_shape.pop(axis))
+        return rows.reshape(moved_shape).movedim(-1, axis)
+
+    def flatten_labels(self, y: Tensor) -> Tensor:
+        """Flatten labels like :meth:`to_rows` flattens outputs: ``[R]`` indices or ``[R, C]``."""
+        return self.to_rows(y)
+
+    def num_rows(self, y: Tensor) -> int:
+        """Number of loss terms (output rows) of a batch with labels ``y``."""
+        return y.shape[:-1].numel()
+
+    # ------------------------------------------------------------- normalisation
+    def normalization(self, output_flat: Tensor) -> float:
+        """Divisor ``c_b`` turning the sum of row losses into the mini-batch loss.
+
+        Args:
+            output_flat: The flattened output ``[R, C]``.
+
+        Returns:
+            1 for sum reduction, ``R`` for mean cross-entropy, ``R * C`` for mean MSE/BCE.
+        """
+        if check_reduction(self.loss_func) == "sum":
+            return 1.0
+        return float(output_flat.numel())
+
+    def mean_correction(self, num_classes: int) -> float:
+        r"""Factor turning a mean-reduced row gradient into one of the row's own loss.
+
+        Mean MSE/BCE average over the :math:`C` entries of a row as well, so KFAC's
+        backpropagated vectors are multiplied by :math:`\sqrt{C}`; cross-entropy has one
+        term per row (factor 1).
+        """
+        return sqrt(num_classes)
+
+    # ------------------------------------------------------------- curvature
+    def row_losses(self, output_flat: Tensor, y_flat: Tensor) -> Tensor:
+        """The sum-reduced loss of every row, ``[R]`` (differentiable)."""
+        unreduced = copy.copy(self.loss_func)
+        unreduced.reduction = "none"
+        return unreduced(output_flat, y_flat).sum(-1)
+
+    def row_gradients(self, output_flat: Tensor, y_flat: Tensor) -> Tensor:
+        """Gradients of each row's sum-reduced loss w.r.t. that row of the output, ``[R, C]``."""
+        f = output_flat.detach().requires_grad_()
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(sum_reduced(self.loss_func)(f, y_flat), f)
+        return grad
+
+    def hessian_sqrt_columns(self, output_flat: Tensor) -> Tensor:
+        """Columns of a square root of each row's sum-reduced loss Hessian, ``[C, R, C]``.
+
+        ``S[c, r]`` is column ``c`` of row ``r``'s square root (formulas in the subclasses).
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- sampling
+    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        """All ``M`` sampled output gradients of a batch in one draw, ``[M, R, C]``."""
+        raise NotImplementedError
+
+    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+        """One label draw of KFAC's Monte-Carlo Fisher."""
+        raise NotImplementedError
+
+    def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
+        """Gradients of the sum-reduced row losses at labels ``labels``, ``[R, C]``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- checks
+    def check_targets(self, y: Tensor, what: str):
+        """Raise ``NotImplementedError`` for targets the curvature does not support."""
+
+    def check_sampling_options(self, operator: str):
+        """Reject loss options that the sampled output gradients would silently ignore.
+
+        Args:
+            operator: Name of the operator, for the message.
+
+        Raises:
+            NotImplementedError: For weighted, label-smoothed or ``ignore_index``
+                cross-entropy and weighted BCE.
+        """
+        unsupported = [
+            name
+            for name, default in self.sampled_options
+            if not _is_default(getattr(self.loss_func, name), default)
+        ]
+        if unsupported:
+            raise NotImplementedError(
+                f"{operator} samples from the plain likelihood of "
+                f"{type(self.loss_func).__name__} and cannot honour its "
+                f"{', '.join(unsupported)}; use the loss's defaults."
+            )
+
+
+def _is_default(value, default) -> bool:
+    return value is None if default is None else value == default
+
+
+class MSEStrategy(LossStrategy):
+    r"""``MSELoss``: features last, Hessian square root :math:`\sqrt{2}\mathbf{I}`.
+
+    Samples (section 20): ``M`` at once ``2 * normal(0, sqrt(1/2))``; one label draw
+    ``f + sqrt(1/2) * randn``, whose gradient is :math:`2(\mathbf{f} - \tilde{\mathbf{y}})`.
+    """
+
+    loss_class = MSELoss
+    least_squares = True
+
+    def hessian_sqrt_columns(self, output_flat: Tensor) -> Tensor:
+        R, C = output_flat.shape
+        eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
+        return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
+
+    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        mean = output_flat.new_zeros(num_samples, *output_flat.shape)
+        std = torch.as_tensor(sqrt(0.5), device=output_flat.device)
+        return 2 * torch.normal(mean, std, generator=generator)
+
+    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+        noise = torch.randn(
+            output_flat.shape,
+            dtype=output_flat.dtype,
+            device=output_flat.device,
+            generator=generator,
+        )
+        return output_flat + sqrt(0.5) * noise
+
+    def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
+        return 2 * (output_flat - labels)
+
+
+class CrossEntropyStrategy(LossStrategy):
+    r"""``CrossEntropyLoss``: classes on axis 1, one loss term per row.
+
+    Hessian square root :math:`\mathrm{diag}(\sqrt{\mathbf{p}}) - \mathbf{p}
+    \sqrt{\mathbf{p}}^\top` with :math:`\mathbf{p} = \mathrm{softmax}(\mathbf{f})`; samples
+    ``softmax(f).multinomial`` (section 20) with gradient :math:`\mathbf{p} -
+    \mathrm{onehot}(\tilde{y})`.
+    """
+
+    loss_class = CrossEntropyLoss
+    classes_axis_one = True
+    sampled_options = (("weight", None), ("ignore_index", -100), ("label_smoothing", 0.0))
+
+    def flatten_labels(self, y: Tensor) -> Tensor:
+        if not y.is_floating_point():  # class indices
+            return y.reshape(-1)
+        return self.to_rows(y)
+
+    def num_rows(self, y: Tensor) -> int:
+        return y.numel()
+
+    def normalization(self, output_flat: Tensor) -> float:
+        if check_reduction(self.loss_func) == "sum":
+            return 1.0
+        return float(output_flat.shape[0])
+
+    def mean_correction(self, num_classes: int) -> float:
+        return 1.0
+
+    def row_losses(self, output_flat: Tensor, y_flat: Tensor) -> Tensor:
+        unreduced = copy.copy(self.loss_func)
+        unreduced.reduction = "none"
+        return unreduced(output_flat, y_flat)
+
+    def hessian_sqrt_columns(self, output_flat: Tensor) -> Tensor:
+        C = output_flat.shape[1]
+        eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
+        p = output_flat.softmax(dim=1)
+        # column c of diag(sqrt p) - p sqrt(p)^T is sqrt(p_c) (e_c - p)
+        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+
+    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        probs = output_flat.softmax(dim=1)
+        classes = probs.multinomial(num_samples=num_samples, replacement=True, generator=generator)
+        onehot = torch.nn.functional.one_hot(classes.T, output_flat.shape[1])
+        return probs - onehot.to(output_flat.dtype)
+
+    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+        probs = output_flat.softmax(dim=1)
+        return probs.multinomial(num_samples=1, generator=generator).squeeze(-1)
+
+    def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
+        onehot = torch.nn.functional.one_hot(labels, output_flat.shape[1])
+        return output_flat.softmax(dim=1) - onehot.to(output_flat.dtype)
+
+
+class BCEWithLogitsStrategy(LossStrategy):
+    r"""``BCEWithLogitsLoss``: features last, binary targets only.
+
+    Hessian square root :math:`\mathrm{diag}(\sqrt{\sigma(1 - \sigma)})`; samples
+    ``sigmoid(f).bernoulli`` (section 20) with gradient :math:`\sigma(\mathbf{f}) -
+    \tilde{\mathbf{y}}`.
+    """
+
+    loss_class = BCEWithLogitsLoss
+    sampled_options = (("weight", None), ("pos_weight", None))
+
+    def hessian_sqrt_columns(self, output_flat: Tensor) -> Tensor:
+        C = output_flat.shape[1]
+        eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
+        sigma = output_flat.sigmoid()
+        return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
+
+    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        probs = output_flat.sigmoid()
+        labels = probs.unsqueeze(0).expand(num_samples, *probs.shape).bernoulli(generator=generator)
+        return probs - labels
+
+    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+        return output_flat.sigmoid().bernoulli(generator=generator)
+
+    def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
+        return output_flat.sigmoid() - labels
+
+    def check_targets(self, y: Tensor, what: str):
+        check_binary_targets(y, what)
+
+
+_STRATEGIES = (MSEStrategy, CrossEntropyStrategy, BCEWithLogitsStrategy)
+
+
+def is_supported_loss(loss_func) -> bool:
+    """Whether ``loss_func`` is one of :data:`SUPPORTED_LOSSES`."""
+    return isinstance(loss_func, SUPPORTED_LOSSES)
+
+
+def loss_strategy(loss_func, operator: str = "This operator") -> LossStrategy:
+    """The strategy object of a supported loss.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        operator: Name of the operator, for the message.
+
+    Returns:
+        The strategy wrapping ``loss_func``.
+
+    Raises:
+        NotImplementedError: For other losses (the message names ``operator``).
+    """
+    for strategy in _STRATEGIES:
+        if isinstance(loss_func, strategy.loss_class):
+            return strategy(loss_func)
+    raise NotImplementedError(
+        f"{operator} supports {', '.join(c.__name__ for c in SUPPORTED_LOSSES)}; got "
+        f"{type(loss_func).__name__}."
+    )
+
+
+# ------------------------------------------------------------------ function interface
+# Thin wrappers around the strategies, kept for the modules that import them.
+
+
 def check_sampling_options(loss_func, operator: str):
-    """Reject loss options that the sampled output gradients would silently ignore.
+    """Reject loss options that sampling would ignore (see the strategy method).
 
     Args:
         loss_func: The loss function.
         operator: Name of the operator, for the message.
-
-    Raises:
-        NotImplementedError: For weighted, label-smoothed or ``ignore_index`` cross-entropy
-            and weighted BCE.
     """
-    unsupported = []
-    if isinstance(loss_func, CrossEntropyLoss):
-        if loss_func.weight is not None:
-            unsupported.append("weight")
-        if loss_func.ignore_index != -100:
-            unsupported.append("ignore_index")
-        if loss_func.label_smoothing != 0.0:
-            unsupported.append("label_smoothing")
-    elif isinstance(loss_func, BCEWithLogitsLoss):
-        if loss_func.weight is not None:
-            unsupported.append("weight")
-        if loss_func.pos_weight is not None:
-            unsupported.append("pos_weight")
-    if unsupported:
-        raise NotImplementedError(
-            f"{operator} samples from the plain likelihood of {type(loss_func).__name__} "
-            f"and cannot honour its {', '.join(unsupported)}; use the loss's defaults."
-        )
-
-
-def _class_axis(loss_func, num_leading: int) -> int:
-    """Axis holding the classes/features of an output with ``num_leading`` extra axes."""
-    return num_leading + 1 if isinstance(loss_func, CrossEntropyLoss) else -1
+    if is_supported_loss(loss_func):
+        loss_strategy(loss_func).check_sampling_options(operator)
 
 
 def to_rows(loss_func, T: Tensor, num_leading: int = 0) -> Tensor:
-    """View an output-shaped tensor as rows of loss terms ``[*leading, R, C]``.
-
-    Args:
-        loss_func: The loss function (decides which axis holds the classes/features).
-        T: Tensor shaped like a batch output, with ``num_leading`` extra leading axes.
-        num_leading: Number of extra leading axes (e.g. a column axis) to keep.
-
-    Returns:
-        The rows, batch outermost and positions in row-major order.
-    """
-    if T.ndim == num_leading + 1:  # scalar outputs [B]: one entry per row
-        T = T.unsqueeze(-1)
-    axis = _class_axis(loss_func, num_leading)
-    moved = T.movedim(axis, -1)
-    return moved.reshape(*T.shape[:num_leading], -1, moved.shape[-1])
+    """See :meth:`LossStrategy.to_rows`."""
+    return loss_strategy(loss_func).to_rows(T, num_leading)
 
 
 def from_rows(loss_func, rows: Tensor, shape: torch.Size, num_leading: int = 0) -> Tensor:
-    """Inverse of :func:`to_rows`: restore the output shape ``shape`` (incl. leading axes)."""
-    axis = _class_axis(loss_func, num_leading)
-    moved_shape = list(shape)
-    moved_shape.append(moved_shape.pop(axis))
-    return rows.reshape(moved_shape).movedim(-1, axis)
+    """See :meth:`LossStrategy.from_rows`."""
+    return loss_strategy(loss_func).from_rows(rows, shape, num_leading)
 
 
 def flatten_labels(loss_func, y: Tensor) -> Tensor:
-    """Flatten labels like :func:`to_rows` flattens outputs.
-
-    Args:
-        loss_func: The loss function.
-        y: Labels with leading batch axis.
-
-    Returns:
-        ``[R]`` class indices (cross-entropy) or ``[R, C]`` (class probabilities, MSE, BCE).
-    """
-    if isinstance(loss_func, CrossEntropyLoss) and not y.is_floating_point():
-        return y.reshape(-1)
-    return to_rows(loss_func, y)
+    """See :meth:`LossStrategy.flatten_labels`."""
+    return loss_strategy(loss_func).flatten_labels(y)
 
 
 def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     """Flatten a batch's output and labels into the 2-d view of loss terms.
 
-    Args:
-        loss_func: The loss function (decides which axis holds the classes/features).
-        output: The model output with leading batch axis.
-        y: The labels.
-
     Returns:
         Output ``[R, C]`` and labels ``[R]`` (class indices) or ``[R, C]``.
     """
-    return to_rows(loss_func, output), flatten_labels(loss_func, y)
+    strategy = loss_strategy(loss_func)
+    return strategy.to_rows(output), strategy.flatten_labels(y)
 
 
 def num_terms_normalization(loss_func, output_flat: Tensor) -> float:
-    """Divisor ``c_b`` turning the sum of row losses into the mini-batch loss.
-
-    Args:
-        loss_func: The loss function.
-        output_flat: The flattened output ``[R, C]``.
-
-    Returns:
-        1 for sum reduction, ``R`` for mean cross-entropy, ``R * C`` for mean MSE/BCE.
-    """
-    if check_reduction(loss_func) == "sum":
-        return 1.0
-    if isinstance(loss_func, CrossEntropyLoss):
-        return float(output_flat.shape[0])
-    return float(output_flat.numel())
+    """See :meth:`LossStrategy.normalization`."""
+    return loss_strategy(loss_func).normalization(output_flat)
 
 
 def sum_reduced(loss_func):
@@ -207,20 +448,8 @@ def sum_reduced(loss_func):
 
 
 def row_loss_gradients(loss_func, output_flat: Tensor, y_flat: Tensor) -> Tensor:
-    """Gradients of each row's sum-reduced loss w.r.t. that row of the output.
-
-    Args:
-        loss_func: The loss function.
-        output_flat: The flattened output ``[R, C]``.
-        y_flat: The flattened labels.
-
-    Returns:
-        ``[R, C]`` with row ``r`` equal to the gradient of loss term ``r``.
-    """
-    f = output_flat.detach().requires_grad_()
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(sum_reduced(loss_func)(f, y_flat), f)
-    return grad
+    """See :meth:`LossStrategy.row_gradients`."""
+    return loss_strategy(loss_func).row_gradients(output_flat, y_flat)
 
 
 def check_binary_targets(y: Tensor, what: str):
@@ -233,25 +462,8 @@ def check_binary_targets(y: Tensor, what: str):
 
 
 def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
-    """Columns of a square root of each row's sum-reduced loss Hessian, ``[C, R, C]``.
-
-    Args:
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-        output_flat: The flattened output ``[R, C]``.
-
-    Returns:
-        ``S[c, r]`` is column ``c`` of row ``r``'s square root.
-    """
-    R, C = output_flat.shape
-    eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
-    if isinstance(loss_func, MSELoss):
-        return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
-    if isinstance(loss_func, CrossEntropyLoss):
-        p = output_flat.softmax(dim=1)
-        # column c of diag(sqrt p) - p sqrt(p)^T is sqrt(p_c) (e_c - p)
-        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
-    sigma = output_flat.sigmoid()
-    return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
+    """See :meth:`LossStrategy.hessian_sqrt_columns`."""
+    return loss_strategy(loss_func).hessian_sqrt_columns(output_flat)
 
 
 def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
@@ -264,6 +476,14 @@ def seeded_generator(generator: Optional[Generator], device: torch.device, seed:
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
     return generator.manual_seed(int(seed))
+
+
+def _check_2d(output_flat: Tensor):
+    if output_flat.ndim != 2:
+        raise ValueError(
+            "Only 2d outputs [rows, classes] can be sampled from, got shape "
+            f"{list(output_flat.shape)}. Flatten sequence outputs into rows first."
+        )
 
 
 def fisher_mc_grad_samples(
@@ -295,29 +515,8 @@ def fisher_mc_grad_samples(
         NotImplementedError: For other losses.
     """
     _check_2d(output_flat)
-    M, (R, C) = num_samples, output_flat.shape
-    if isinstance(loss_func, MSELoss):
-        mean = torch.zeros(M, R, C, dtype=output_flat.dtype, device=output_flat.device)
-        std = torch.as_tensor(sqrt(0.5), device=output_flat.device)
-        return 2 * torch.normal(mean, std, generator=generator)
-    if isinstance(loss_func, CrossEntropyLoss):
-        probs = output_flat.softmax(dim=1)
-        classes = probs.multinomial(num_samples=M, replacement=True, generator=generator)
-        onehot = torch.nn.functional.one_hot(classes.T, C).to(output_flat.dtype)
-        return probs - onehot
-    if isinstance(loss_func, BCEWithLogitsLoss):
-        probs = output_flat.sigmoid()
-        labels = probs.unsqueeze(0).expand(M, R, C).bernoulli(generator=generator)
-        return probs - labels
-    raise NotImplementedError(f"Cannot sample labels for {type(loss_func).__name__}.")
-
-
-def _check_2d(output_flat: Tensor):
-    if output_flat.ndim != 2:
-        raise ValueError(
-            "Only 2d outputs [rows, classes] can be sampled from, got shape "
-            f"{list(output_flat.shape)}. Flatten sequence outputs into rows first."
-        )
+    strategy = loss_strategy(loss_func, "Label sampling")
+    return strategy.grad_samples(output_flat, num_samples, generator)
 
 
 def draw_label(loss_func, output_flat: Tensor, generator: Optional[Generator]) -> Tensor:
@@ -339,44 +538,22 @@ def draw_label(loss_func, output_flat: Tensor, generator: Optional[Generator]) -
         NotImplementedError: For other losses.
     """
     _check_2d(output_flat)
-    if isinstance(loss_func, MSELoss):
-        noise = torch.randn(
-            output_flat.shape,
-            dtype=output_flat.dtype,
-            device=output_flat.device,
-            generator=generator,
-        )
-        return output_flat + sqrt(0.5) * noise
-    if isinstance(loss_func, CrossEntropyLoss):
-        probs = output_flat.softmax(dim=1)
-        return probs.multinomial(num_samples=1, generator=generator).squeeze(-1)
-    if isinstance(loss_func, BCEWithLogitsLoss):
-        return output_flat.sigmoid().bernoulli(generator=generator)
-    raise NotImplementedError(f"Cannot sample labels for {type(loss_func).__name__}.")
+    return loss_strategy(loss_func, "Label sampling").draw_label(output_flat, generator)
 
 
 def label_grad_outputs(loss_func, output_flat: Tensor, labels: Tensor) -> Tensor:
-    """Gradients of the sum-reduced row losses at sampled labels, ``[R, C]``.
-
-    MSE ``2 (f - y)``, cross-entropy ``softmax(f) - onehot(y)``, BCE ``sigmoid(f) - y``.
-    """
-    if isinstance(loss_func, MSELoss):
-        return 2 * (output_flat - labels)
-    if isinstance(loss_func, CrossEntropyLoss):
-        onehot = torch.nn.functional.one_hot(labels, output_flat.shape[1])
-        return output_flat.softmax(dim=1) - onehot.to(output_flat.dtype)
-    return output_flat.sigmoid() - labels
+    """See :meth:`LossStrategy.label_gradients`."""
+    return loss_strategy(loss_func).label_gradients(output_flat, labels)
 
 
 def kfac_mc_grad_outputs(
     loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
 ) -> Tensor:
     """KFAC's ``M`` Monte-Carlo output gradients: ``M`` label draws in turn, ``[M, R, C]``."""
+    strategy = loss_strategy(loss_func, "Label sampling")
     return torch.stack(
         [
-            label_grad_outputs(
-                loss_func, output_flat, draw_label(loss_func, output_flat, generator)
-            )
+            strategy.label_gradients(output_flat, strategy.draw_label(output_flat, generator))
             for _ in range(num_samples)
         ]
     )

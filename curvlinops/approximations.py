@@ -32,8 +32,10 @@ import numbers
 from typing import Callable, Iterable, List
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
+from curvlinops._losses import is_supported_loss, loss_strategy
 from curvlinops.diagonal.exact import ef_diagonal, squared_gradient_sum
 
 __all__ = [
@@ -188,7 +190,7 @@ def gauss_newton_matrix_approximation(
     Raises:
         ValueError: If ``loss_fn`` is not MSE-based or a parameter is unreachable.
     """
-    if not isinstance(loss_fn, nn.MSELoss):
+    if not (is_supported_loss(loss_fn) and loss_strategy(loss_fn).least_squares):
         raise ValueError(
             f"The Gauss-Newton matrix J^T J is defined for least-squares (MSE) losses, got "
             f"{type(loss_fn).__name__}. Use curvlinops.diagonal.exact.ggn_diagonal for others."
@@ -252,17 +254,17 @@ def generalized_fisher_diagonal(
     params = _trainable(model)
     _check_reachable(model, outputs, params)
     N, C = outputs.shape
-    p = outputs.detach().softmax(dim=1)
-    eye = torch.eye(C, dtype=p.dtype, device=p.device)
-    columns = p.sqrt().unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))  # [N, c, C]
+    # column c of the cross-entropy Hessian square root of datum n, [N, c, C]
+    sqrt_columns = loss_strategy(nn.CrossEntropyLoss()).hessian_sqrt_columns(outputs.detach())
+    columns = rearrange(sqrt_columns, "c n k -> n c k")
     D = sum(param.numel() for param in params)
     chunk = max(1, MAX_ELEMENTS // D)
     totals = [torch.zeros_like(param) for param in params]
     for start in range(0, N * C, chunk):
-        pairs = torch.arange(start, min(N * C, start + chunk), device=p.device)
+        pairs = torch.arange(start, min(N * C, start + chunk), device=columns.device)
         rows, cols = pairs // C, pairs % C  # one backpropagated vector per (datum, column)
-        cotangents = torch.zeros(len(pairs), N, C, dtype=p.dtype, device=p.device)
-        cotangents[torch.arange(len(pairs), device=p.device), rows] = columns[rows, cols]
+        cotangents = torch.zeros(len(pairs), N, C, dtype=columns.dtype, device=columns.device)
+        cotangents[torch.arange(len(pairs), device=columns.device), rows] = columns[rows, cols]
         grads = torch.autograd.grad(
             outputs,
             params,

@@ -15,29 +15,26 @@ with per-example gradients :math:`\boldsymbol{\Gamma}_n = \sum_s \mathbf{g}_{n,s
 \mathbf{a}_{n,s}^\top` built from the same backpropagated vectors (and scaling
 :math:`\kappa`) as KFAC's :math:`\mathbf{G}`; biases use :math:`\mathbf{Q}_G^\top \sum_s
 \mathbf{g}_{n,s}`. Same-sized factors are decomposed in one batched ``eigh`` call (with a
-float64 and then a damped fallback), and the correction takes one further pass over the data.
-Only 2-d model outputs (one loss term per datum) are supported.
+float64 and then a damped fallback), and the correction takes one further pass over the data
+(the same layer pass as KFAC's factors). Only 2-d model outputs (one loss term per datum) are
+supported. The operator is the block-diagonal composition of one
+:class:`~curvlinops._blocks.EigenbasisBlock` per layer, built from the live eigenvector and
+eigenvalue dicts.
 """
 
 from math import sqrt
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from curvlinops._blocks import Block, EigenbasisBlock
 from curvlinops._ekfac_correction import (
     batched_eigh,
     compute_eigenvalue_correction_linear_weight_sharing,
     eigenbasis_from_rows,
 )
-from curvlinops.kfac import (
-    FisherType,
-    KFACLinearOperator,
-    KFACType,
-    block_left,
-    block_right,
-    block_scale,
-)
+from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
 
 __all__ = [
     "EKFACLinearOperator",
@@ -63,6 +60,7 @@ class EKFACLinearOperator(KFACLinearOperator):
     """
 
     _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
+    _FACTOR_DAMPING = False
 
     def _initialize_storage(self):
         """KFAC's storage plus eigenvectors, corrected eigenvalues and cached activations."""
@@ -75,14 +73,19 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._rank_limited_rows: Dict[str, List[Tensor]] = {}
 
     # ----------------------------------------------------------------- computation
-    def _output_gradients(self, X, y: Tensor, output: Tensor, outputs: Dict[str, Tensor]):
+    def _vectors(self, X, y: Tensor, output: Tensor, f_flat: Tensor, y_flat: Tensor) -> Tensor:
+        """KFAC's vectors, for 2-d outputs with 1-d or 2-d labels only.
+
+        Raises:
+            ValueError: For other outputs or labels.
+        """
         if output.ndim != 2 or y.ndim not in (1, 2):
             raise ValueError(
                 "Only 2d output with 1-d or 2-d labels is supported by EKFACLinearOperator, "
                 f"got output {list(output.shape)} and labels {list(y.shape)}. Flatten sequence "
                 "outputs inside the model, or use KFACLinearOperator."
             )
-        return super()._output_gradients(X, y, output, outputs)
+        return super()._vectors(X, y, output, f_flat, y_flat)
 
     def compute_kronecker_factors(self):
         """Compute KFAC's factors; the eigenbases and corrections are recomputed lazily."""
@@ -100,8 +103,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         """KFAC's input factor; also keeps the rows while fewer than half the dimension."""
         stash = self._rank_limited_rows.get(name)
         if stash is not None:
-            reduce = KFACType(self._kfac_approx) == KFACType.REDUCE
-            rows = self._layer_rows(name, x, reduce)
+            rows = self._layer_rows(name, x, self._approx == KFACType.REDUCE)
             flat = rows.reshape(-1, rows.shape[-1]) * sqrt(1.0 / (self._N_data * rows.shape[1]))
             if sum(r.shape[0] for r in stash) + flat.shape[0] <= flat.shape[1] // 2:
                 stash.append(flat)
@@ -146,7 +148,7 @@ class EKFACLinearOperator(KFACLinearOperator):
             self._accumulate_corrections(input_names, totals)
         finally:  # activations are only cached during a batch, also after an error
             self._cached_activations = {}
-        for name, kind, positions in self._blocks():
+        for name, kind, positions in self._layout():
             value = totals[(name, kind)]
             if kind == "joint":
                 self._corrected_eigenvalues[name] = value
@@ -155,28 +157,32 @@ class EKFACLinearOperator(KFACLinearOperator):
 
     def _accumulate_corrections(self, input_names: List[str], totals: Dict):
         """The correction pass: sums the corrected eigenvalues per block into ``totals``."""
-        for inputs, grads in self._layer_quantities(
+        layout = self._layout()
+        for batch in self._layer_pass(
             input_names,
             lambda name, x: self._layer_rows(name, x, reduce=False),
             "compute_eigenvalue_correction",
         ):
-            self._cached_activations = inputs
-            for name, kind, _ in self._blocks():
-                g = grads[name]
-                g = g.reshape(-1, *g.shape[2:])  # [V * B, S, d_out]
-                Q_G = self._gradient_covariances_eigenvectors[name]
-                if kind == "bias":
-                    value = compute_eigenvalue_correction_linear_weight_sharing(g, Q_G, None, None)
-                else:
-                    a = inputs[name]
-                    num_vectors = grads[name].shape[0]
-                    a = a.unsqueeze(0).expand(num_vectors, *a.shape).reshape(-1, *a.shape[1:])
-                    value = compute_eigenvalue_correction_linear_weight_sharing(
-                        g, Q_G, a, self._input_covariances_eigenvectors[name]
-                    )
+            self._cached_activations = batch.inputs
+            for name, kind, _ in layout:
+                value = self._block_correction(
+                    name, kind, batch.inputs.get(name), batch.grads[name]
+                )
                 key = (name, kind)
                 totals[key] = value if key not in totals else totals[key] + value
             self._cached_activations = {}
+
+    def _block_correction(self, name: str, kind: str, a, grads: Tensor) -> Tensor:
+        """One batch's corrected eigenvalues of a block from rows ``a`` and gradients."""
+        g = grads.reshape(-1, *grads.shape[2:])  # [V * B, S, d_out]
+        Q_G = self._gradient_covariances_eigenvectors[name]
+        if kind == "bias":
+            return compute_eigenvalue_correction_linear_weight_sharing(g, Q_G, None, None)
+        num_vectors = grads.shape[0]
+        a = a.unsqueeze(0).expand(num_vectors, *a.shape).reshape(-1, *a.shape[1:])
+        return compute_eigenvalue_correction_linear_weight_sharing(
+            g, Q_G, a, self._input_covariances_eigenvectors[name]
+        )
 
     def _maybe_compute_ekfac(self):
         """Compute eigenbases and corrected eigenvalues if missing."""
@@ -189,66 +195,22 @@ class EKFACLinearOperator(KFACLinearOperator):
         value = stored if kind == "joint" else stored[positions[0]]
         return value.unsqueeze(-1) if kind == "bias" else value
 
-    # ----------------------------------------------------------------- products
-    def _prepare_compile(self):
-        """Compute eigenbases and corrections eagerly: they are not traced."""
+    # ----------------------------------------------------------------- blocks
+    def _layer_blocks(self) -> Dict[str, Block]:
+        """One :class:`~curvlinops._blocks.EigenbasisBlock` per module (live eigenvalues)."""
         self._maybe_compute_ekfac()
-
-    def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        self._maybe_compute_ekfac()
-        positions_of = {(n, k): p for n, k, p in self._blocks()}
-
-        def apply(name: str, kind: str, V: Tensor) -> Tensor:
-            Q_G = self._gradient_covariances_eigenvectors[name]
-            Q_A: Optional[Tensor] = (
-                None if kind == "bias" else self._input_covariances_eigenvectors[name]
+        eigenvalues: Dict[str, Dict[str, Tensor]] = {name: {} for name in self._mapping}
+        for name, kind, positions in self._layout():
+            eigenvalues[name][kind] = self._block_eigenvalues(name, kind, positions)
+        return {
+            name: EigenbasisBlock(
+                name,
+                self._gradient_covariances_eigenvectors[name],
+                self._input_covariances_eigenvectors.get(name),
+                values,
             )
-            rotated = block_left(Q_G.T, V)
-            if Q_A is not None:
-                rotated = block_right(rotated, Q_A)
-            values = self._block_eigenvalues(name, kind, positions_of[(name, kind)])
-            out = block_left(Q_G, block_scale(rotated, values))
-            return out if Q_A is None else block_right(out, Q_A.T)
-
-        return self._apply_blocks(M, apply)
-
-    # ----------------------------------------------------------------- properties
-    def _all_eigenvalues(self) -> List[Tensor]:
-        self._maybe_compute_ekfac()
-        return [self._block_eigenvalues(n, k, p) for n, k, p in self._blocks()]
-
-    @property
-    def trace(self) -> Tensor:
-        """Trace, the sum of the corrected eigenvalues."""
-        if self._trace is None:
-            self._trace = sum(lam.sum() for lam in self._all_eigenvalues())
-        return self._trace
-
-    @property
-    def det(self) -> Tensor:
-        """Determinant, the product of the corrected eigenvalues."""
-        if self._det is None:
-            det = torch.ones((), dtype=self.dtype, device=self.device)
-            for lam in self._all_eigenvalues():
-                det = det * lam.prod()
-            self._det = det
-        return self._det
-
-    @property
-    def logdet(self) -> Tensor:
-        """Log-determinant, the sum of the logarithms of the corrected eigenvalues."""
-        if self._logdet is None:
-            self._logdet = sum(lam.log().sum() for lam in self._all_eigenvalues())
-        return self._logdet
-
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """Frobenius norm, the root of the sum of squared corrected eigenvalues."""
-        if self._frobenius_norm is None:
-            self._frobenius_norm = torch.as_tensor(
-                sum((lam**2).sum() for lam in self._all_eigenvalues())
-            ).sqrt()
-        return self._frobenius_norm
+            for name, values in eigenvalues.items()
+        }
 
     # ----------------------------------------------------------------- determinism
     def _has_factors(self) -> bool:
@@ -258,7 +220,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._maybe_compute_ekfac()
         return {
             f"corrected eigenvalues {n} ({k})": self._block_eigenvalues(n, k, p).clone()
-            for n, k, p in self._blocks()
+            for n, k, p in self._layout()
         }
 
     def _recompute(self):

@@ -29,27 +29,24 @@ weight-and-bias block is :math:`\mathbf{G} \otimes \mathbf{A}` on :math:`[\mathb
   eigenvalues :math:`\boldsymbol{\Lambda}`, i.e. :math:`(\mathrm{EKFAC} + \delta
   \mathbf{I})^{-1}` exactly.
 
-Biases (separate) use the :math:`\mathbf{G}` part alone. A Cholesky factorisation that fails
+The wrapped operator supplies one block per layer (:mod:`curvlinops._blocks`); each block
+computes its damped inverse (factor inverses or eigenpairs, cached per layer with
+``cache=True``; an eigenbasis block needs nothing cached). Biases (separate) use the
+:math:`\mathbf{G}` part alone. A Cholesky factorisation that fails
 in a low precision is retried in float64 (with a warning) when
 ``retry_double_precision=True``.
 """
 
 import math
-import warnings
 from numbers import Real
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Tuple
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from curvlinops._ekfac_correction import batched_eigh
+from curvlinops._blocks import Block, Damping, InverseOptions, apply_block_diagonal
 from curvlinops._inverse_base import _InversePyTorchLinearOperator
 from curvlinops._torch_base import PyTorchLinearOperator
-from curvlinops.ekfac import EKFACLinearOperator
-from curvlinops.kfac import KFACLinearOperator, block_left, block_right, block_scale
-
-Damping = Union[float, Tuple[float, float]]
+from curvlinops.kfac import KFACLinearOperator
 
 _STATE_KEYS = (
     "A",
@@ -73,34 +70,14 @@ def _is_non_negative_number(value) -> bool:
     )
 
 
-def _is_compiling() -> bool:
-    """Whether the code runs inside ``torch.compile`` tracing."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
-def _spd_inverse(matrix: Tensor) -> Tensor:
-    """Inverse of a symmetric positive definite matrix by Cholesky.
-
-    A numerically singular matrix (rank-deficient up to round-off) can pass the Cholesky
-    factorisation with a tiny positive pivot and give an inverse of size ``1 / eps``; such a
-    pivot is treated like a failed factorisation.
-
-    Raises:
-        torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
-    """
-    L = torch.linalg.cholesky(matrix)
-    if _is_compiling():  # no data-dependent checks in a traced product (see _prepare_compile)
-        return torch.cholesky_inverse(L)
-    pivots = L.diagonal() ** 2
-    scale = matrix.diagonal().abs().max()
-    tolerance = matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale
-    if matrix.shape[0] > 0 and (pivots.min() <= tolerance or not torch.isfinite(L).all()):
-        raise torch.linalg.LinAlgError(
-            f"the matrix is numerically singular (smallest Cholesky pivot {pivots.min():.3e} "
-            f"is within round-off {tolerance:.3e} of zero)."
+def _check_state_keys(state_dict: Dict):
+    """Raise ``ValueError`` unless ``state_dict`` has every key of an inverse's checkpoint."""
+    missing = [key for key in _STATE_KEYS if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
+            "it with KFACInverseLinearOperator.state_dict()."
         )
-    return torch.cholesky_inverse(L)
 
 
 def _check_flag(value, name: str):
@@ -198,7 +175,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                 "(damping_A, damping_G) tuple only works with plain factor damping; pass a "
                 "single float."
             )
-        if isinstance(self._A, EKFACLinearOperator) and not use_exact_damping:
+        if not self._A._FACTOR_DAMPING and not use_exact_damping:
             raise ValueError(
                 "EKFAC has no Kronecker factors to damp separately; pass use_exact_damping=True."
             )
@@ -215,77 +192,46 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             )
 
     # ----------------------------------------------------------------- inverses
-    def _damped_inverse(self, matrix: Tensor, damping: float, what: str) -> Tensor:
-        """``(matrix + damping I)^{-1}`` by Cholesky, retried in float64 if allowed.
-
-        Args:
-            matrix: A symmetric positive semi-definite factor.
-            damping: The damping added to its diagonal.
-            what: Description of the factor for messages.
-
-        Returns:
-            The inverse, in the factor's dtype.
-
-        Raises:
-            RuntimeError: (``torch.linalg.LinAlgError``) If the damped factor is not
-                numerically positive definite (after the float64 retry, if allowed).
-        """
-        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        damped = matrix + damping * eye
-        dtype = matrix.dtype
-        try:
-            return _spd_inverse(damped)
-        except RuntimeError as error:
-            if dtype == torch.float64 or not self._retry_double_precision:
-                hint = (
-                    ""
-                    if dtype == torch.float64
-                    else ", or pass retry_double_precision=True to retry in float64"
-                )
-                raise torch.linalg.LinAlgError(
-                    f"Cholesky factorisation of the damped {what} (damping {damping}) failed in "
-                    f"{dtype}: {error} Increase the damping (or min_damping){hint}."
-                ) from error
-            first_error = error
-        warnings.warn(
-            f"Cholesky factorisation of the damped {what} failed in {dtype} ({first_error}); "
-            "retrying in float64.",
-            UserWarning,
-            stacklevel=5,
+    def _options(self) -> InverseOptions:
+        """The inversion hyper-parameters, as the blocks take them."""
+        return InverseOptions(
+            damping=self._damping,
+            heuristic=self._use_heuristic_damping,
+            min_damping=self._min_damping,
+            exact=self._use_exact_damping,
+            retry_double=self._retry_double_precision,
         )
-        try:
-            inverse = _spd_inverse(damped.to(torch.float64))
-        except RuntimeError as error:
-            raise torch.linalg.LinAlgError(
-                f"Cholesky factorisation of the damped {what} (damping {damping}) failed in "
-                f"{dtype} and in float64: {error} Increase the damping (or min_damping)."
-            ) from error
-        return inverse.to(dtype)
 
-    def _factor_dampings(self, A: Optional[Tensor], G: Tensor) -> Tuple[float, float]:
-        r"""The dampings :math:`(\delta_A, \delta_G)` of a module's factors.
+    def _inverse_block(
+        self, name: str, block: Block, kinds: List[str], options: InverseOptions
+    ) -> Tuple[Tuple[object, object], Block]:
+        """A module's damped inverse block and its (cacheable) parts.
 
-        The heuristic applies only with both factors and a positive mean eigenvalue of
-        :math:`\mathbf{G}` and a non-negative one of :math:`\mathbf{A}`; with
-        :math:`\pi = 0` (a zero input factor) it would set :math:`\delta_G = \infty`, so the
-        plain damping is used then as well.
+        The wrapped operator supplies the module's block; the block computes what its
+        inverse needs (inverted damped factors, or eigenpairs), which is cached per module
+        with ``cache=True`` (blocks already in an eigenbasis need nothing cached).
         """
-        if isinstance(self._damping, tuple):
-            return float(self._damping[0]), float(self._damping[1])
-        delta = float(self._damping)
-        if self._use_heuristic_damping and A is not None:
-            mean_A = (A.trace() / A.shape[0]).item()
-            mean_G = (G.trace() / G.shape[0]).item()
-            if mean_A >= 0 and mean_G > 0:
-                pi = math.sqrt(mean_A / mean_G)
-                if pi > 0:
-                    root = math.sqrt(delta)
-                    return max(pi * root, self._min_damping), max(root / pi, self._min_damping)
-        return delta, delta
+        if name in self._inverse_gradient_covariances:
+            parts = (
+                self._inverse_input_covariances[name],
+                self._inverse_gradient_covariances[name],
+            )
+        else:
+            parts = block.inverse_parts(options)
+            if self._cache and parts is not None:
+                self._inverse_input_covariances[name] = parts[0]
+                self._inverse_gradient_covariances[name] = parts[1]
+        inverse = block.inverse_from_parts(parts, options, kinds)
+        return (inverse.factors() if parts is None else parts), inverse
 
-    def _compute_or_get_cached_inverse(
-        self, name: str
-    ) -> Tuple[object, object, Optional[Dict[str, Tensor]]]:
+    def _kinds(self) -> Dict[str, List[str]]:
+        """The parameter kinds of every module's blocks."""
+        kinds: Dict[str, List[str]] = {}
+        for name, kind, _ in self._A._layout():
+            kinds.setdefault(name, []).append(kind)
+        return kinds
+
+    def _compute_or_get_cached_inverse(self, name: str) -> Tuple[object, object, object]:
         r"""Inverse parts of a module, from the cache or computed (and cached if enabled).
 
         Args:
@@ -309,108 +255,10 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         Raises:
             ValueError: If ``name`` is not a module of the KFAC operator.
         """
-        kfac = self._A
-        if name not in kfac._mapping:
-            raise ValueError(
-                f"Unknown module name {name!r}; the KFAC operator has {list(kfac._mapping)}."
-            )
-        blocks = [(kind, positions) for n, kind, positions in kfac._blocks() if n == name]
-        delta = float(self._damping) if self._use_exact_damping else None
-
-        if isinstance(kfac, EKFACLinearOperator):
-            kfac._maybe_compute_ekfac()
-            inverse_eigenvalues = {}
-            for kind, positions in blocks:
-                values = self._ekfac_eigenvalues(name, kind, positions)
-                # corrected eigenvalues are sums of squares of rotated gradients: their
-                # round-off is relative to the largest one
-                tolerance = max(values.shape) * values.abs().max() * torch.finfo(values.dtype).eps
-                inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
-            return (
-                kfac._input_covariances_eigenvectors.get(name),
-                kfac._gradient_covariances_eigenvectors[name],
-                inverse_eigenvalues,
-            )
-
-        if name in self._inverse_gradient_covariances:
-            A_part = self._inverse_input_covariances[name]
-            G_part = self._inverse_gradient_covariances[name]
-        else:
-            kfac._maybe_compute_kronecker_factors()
-            A = kfac._input_covariances.get(name)
-            G = kfac._gradient_covariances[name]
-            if self._use_exact_damping:
-                # eigh returns (eigenvalues, eigenvectors); the cache holds (eigenvectors,
-                # eigenvalues). A and G of equal size share one batched call.
-                decomposed = batched_eigh([G] if A is None else [G, A])
-                G_part = decomposed[0][::-1]
-                A_part = None if A is None else decomposed[1][::-1]
-            else:
-                delta_A, delta_G = self._factor_dampings(A, G)
-                A_part = (
-                    None
-                    if A is None
-                    else self._damped_inverse(A, delta_A, f"input factor of module {name!r}")
-                )
-                G_part = self._damped_inverse(G, delta_G, f"gradient factor of module {name!r}")
-            if self._cache:
-                self._inverse_input_covariances[name] = A_part
-                self._inverse_gradient_covariances[name] = G_part
-
-        if not self._use_exact_damping:
-            return A_part, G_part, None
-        lam_G = G_part[1]
-        eps = torch.finfo(lam_G.dtype).eps
-        inverse_eigenvalues = {}
-        for kind, _ in blocks:
-            # eigh's eigenvalues are accurate to about dim * eps * max |eigenvalue|
-            if kind == "bias":
-                values = lam_G.unsqueeze(-1)
-                tolerance = lam_G.numel() * eps * lam_G.abs().max()
-            else:
-                lam_A = A_part[1]
-                values = torch.outer(lam_G, lam_A)
-                tolerance = (
-                    (lam_G.numel() + lam_A.numel()) * eps * lam_G.abs().max() * lam_A.abs().max()
-                )
-            inverse_eigenvalues[kind] = self._inverse_damped(values, delta, tolerance, name)
-        return A_part, G_part, inverse_eigenvalues
-
-    def _inverse_damped(self, values: Tensor, delta: float, tolerance: Tensor, name: str) -> Tensor:
-        """``1 / (values + delta)``, refusing a numerically singular damped block.
-
-        Args:
-            values: Eigenvalues of a block (KFAC's grid or EKFAC's corrected eigenvalues).
-            delta: The damping.
-            tolerance: Round-off level of ``values``: damped eigenvalues at or below it are
-                indistinguishable from zero.
-            name: Module name, for the message.
-
-        Returns:
-            The inverse damped eigenvalues.
-
-        Raises:
-            torch.linalg.LinAlgError: (a ``RuntimeError``) If a damped eigenvalue is not
-                clearly positive, which would give infinite or NaN products.
-        """
-        damped = values + delta
-        if _is_compiling():  # no data-dependent checks in a traced product
-            return 1.0 / damped
-        smallest = damped.min()
-        if not torch.isfinite(damped).all() or smallest <= tolerance:
-            raise torch.linalg.LinAlgError(
-                f"The exactly damped curvature block of module {name!r} is singular: its "
-                f"smallest damped eigenvalue is {smallest.item():.3e} with damping {delta}, "
-                f"within round-off ({tolerance.item():.3e}) of zero, so its inverse would be "
-                "infinite or NaN. Increase the damping (damping > 0)."
-            )
-        return 1.0 / damped
-
-    def _ekfac_eigenvalues(self, name: str, kind: str, positions: Tuple[int, ...]) -> Tensor:
-        """EKFAC's corrected eigenvalues of a block as ``[d_out, n]`` (``n = 1`` for a bias)."""
-        stored = self._A._corrected_eigenvalues[name]
-        values = stored if kind == "joint" else stored[positions[0]]
-        return values.unsqueeze(-1) if kind == "bias" else values
+        block = self._A._layer_block(name)
+        kinds = self._kinds()[name]
+        (A_part, G_part), inverse = self._inverse_block(name, block, kinds, self._options())
+        return A_part, G_part, inverse.eigenvalues
 
     # ----------------------------------------------------------------- products
     def _prepare_compile(self):
@@ -424,26 +272,15 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             self._compute_or_get_cached_inverse(name)
 
     def _matmat(self, M):
-        parts = {}
-
-        def apply(name: str, kind: str, V: Tensor) -> Tensor:
-            # V: [d_out, n] or, columns last, [d_out, n, K]; all columns in one product
-            if name not in parts:
-                parts[name] = self._compute_or_get_cached_inverse(name)
-            A_part, G_part, inverse_eigenvalues = parts[name]
-            if inverse_eigenvalues is None:
-                out = block_left(G_part, V)
-                return out if kind == "bias" else block_right(out, A_part)
-            ekfac = isinstance(self._A, EKFACLinearOperator)
-            Q_G = G_part if ekfac else G_part[0]
-            Q_A = None if kind == "bias" else (A_part if ekfac else A_part[0])
-            rotated = block_left(Q_G.T, V)
-            if Q_A is not None:
-                rotated = block_right(rotated, Q_A)
-            out = block_left(Q_G, block_scale(rotated, inverse_eigenvalues[kind]))
-            return out if Q_A is None else block_right(out, Q_A.T)
-
-        return self._A._apply_blocks(M, apply)
+        options, kinds = self._options(), self._kinds()
+        blocks = {
+            name: self._inverse_block(name, block, kinds[name], options)[1]
+            for name, block in self._A._layer_blocks().items()
+        }
+        result = self._A._new_output(M[0].shape[-1], like=M[0])
+        return apply_block_diagonal(
+            self._A._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
+        )
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict:
@@ -479,12 +316,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             ValueError: If keys are missing, the stored hyper-parameters are invalid for the
                 wrapped operator, or the cached inverses belong to unknown modules.
         """
-        missing = [key for key in _STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
-                "it with KFACInverseLinearOperator.state_dict()."
-            )
+        _check_state_keys(state_dict)
         # everything is checked before anything changes (the wrapped operator included)
         self._A._warn_overwrite(stacklevel=3)
         self._A._validate_state_dict(state_dict["A"])
@@ -506,14 +338,9 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
                     f"not have ({list(self._A._mapping)})."
                 )
         self._A._install_state_dict(state_dict["A"])
-        self._damping = state_dict["damping"]
-        self._use_heuristic_damping = state_dict["use_heuristic_damping"]
-        self._min_damping = state_dict["min_damping"]
-        self._use_exact_damping = state_dict["use_exact_damping"]
-        self._cache = state_dict["cache"]
-        self._retry_double_precision = state_dict["retry_double_precision"]
-        self._inverse_input_covariances = dict(state_dict["inverse_input_covariances"])
-        self._inverse_gradient_covariances = dict(state_dict["inverse_gradient_covariances"])
+        for key in _STATE_KEYS[1:]:  # everything but the wrapped operator's state
+            value = state_dict[key]
+            setattr(self, f"_{key}", dict(value) if isinstance(value, dict) else value)
 
     @classmethod
     def from_state_dict(
@@ -532,20 +359,8 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
             ValueError: If keys are missing (or see :meth:`__init__` and
                 :meth:`load_state_dict`).
         """
-        missing = [key for key in _STATE_KEYS if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"Not a KFACInverseLinearOperator state dict: missing keys {missing}. Create "
-                "it with KFACInverseLinearOperator.state_dict()."
-            )
-        inverse = cls(
-            A,
-            damping=state_dict["damping"],
-            use_heuristic_damping=state_dict["use_heuristic_damping"],
-            min_damping=state_dict["min_damping"],
-            use_exact_damping=state_dict["use_exact_damping"],
-            cache=state_dict["cache"],
-            retry_double_precision=state_dict["retry_double_precision"],
-        )
+        _check_state_keys(state_dict)
+        # the constructor's keyword arguments are the hyper-parameter keys of the checkpoint
+        inverse = cls(A, **{key: state_dict[key] for key in _STATE_KEYS[1:7]})
         inverse.load_state_dict(state_dict)
         return inverse

@@ -36,14 +36,14 @@ column) like the flattened weight. For ``groups > 1`` the input channels are fir
 over the groups (KFAC shares one input factor between the groups).
 """
 
+from math import sqrt
 from typing import List, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from torch.nn.functional import pad
 
-from curvlinops._losses import check_binary_targets, check_reduction
+from curvlinops._losses import check_reduction, loss_strategy
 
 
 def loss_hessian_matrix_sqrt(
@@ -82,32 +82,13 @@ def loss_hessian_matrix_sqrt(
             "Expected target_one_datum with leading axis of size 1. "
             f"Got {tuple(target_one_datum.shape)}."
         )
-    if not isinstance(loss_func, (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)):
-        raise NotImplementedError(
-            f"Loss function {loss_func.__class__.__name__} is not supported. Supported: "
-            "MSELoss, CrossEntropyLoss, BCEWithLogitsLoss."
-        )
+    strategy = loss_strategy(loss_func, "loss_hessian_matrix_sqrt")
     check_reduction(loss_func)
-
     output = output_one_datum.detach()
-    C = output.shape[1]
-    # reduction factor of MSE and BCE (mean over the C entries of the single datum)
-    c = 1.0 / C if loss_func.reduction == "mean" else 1.0
-
-    if isinstance(loss_func, MSELoss):
-        eye = torch.eye(C, device=output.device, dtype=output.dtype)
-        return (2.0 * c) ** 0.5 * eye
-
-    if isinstance(loss_func, CrossEntropyLoss):
-        p = output.squeeze(0).softmax(dim=0)
-        p_sqrt = p.sqrt()
-        return p_sqrt.diag() - p.outer(p_sqrt)
-
-    # BCEWithLogitsLoss
-    target = target_one_datum.detach()
-    check_binary_targets(target, "loss_hessian_matrix_sqrt")
-    sigma = output.squeeze(0).sigmoid()
-    return (c * sigma * (1.0 - sigma)).sqrt().diag()
+    strategy.check_targets(target_one_datum.detach(), "loss_hessian_matrix_sqrt")
+    # one datum has one row: the square root of the row loss Hessian divided by sqrt(c_b)
+    columns = strategy.hessian_sqrt_columns(output)[:, 0, :]  # [C (column), C]
+    return columns.T / sqrt(strategy.normalization(output))
 
 
 _IntOrTuple = Union[int, Sequence[int]]

@@ -31,7 +31,7 @@ def rademacher(
     r"""Draw a vector with i.i.d. Rademacher entries (:math:`\pm 1` with probability ½).
 
     The entries are the Bernoulli(½) draws of ``bernoulli_(0.5)`` on an uninitialised vector
-    (the contract's draw, reproduced exactly and faster on the CPU), mapped to
+    (the contract's draw, reproduced exactly), mapped to
     :math:`\{-1, +1\}` by :math:`b \mapsto 2b - 1`.
 
     Args:
@@ -51,8 +51,8 @@ def rademacher(
 def _uniform_draws_match_bernoulli() -> bool:
     """Whether CPU ``bernoulli_(0.5)`` equals ``rand(float64) < 0.5`` (numbers and RNG state).
 
-    True for the torch versions we test with; checked once on private generators so that a
-    different implementation falls back to ``bernoulli_`` instead of changing the numbers.
+    Checked once on private generators, so that an implementation where they differ falls
+    back to ``bernoulli_`` instead of changing the numbers.
     """
     for size in (1, 17, 1000):
         for dtype in (torch.float32, torch.float64):
@@ -77,9 +77,9 @@ def rademacher_columns(
     """Draw ``num_columns`` Rademacher vectors one after the other, stacked as columns.
 
     Gives exactly the numbers (and generator state) of ``num_columns`` calls of
-    :func:`rademacher`, i.e. of Bernoulli(1/2) draws on uninitialised vectors. On the CPU,
-    where ``bernoulli_(0.5)`` compares float64 uniforms with 1/2, all columns come from one
-    ``rand`` call, several times faster than ``bernoulli_``.
+    :func:`rademacher`, i.e. of Bernoulli(1/2) draws on uninitialised vectors. Where
+    ``bernoulli_(0.5)`` compares float64 uniforms with 1/2 (checked at run time on the CPU),
+    all columns come from one ``rand`` call instead of one ``bernoulli_`` call per column.
 
     Args:
         dim: Length of each vector.

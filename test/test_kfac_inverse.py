@@ -15,6 +15,7 @@ from reference import assert_close, densify
 from torch import nn
 
 import curvlinops
+import curvlinops._blocks as _blocks
 import curvlinops.kfac_inverse as kfac_inverse
 from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 from curvlinops.examples import TensorLinearOperator
@@ -243,9 +244,9 @@ def test_vectors_lists_and_batched_columns(monkeypatch):
     out = inv @ X_list
     assert_close(torch.cat([o.reshape(-1, 5) for o in out]), inv_dense @ X)
     calls = []
-    block_left = kfac_inverse.block_left
+    block_left = _blocks.block_left
     monkeypatch.setattr(
-        kfac_inverse, "block_left", lambda L, V: calls.append(V.shape) or block_left(L, V)
+        _blocks, "block_left", lambda L, V: calls.append(V.shape) or block_left(L, V)
     )
     inv @ X[:, :1]
     one = len(calls)

@@ -32,7 +32,7 @@ independently (no batch statistics; put BatchNorm in ``eval()`` mode).
 import math
 from collections.abc import MutableMapping
 from math import sqrt
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 from torch import Generator, Tensor, nn
@@ -41,8 +41,14 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import make_functional_model, second_order_context
 from curvlinops._ekfac_correction import per_example_square_sums
+from curvlinops._layer_pass import (
+    LayerBatch,
+    LayerPass,
+    has_symmetric_padding,
+    layer_rows,
+    partition_parameters,
+)
 from curvlinops._losses import (
-    check_binary_targets,
     check_positive_integer,
     check_sampling_options,
     check_seed,
@@ -51,35 +57,14 @@ from curvlinops._losses import (
     flatten_output_and_labels,
     from_rows,
     loss_hessian_sqrt_columns,
+    loss_strategy,
     num_terms_normalization,
     row_loss_gradients,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
-from curvlinops.kfac import KFACLinearOperator
 
 MAX_ELEMENTS = 2**24
-
-
-class _SeveralLossTerms(Exception):
-    """A batch output has more than one loss term per datum."""
-
-
-class _LayerPass(KFACLinearOperator):
-    """KFAC's data pass, restricted to 2-d outputs (one loss term per datum).
-
-    Its Monte-Carlo samples are those of :class:`~curvlinops.FisherMCLinearOperator` (all
-    ``M`` samples of a batch in one draw), not KFAC's one-by-one draws: the diagonal is the
-    Monte-Carlo Fisher's.
-    """
-
-    def _mc_vectors(self, f: Tensor) -> Tensor:
-        return fisher_mc_grad_samples(self._loss_func, f, self._mc_samples, self._generator)
-
-    def _output_gradients(self, X, y: Tensor, output: Tensor, outputs):
-        if output.ndim != 2 or y.ndim not in (1, 2):
-            raise _SeveralLossTerms
-        return super()._output_gradients(X, y, output, outputs)
 
 
 def _datum_inputs(X: Union[Tensor, MutableMapping]):
@@ -284,10 +269,6 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
             self._cached_diagonal = self._compute_diagonal()
         return self._cached_diagonal
 
-    def _fisher_type(self) -> Tuple[str, dict]:
-        """The KFAC Fisher type (and keywords) whose backward pass gives these vectors."""
-        raise NotImplementedError
-
     def _compute_diagonal(self) -> List[Tensor]:
         layerwise = self._layerwise_diagonal()
         return self._per_datum_diagonal() if layerwise is None else layerwise
@@ -295,53 +276,55 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
     def _layerwise_diagonal(self) -> Optional[List[Tensor]]:
         r"""Per-layer computation for Linear/Conv parameters and one loss term per datum.
 
-        Uses KFAC's single backward pass per batch (all vectors batched) to get each layer's
-        inputs ``a`` and output gradients ``g``; the diagonal of a weight is then
+        Uses the layer pass (one backward pass per batch, all vectors batched) to get each
+        layer's inputs ``a`` and output gradients ``g``; the diagonal of a weight is then
         :math:`\sum_{n,v} (\sum_s g_{n,v,s} a_{n,s}^\top)^{\odot 2}` and of a bias
         :math:`\sum_{n,v} (\sum_s g_{n,v,s})^2`, with no per-parameter-entry Jacobians.
-        Returns ``None`` (use the per-datum path) for other parameters or when a batch has
-        several loss terms per datum (their cross terms would enter the squares).
+
+        Returns:
+            The diagonal, or ``None`` (use the per-datum path) for parameters outside
+            supported layers, convolutions needing asymmetric padding, a layer called more
+            than once per forward pass (tied weights), or a batch with several loss terms per
+            datum (their cross terms would enter the squares).
         """
-        try:
-            KFACLinearOperator.compute_parameter_mapping(self._params, self._model_func)
-        except NotImplementedError:
+        mapping, missing = partition_parameters(self._params, self._model_func)
+        modules = dict(self._model_func.named_modules())
+        layers = {name: modules[name] for name in mapping}
+        if missing or not all(has_symmetric_padding(m) for m in layers.values()):
             return None
-        fisher_type, kwargs = self._fisher_type()
-        kfac = _LayerPass(
+        strategy = loss_strategy(self._loss_func)
+        layer_pass = LayerPass(
             self._model_func,
-            self._loss_func,
-            self._params,
-            self._data,
-            progressbar=self._progressbar,
-            check_deterministic=False,
-            fisher_type=fisher_type,
-            num_per_example_loss_terms=1,
-            num_data=self._N_data,
-            batch_size_fn=self._batch_size_fn,
-            **kwargs,
+            layers,
+            strategy.to_rows,
+            strategy.flatten_labels,
+            self.MAX_COLUMNS_PER_CHUNK,
         )
+        self._start_pass()
         totals = [torch.zeros_like(p) for p in self._params]
-        weights = [n for n, e in kfac._mapping.items() if "weight" in e]
-        try:
-            for inputs, grads in kfac._layer_quantities(
-                weights, lambda name, x: kfac._layer_rows(name, x, reduce=False), "diagonal"
-            ):
-                for name, entry in kfac._mapping.items():
-                    g = grads[name].reshape(-1, *grads[name].shape[2:])  # [V * B, S, d_out]
-                    if "bias" in entry:
-                        totals[entry["bias"]] += per_example_square_sums(g, None)
-                    if "weight" in entry:
-                        a = inputs[name]
-                        a = a.unsqueeze(0).expand(grads[name].shape[0], *a.shape)
-                        square_sums = per_example_square_sums(g, a.reshape(-1, *a.shape[2:]))
-                        totals[entry["weight"]] += square_sums.reshape(
-                            totals[entry["weight"]].shape
-                        )
-        except (_SeveralLossTerms, NotImplementedError):
-            # several loss terms per datum, or a layer called twice (tied weights): the
-            # per-datum path handles both (and re-raises genuine input errors)
-            return None
+        weights = [n for n, e in mapping.items() if "weight" in e]
+        for batch in layer_pass.run(
+            self._loop_over_data(desc="diagonal"),
+            weights,
+            lambda name, x: layer_rows(layers[name], x, reduce=False),
+            self._layer_vectors,
+        ):
+            if batch.reused or batch.grads is None:
+                return None
+            _add_layer_squares(totals, mapping, batch)
         return totals
+
+    def _layer_vectors(
+        self, X, y: Tensor, output: Tensor, f_flat: Tensor, y_flat: Tensor
+    ) -> Optional[Tensor]:
+        r"""The row vectors scaled by :math:`\sqrt{w_b / c_b}`, or ``None`` unless 2-d."""
+        if output.ndim != 2 or y.ndim not in (1, 2):
+            return None
+        f = f_flat.detach()
+        scale = self._get_normalization_factor(X, y) / loss_strategy(self._loss_func).normalization(
+            f
+        )
+        return self._row_vectors(f, y_flat, y) * sqrt(scale)
 
     def _per_datum_diagonal(self) -> List[Tensor]:
         self._start_pass()
@@ -362,6 +345,20 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
         return totals
 
 
+def _add_layer_squares(totals: List[Tensor], mapping, batch: LayerBatch):
+    """Add a batch's squared per-datum layer gradients to the diagonal ``totals``."""
+    for name, entry in mapping.items():
+        grads = batch.grads[name]
+        g = grads.reshape(-1, *grads.shape[2:])  # [V * B, S, d_out]
+        if "bias" in entry:
+            totals[entry["bias"]] += per_example_square_sums(g, None)
+        if "weight" in entry:
+            a = batch.inputs[name]
+            a = a.unsqueeze(0).expand(grads.shape[0], *a.shape)
+            square_sums = per_example_square_sums(g, a.reshape(-1, *a.shape[2:]))
+            totals[entry["weight"]] += square_sums.reshape(totals[entry["weight"]].shape)
+
+
 class GGNDiagonalLinearOperator(_ExactDiagonal):
     """Exact diagonal of the GGN (type-2) of ``MSELoss``/``CrossEntropyLoss``/``BCEWithLogitsLoss``.
 
@@ -369,20 +366,13 @@ class GGNDiagonalLinearOperator(_ExactDiagonal):
     ``trace`` and ``inverse(damping)`` as :class:`DiagonalLinearOperator`.
     """
 
-    def _fisher_type(self) -> Tuple[str, dict]:
-        return "type-2", {}
-
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        if isinstance(self._loss_func, BCEWithLogitsLoss):
-            check_binary_targets(y, type(self).__name__)
+        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
         return loss_hessian_sqrt_columns(self._loss_func, output_flat)
 
 
 class EFDiagonalLinearOperator(_ExactDiagonal):
     """Exact diagonal of the empirical Fisher (same conventions as ``EFLinearOperator``)."""
-
-    def _fisher_type(self) -> Tuple[str, dict]:
-        return "empirical", {}
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         return row_loss_gradients(self._loss_func, output_flat, y_flat).unsqueeze(0)
@@ -441,12 +431,8 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
     def _start_pass(self):
         self._generator = seeded_generator(self._generator, self.device, self._seed)
 
-    def _fisher_type(self) -> Tuple[str, dict]:
-        return "mc", {"seed": self._seed, "mc_samples": self._mc_samples}
-
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        if isinstance(self._loss_func, BCEWithLogitsLoss):
-            check_binary_targets(y, type(self).__name__)
+        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
         samples = fisher_mc_grad_samples(
             self._loss_func, output_flat, self._mc_samples, self._generator
         )

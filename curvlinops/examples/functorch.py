@@ -23,51 +23,59 @@ this order.
   data point, then output entry (row-major).
 
 Note:
-    Second derivatives are computed with reverse-over-reverse autograd, not with
-    ``torch.func.hessian``: in torch 2.13 the forward-over-reverse and reverse-over-reverse
-    ``torch.func`` transforms return wrong Hessian entries for ``nn.LayerNorm`` weights.
+    Second derivatives are computed with reverse-over-reverse autograd (double backward of
+    ``torch.autograd.grad``), not with ``torch.func.hessian``; the tests check them against
+    finite differences (see the documentation for the torch versions this matters for).
 """
 
-import copy
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from curvlinops._autodiff import second_order_context
-from curvlinops._losses import flatten_labels as _flatten_labels
-from curvlinops._losses import to_rows as _to_rows
+from curvlinops._autodiff import make_functional_model, second_order_context
+from curvlinops._losses import check_reduction, loss_strategy
 
 _CHUNK_SIZE = 256
 
 
-def _param_names_by_storage(model_func: nn.Module, params: List[Tensor]) -> List[str]:
-    """Find the names of parameters by storage identity (``data_ptr``).
+def _resolve_parameters(model_func: nn.Module, params: List[Tensor]) -> List[Tensor]:
+    """The parameters of ``model_func`` that ``params`` stand for.
+
+    Parameters are identified by object identity, as in every operator; at this boundary a
+    ``.data`` view of a parameter (same storage, not the object itself) is resolved to its
+    parameter once, so that the references accept both.
 
     Args:
         model_func: The model.
-        params: Tensors whose storage is that of parameters of ``model_func``.
+        params: Parameters of ``model_func`` or ``.data`` views of them.
 
     Returns:
-        The parameter names, in ``params`` order.
+        The parameter objects, in ``params`` order.
 
     Raises:
-        ValueError: If a tensor does not share its storage with a parameter.
+        ValueError: If a tensor neither is nor shares its storage with a parameter.
     """
-    ptr_to_name = {}
-    for name, p in model_func.named_parameters():
-        ptr_to_name.setdefault(p.data_ptr(), name)
-    names = []
+    own = list(model_func.parameters())
+    by_id = {id(p): p for p in own}
+    by_storage = {}
+    for p in own:
+        by_storage.setdefault((p.data_ptr(), p.shape, p.stride()), p)
+    resolved = []
     for i, p in enumerate(params):
-        if p.data_ptr() not in ptr_to_name:
+        match = by_id.get(id(p))
+        if match is None:
+            match = by_storage.get((p.data_ptr(), p.shape, p.stride()))
+        if match is None:
             raise ValueError(
-                f"params[{i}] does not share its storage with a parameter of model_func."
+                f"params[{i}] is not a parameter of model_func and does not share its storage "
+                "with one. Pass tensors from model_func.parameters()."
             )
-        names.append(ptr_to_name[p.data_ptr()])
-    return names
+        resolved.append(match)
+    return resolved
 
 
 def _concatenate_data(
@@ -123,7 +131,8 @@ def _setup(
         output on the concatenated input ``X``, the current flattened parameters (detached)
         and the concatenated data.
     """
-    names = _param_names_by_storage(model_func, params)
+    params = _resolve_parameters(model_func, params)
+    model = make_functional_model(model_func, params)
     (device,) = {p.device for p in params}
     X, y = _concatenate_data(data, input_key, device)
     shapes = [p.shape for p in params]
@@ -140,7 +149,7 @@ def _setup(
             The model output on the concatenated input.
         """
         values = [t.reshape(s) for t, s in zip(theta.split(sizes), shapes)]
-        return functional_call(model_func, dict(zip(names, values)), (X,))
+        return model(values, X)
 
     return output_fn, theta, X, y
 
@@ -188,7 +197,7 @@ def functorch_hessian(
     Args:
         model_func: The model.
         loss_func: The loss function (any reduction-``mean``/``sum`` loss module).
-        params: Parameters of ``model_func`` (located by storage identity).
+        params: Parameters of ``model_func`` (matched by identity; ``.data`` views are accepted).
         data: Iterable of ``(X, y)`` batches, concatenated into one batch.
         input_key: Key of the model input if ``X`` is dict-like. Default: ``None``.
 
@@ -230,7 +239,7 @@ def functorch_ggn(
     Args:
         model_func: The model.
         loss_func: The loss function (any reduction-``mean``/``sum`` loss module).
-        params: Parameters of ``model_func`` (located by storage identity).
+        params: Parameters of ``model_func`` (matched by identity; ``.data`` views are accepted).
         data: Iterable of ``(X, y)`` batches, concatenated into one batch.
         input_key: Key of the model input if ``X`` is dict-like. Default: ``None``.
 
@@ -257,7 +266,7 @@ def functorch_gradient_and_loss(
     Args:
         model_func: The model.
         loss_func: The loss function.
-        params: Parameters of ``model_func`` (located by storage identity).
+        params: Parameters of ``model_func`` (matched by identity; ``.data`` views are accepted).
         data: Iterable of ``(X, y)`` batches, concatenated into one batch.
         input_key: Key of the model input if ``X`` is dict-like. Default: ``None``.
 
@@ -298,7 +307,7 @@ def functorch_empirical_fisher(
     Args:
         model_func: The model.
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-        params: Parameters of ``model_func`` (located by storage identity).
+        params: Parameters of ``model_func`` (matched by identity; ``.data`` views are accepted).
         data: Iterable of ``(X, y)`` batches, concatenated into one batch.
         input_key: Key of the model input if ``X`` is dict-like. Default: ``None``.
 
@@ -309,40 +318,22 @@ def functorch_empirical_fisher(
         NotImplementedError: If the loss function is not supported.
         ValueError: If the loss reduction is not ``"mean"`` or ``"sum"``.
     """
-    if not isinstance(loss_func, (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)):
-        raise NotImplementedError(
-            f"Loss {loss_func.__class__.__name__} is not supported. Supported: MSELoss, "
-            "CrossEntropyLoss, BCEWithLogitsLoss."
-        )
-    if loss_func.reduction not in ("mean", "sum"):
-        raise ValueError(f"Unsupported reduction {loss_func.reduction!r}. Use 'mean' or 'sum'.")
+    strategy = loss_strategy(loss_func, "functorch_empirical_fisher")
+    check_reduction(loss_func)
     output_fn, theta, _, y = _setup(model_func, params, data, input_key)
-    y_flat = _flatten_labels(loss_func, y)
-    loss_none = copy.deepcopy(loss_func)
-    loss_none.reduction = "none"
+    y_flat = strategy.flatten_labels(y)
 
     def row_losses(t: Tensor) -> Tensor:
-        """Compute the sum-reduced loss of every row of the flattened output.
-
-        Args:
-            t: Flattened parameters ``[D]``.
-
-        Returns:
-            The row losses ``[R]``.
-        """
-        output_flat = _to_rows(loss_func, output_fn(t))
-        losses = loss_none(output_flat, y_flat)
-        return losses if isinstance(loss_func, CrossEntropyLoss) else losses.sum(-1)
+        """The sum-reduced loss of every row of the flattened output at parameters ``t``."""
+        return strategy.row_losses(strategy.to_rows(output_fn(t)), y_flat)
 
     with second_order_context():
         G = jacrev(row_losses)(theta).detach()  # [R, D]
-    num_rows = G.shape[0]
-    if loss_func.reduction == "mean":
-        if not isinstance(loss_func, CrossEntropyLoss):
-            num_classes = _to_rows(loss_func, output_fn(theta).detach()).shape[1]
-            G = G / num_classes**0.5
-        return G.T @ G / num_rows
-    return G.T @ G
+    if loss_func.reduction == "sum":
+        return G.T @ G
+    num_classes = strategy.to_rows(output_fn(theta).detach()).shape[1]
+    G = G / strategy.mean_correction(num_classes)
+    return G.T @ G / G.shape[0]
 
 
 def functorch_jacobian(
@@ -355,7 +346,7 @@ def functorch_jacobian(
 
     Args:
         model_func: The model.
-        params: Parameters of ``model_func`` (located by storage identity).
+        params: Parameters of ``model_func`` (matched by identity; ``.data`` views are accepted).
         data: Iterable of ``(X, y)`` batches, concatenated into one batch (``y`` unused).
         input_key: Key of the model input if ``X`` is dict-like. Default: ``None``.
 
