@@ -462,6 +462,42 @@ def seeded_generator(generator: Optional[Generator], device: torch.device, seed:
     return generator.manual_seed(int(seed))
 
 
+class MonteCarloSampling:
+    """Seed, sample count and generator of an operator that draws Monte-Carlo samples.
+
+    A mixin of curvature operators (it needs their ``device``): the generator is re-seeded
+    with ``_seed`` at the start of every pass over the data, so repeated products draw the
+    same samples, operators built with the same seed are coupled, and assigning a new
+    ``_seed`` draws fresh samples from the next product on.
+    """
+
+    def _init_sampling(self, loss_func, seed, mc_samples, operator: str):
+        """Check the loss and the sampling arguments, then store them.
+
+        Args:
+            loss_func: The loss (supported, without options that sampling ignores).
+            seed: Seed of the generator.
+            mc_samples: Number of Monte-Carlo samples per loss term.
+            operator: Name of the operator, for the messages.
+
+        Raises:
+            NotImplementedError: For unsupported losses or loss options sampling ignores.
+            ValueError: If ``seed`` is not an integer seed or ``mc_samples`` is not a
+                positive integer.
+        """
+        loss_strategy(loss_func, operator).check_sampling_options(operator)
+        check_seed(seed)
+        check_positive_integer(
+            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
+        )
+        self._seed, self._mc_samples = seed, mc_samples
+        self._generator: Optional[Generator] = None
+
+    def _start_pass(self):
+        """Seed the generator with ``_seed``: every pass draws the same samples."""
+        self._generator = seeded_generator(self._generator, self.device, self._seed)
+
+
 def _check_2d(output_flat: Tensor):
     if output_flat.ndim != 2:
         raise ValueError(

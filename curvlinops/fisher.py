@@ -37,12 +37,7 @@ from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import EAGER, Autodiff, eager_batch_product, make_functional_model
-from curvlinops._losses import (
-    check_positive_integer,
-    check_seed,
-    loss_strategy,
-    seeded_generator,
-)
+from curvlinops._losses import MonteCarloSampling, check_positive_integer, loss_strategy
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.ggn import prepare_ggn_type_product
 from curvlinops.gradient_moments import OutputGradients, gradient_moments_middle
@@ -130,7 +125,7 @@ def make_batch_fmc_matrix_product(
     return eager_batch_product(prepare)
 
 
-class FisherMCLinearOperator(CurvatureLinearOperator):
+class FisherMCLinearOperator(MonteCarloSampling, CurvatureLinearOperator):
     r"""Linear operator for a Monte-Carlo approximation of the type-I Fisher.
 
     .. math::
@@ -184,14 +179,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             ValueError: If ``mc_samples`` is not a positive integer or ``seed`` is not an
                 integer seed.
         """
-        loss_strategy(loss_func, type(self).__name__).check_sampling_options(type(self).__name__)
-        check_seed(seed)
-        check_positive_integer(
-            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
-        )
-        self._seed = seed
-        self._mc_samples = mc_samples
-        self._generator: Optional[Generator] = None
+        self._init_sampling(loss_func, seed, mc_samples, type(self).__name__)
         super().__init__(
             model_func,
             loss_func,
@@ -202,10 +190,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
         )
-
-    def _start_pass(self):
-        """Seed the generator with ``_seed``: every product draws the same samples."""
-        self._generator = seeded_generator(self._generator, self.device, self._seed)
 
     def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Tensor:
         """The scaled samples of a batch, drawn from an eager forward pass (for ``compile``).
