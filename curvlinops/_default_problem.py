@@ -7,9 +7,9 @@ own centre with a class-specific non-linear twist. :func:`synthetic_classificati
 seeded generator the file was made with; ``python -m curvlinops._default_problem`` rewrites
 the file from it.
 
-The model, a 10-32-32-4 tanh MLP in float64, is trained for 200 full-batch Adam steps (one to
-two seconds on one core), so the report shows the curvature of a trained network (about 99.8%
-training accuracy) rather than of a random one. Everything is deterministic: the same seed
+The model, a 10-32-32-4 tanh MLP in float64, is trained for 200 full-batch Adam steps, so the
+report shows the curvature of a trained network (about 99.8% training accuracy) rather than of
+a random one. Everything is deterministic: the same seed
 gives the same weights and report.
 """
 

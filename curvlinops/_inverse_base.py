@@ -5,11 +5,10 @@ from typing import List
 import torch
 from torch import Tensor
 
-from curvlinops._torch_base import PyTorchLinearOperator
-from curvlinops._wrapping import _WrappingLinearOperator
+from curvlinops._torch_base import PyTorchLinearOperator, _DelegatingLinearOperator
 
 
-class _InversePyTorchLinearOperator(_WrappingLinearOperator):
+class _InversePyTorchLinearOperator(_DelegatingLinearOperator):
     """Base of operators that approximate the inverse of a square operator ``A``.
 
     The inverse acts on the spaces of ``A`` (which must coincide), multiplies in ``A``'s

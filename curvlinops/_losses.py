@@ -84,11 +84,7 @@ def check_supported_loss(loss_func, operator: str):
         loss_func: The loss function.
         operator: Name of the operator, for the message.
     """
-    if not isinstance(loss_func, SUPPORTED_LOSSES):
-        raise NotImplementedError(
-            f"{operator} supports {', '.join(c.__name__ for c in SUPPORTED_LOSSES)}; got "
-            f"{type(loss_func).__name__}."
-        )
+    loss_strategy(loss_func, operator)
 
 
 class LossStrategy:
@@ -152,6 +148,10 @@ class LossStrategy:
         """Flatten labels like :meth:`to_rows` flattens outputs: ``[R]`` indices or ``[R, C]``."""
         return self.to_rows(y)
 
+    def flatten(self, output: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """A batch's output and labels in the 2-d view: ``[R, C]`` and ``[R]`` or ``[R, C]``."""
+        return self.to_rows(output), self.flatten_labels(y)
+
     def num_rows(self, y: Tensor) -> int:
         """Number of loss terms (output rows) of a batch with labels ``y``."""
         return y.shape[:-1].numel()
@@ -180,6 +180,12 @@ class LossStrategy:
         return sqrt(num_classes)
 
     # ------------------------------------------------------------- curvature
+    def sum_loss(self):
+        """A copy of the loss with ``reduction='sum'`` (its other options kept)."""
+        loss_sum = copy.copy(self.loss_func)
+        loss_sum.reduction = "sum"
+        return loss_sum
+
     def row_losses(self, output_flat: Tensor, y_flat: Tensor) -> Tensor:
         """The sum-reduced loss of every row, ``[R]`` (differentiable)."""
         unreduced = copy.copy(self.loss_func)
@@ -190,7 +196,7 @@ class LossStrategy:
         """Gradients of each row's sum-reduced loss w.r.t. that row of the output, ``[R, C]``."""
         f = output_flat.detach().requires_grad_()
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(sum_reduced(self.loss_func)(f, y_flat), f)
+            (grad,) = torch.autograd.grad(self.sum_loss()(f, y_flat), f)
         return grad
 
     def hessian_sqrt_columns(self, output_flat: Tensor) -> Tensor:
@@ -362,7 +368,11 @@ class BCEWithLogitsStrategy(LossStrategy):
         return output_flat.sigmoid() - labels
 
     def check_targets(self, y: Tensor, what: str):
-        check_binary_targets(y, what)
+        if not torch.logical_or(y == 0, y == 1).all():
+            raise NotImplementedError(
+                f"{what} with BCEWithLogitsLoss requires binary targets (0 or 1); got "
+                "non-binary values."
+            )
 
 
 _STRATEGIES = (MSEStrategy, CrossEntropyStrategy, BCEWithLogitsStrategy)
@@ -396,7 +406,8 @@ def loss_strategy(loss_func, operator: str = "This operator") -> LossStrategy:
 
 
 # ------------------------------------------------------------------ function interface
-# Thin wrappers around the strategies, kept for the modules that import them.
+# Thin wrappers around the strategies, kept only for callers outside this cleanup's files
+# (kfac.py, diagonal/exact.py, approximations.py); new code calls ``loss_strategy(...)``.
 
 
 def check_sampling_options(loss_func, operator: str):
@@ -410,19 +421,9 @@ def check_sampling_options(loss_func, operator: str):
         loss_strategy(loss_func).check_sampling_options(operator)
 
 
-def to_rows(loss_func, T: Tensor, num_leading: int = 0) -> Tensor:
-    """See :meth:`LossStrategy.to_rows`."""
-    return loss_strategy(loss_func).to_rows(T, num_leading)
-
-
 def from_rows(loss_func, rows: Tensor, shape: torch.Size, num_leading: int = 0) -> Tensor:
     """See :meth:`LossStrategy.from_rows`."""
     return loss_strategy(loss_func).from_rows(rows, shape, num_leading)
-
-
-def flatten_labels(loss_func, y: Tensor) -> Tensor:
-    """See :meth:`LossStrategy.flatten_labels`."""
-    return loss_strategy(loss_func).flatten_labels(y)
 
 
 def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
@@ -431,8 +432,7 @@ def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Ten
     Returns:
         Output ``[R, C]`` and labels ``[R]`` (class indices) or ``[R, C]``.
     """
-    strategy = loss_strategy(loss_func)
-    return strategy.to_rows(output), strategy.flatten_labels(y)
+    return loss_strategy(loss_func).flatten(output, y)
 
 
 def num_terms_normalization(loss_func, output_flat: Tensor) -> float:
@@ -440,25 +440,9 @@ def num_terms_normalization(loss_func, output_flat: Tensor) -> float:
     return loss_strategy(loss_func).normalization(output_flat)
 
 
-def sum_reduced(loss_func):
-    """A copy of the loss with ``reduction='sum'`` (other options kept)."""
-    loss_sum = copy.copy(loss_func)
-    loss_sum.reduction = "sum"
-    return loss_sum
-
-
 def row_loss_gradients(loss_func, output_flat: Tensor, y_flat: Tensor) -> Tensor:
     """See :meth:`LossStrategy.row_gradients`."""
     return loss_strategy(loss_func).row_gradients(output_flat, y_flat)
-
-
-def check_binary_targets(y: Tensor, what: str):
-    """Raise ``NotImplementedError`` if BCE targets are not all 0 or 1."""
-    if not torch.logical_or(y == 0, y == 1).all():
-        raise NotImplementedError(
-            f"{what} with BCEWithLogitsLoss requires binary targets (0 or 1); got "
-            "non-binary values."
-        )
 
 
 def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
@@ -476,6 +460,42 @@ def seeded_generator(generator: Optional[Generator], device: torch.device, seed:
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
     return generator.manual_seed(int(seed))
+
+
+class MonteCarloSampling:
+    """Seed, sample count and generator of an operator that draws Monte-Carlo samples.
+
+    A mixin of curvature operators (it needs their ``device``): the generator is re-seeded
+    with ``_seed`` at the start of every pass over the data, so repeated products draw the
+    same samples, operators built with the same seed are coupled, and assigning a new
+    ``_seed`` draws fresh samples from the next product on.
+    """
+
+    def _init_sampling(self, loss_func, seed, mc_samples, operator: str):
+        """Check the loss and the sampling arguments, then store them.
+
+        Args:
+            loss_func: The loss (supported, without options that sampling ignores).
+            seed: Seed of the generator.
+            mc_samples: Number of Monte-Carlo samples per loss term.
+            operator: Name of the operator, for the messages.
+
+        Raises:
+            NotImplementedError: For unsupported losses or loss options sampling ignores.
+            ValueError: If ``seed`` is not an integer seed or ``mc_samples`` is not a
+                positive integer.
+        """
+        loss_strategy(loss_func, operator).check_sampling_options(operator)
+        check_seed(seed)
+        check_positive_integer(
+            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
+        )
+        self._seed, self._mc_samples = seed, mc_samples
+        self._generator: Optional[Generator] = None
+
+    def _start_pass(self):
+        """Seed the generator with ``_seed``: every pass draws the same samples."""
+        self._generator = seeded_generator(self._generator, self.device, self._seed)
 
 
 def _check_2d(output_flat: Tensor):
@@ -539,11 +559,6 @@ def draw_label(loss_func, output_flat: Tensor, generator: Optional[Generator]) -
     """
     _check_2d(output_flat)
     return loss_strategy(loss_func, "Label sampling").draw_label(output_flat, generator)
-
-
-def label_grad_outputs(loss_func, output_flat: Tensor, labels: Tensor) -> Tensor:
-    """See :meth:`LossStrategy.label_gradients`."""
-    return loss_strategy(loss_func).label_gradients(output_flat, labels)
 
 
 def kfac_mc_grad_outputs(

@@ -418,34 +418,56 @@ def _check_same_spaces(A: PyTorchLinearOperator, B: PyTorchLinearOperator, in_B_
         raise ValueError(f"Operators have different dtypes: {A.dtype}, {B.dtype}.")
 
 
-class _CompositeLinearOperator(PyTorchLinearOperator):
-    """A lazy composite that reports the device and dtype of its first operand ``_A``."""
+class _DelegatingLinearOperator(PyTorchLinearOperator):
+    """An operator built around an operand ``_A``: another operator or a tensor.
 
-    _A: PyTorchLinearOperator
+    The one place where such operators (lazy composites, inverses, sub-matrices, the example
+    operators over a stored matrix) get their device, dtype and compilation: they live on
+    ``_A``'s device, in ``_A``'s dtype. ``compile`` compiles the operands that are operators
+    (the attributes named in ``_OPERANDS``) in place, so what this operator does around
+    their products (a sum, a solver's iteration, an index selection) stays eager; an operator
+    whose operands are all tensors compiles its own product instead.
 
-    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
-        """Compile the operands' products in place; the composition itself stays eager.
+    Attributes:
+        _OPERANDS: Names of the attributes holding the operands (missing ones are skipped).
+    """
 
-        Args:
-            **compile_kwargs: Passed on to each operand's ``compile``.
-
-        Returns:
-            The composite itself.
-        """
-        for operand in (self._A, getattr(self, "_B", None)):
-            if isinstance(operand, PyTorchLinearOperator):
-                operand.compile(**compile_kwargs)
-        return self
+    _A: Union[PyTorchLinearOperator, Tensor]
+    _OPERANDS: Tuple[str, ...] = ("_A",)
 
     @property
     def device(self) -> torch.device:
-        """The first operand's device."""
+        """The device of ``_A``."""
         return self._A.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The first operand's dtype."""
+        """The dtype of ``_A``."""
         return self._A.dtype
+
+    def compile(self, **compile_kwargs) -> "PyTorchLinearOperator":
+        """Compile the operand operators' products in place, or else this operator's product.
+
+        Args:
+            **compile_kwargs: Passed on to each operand's ``compile`` (or ``torch.compile``).
+
+        Returns:
+            The operator itself.
+        """
+        operands = [getattr(self, name, None) for name in self._OPERANDS]
+        operators = [op for op in operands if isinstance(op, PyTorchLinearOperator)]
+        if not operators:
+            return super().compile(**compile_kwargs)
+        for operator in operators:
+            operator.compile(**compile_kwargs)
+        return self
+
+
+class _CompositeLinearOperator(_DelegatingLinearOperator):
+    """A lazy composite of ``_A`` (and ``_B``), on the device and in the dtype of ``_A``."""
+
+    _A: PyTorchLinearOperator
+    _OPERANDS = ("_A", "_B")
 
 
 class _SumLinearOperator(_CompositeLinearOperator):

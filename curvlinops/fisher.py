@@ -37,17 +37,7 @@ from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import EAGER, Autodiff, eager_batch_product, make_functional_model
-from curvlinops._losses import (
-    check_binary_targets,
-    check_positive_integer,
-    check_sampling_options,
-    check_seed,
-    check_supported_loss,
-    fisher_mc_grad_samples,
-    flatten_output_and_labels,
-    num_terms_normalization,
-    seeded_generator,
-)
+from curvlinops._losses import MonteCarloSampling, check_positive_integer, loss_strategy
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.ggn import prepare_ggn_type_product
 from curvlinops.gradient_moments import OutputGradients, gradient_moments_middle
@@ -69,7 +59,7 @@ def make_grad_output_sampler(
         NotImplementedError: For unsupported losses (also raised by the sampler for a
             non-2-d output, or BCE with non-binary targets ``y``).
     """
-    check_supported_loss(loss_func, "make_grad_output_sampler")
+    strategy = loss_strategy(loss_func, "make_grad_output_sampler")
 
     def sampler(
         output: Tensor, num_samples: int, y: Tensor, generator: Optional[Generator]
@@ -80,9 +70,8 @@ def make_grad_output_sampler(
                 f"Expected a 2-d output [rows, classes], got {list(output.shape)}. "
                 "Flatten sequence outputs into rows first."
             )
-        if isinstance(loss_func, BCEWithLogitsLoss):
-            check_binary_targets(y, "FisherMCLinearOperator")
-        return fisher_mc_grad_samples(loss_func, output.detach(), num_samples, generator)
+        strategy.check_targets(y, "FisherMCLinearOperator")
+        return strategy.grad_samples(output.detach(), num_samples, generator)
 
     return sampler
 
@@ -101,10 +90,11 @@ def sampled_output_gradients(
         ``output_grads(output_flat, y_flat)``.
     """
     sampler = make_grad_output_sampler(loss_func)
+    strategy = loss_strategy(loss_func)
 
     def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
         grads = sampler(output_flat, mc_samples, y_flat, generator)
-        return (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5 * grads
+        return (mc_samples * strategy.normalization(output_flat)) ** -0.5 * grads
 
     return output_grads
 
@@ -124,18 +114,18 @@ def make_batch_fmc_matrix_product(
         format (entries ``[*p.shape, K]``). One draw of ``mc_samples`` samples per call
         serves all columns.
     """
-    check_supported_loss(loss_func, "make_grad_output_sampler")
+    strategy = loss_strategy(loss_func, "make_grad_output_sampler")
     f = make_functional_model(model_func, params)
 
     def prepare(X, y: Tensor, mc_samples: int, generator: Optional[Generator]):
         output_grads = sampled_output_gradients(loss_func, mc_samples, generator)
-        middle = gradient_moments_middle(loss_func, output_grads)
+        middle = gradient_moments_middle(strategy, output_grads)
         return prepare_ggn_type_product(EAGER, f, params, X, y, middle)
 
     return eager_batch_product(prepare)
 
 
-class FisherMCLinearOperator(CurvatureLinearOperator):
+class FisherMCLinearOperator(MonteCarloSampling, CurvatureLinearOperator):
     r"""Linear operator for a Monte-Carlo approximation of the type-I Fisher.
 
     .. math::
@@ -189,15 +179,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             ValueError: If ``mc_samples`` is not a positive integer or ``seed`` is not an
                 integer seed.
         """
-        check_supported_loss(loss_func, type(self).__name__)
-        check_sampling_options(loss_func, type(self).__name__)
-        check_seed(seed)
-        check_positive_integer(
-            mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
-        )
-        self._seed = seed
-        self._mc_samples = mc_samples
-        self._generator: Optional[Generator] = None
+        self._init_sampling(loss_func, seed, mc_samples, type(self).__name__)
         super().__init__(
             model_func,
             loss_func,
@@ -209,10 +191,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             batch_size_fn=batch_size_fn,
         )
 
-    def _start_pass(self):
-        """Seed the generator with ``_seed``: every product draws the same samples."""
-        self._generator = seeded_generator(self._generator, self.device, self._seed)
-
     def _untraced_state(self, X: Union[Tensor, MutableMapping], y: Tensor) -> Tensor:
         """The scaled samples of a batch, drawn from an eager forward pass (for ``compile``).
 
@@ -221,7 +199,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         """
         with torch.no_grad():
             output = self._functional_model(self._params, X)
-        output_flat, y_flat = flatten_output_and_labels(self._loss_func, output, y)
+        output_flat, y_flat = loss_strategy(self._loss_func).flatten(output, y)
         return self._output_gradients()(output_flat, y_flat)
 
     def _output_gradients(self) -> OutputGradients:
@@ -235,6 +213,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             output_grads = self._output_gradients()
         else:  # traced: the samples were drawn outside (see _untraced_state)
             output_grads = lambda output_flat, y_flat: ad.state  # noqa: E731
-        middle = gradient_moments_middle(self._loss_func, output_grads)
+        middle = gradient_moments_middle(loss_strategy(self._loss_func), output_grads)
         values = ad.values(self._params)
         return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)

@@ -28,14 +28,7 @@ from torch import Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import EAGER, Autodiff, eager_batch_product, make_functional_model
-from curvlinops._losses import (
-    check_supported_loss,
-    flatten_output_and_labels,
-    from_rows,
-    num_terms_normalization,
-    sum_reduced,
-    to_rows,
-)
+from curvlinops._losses import LossStrategy, loss_strategy
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.ggn import MakeMiddleFactor, MiddleFactor, prepare_ggn_type_product
 
@@ -43,31 +36,33 @@ from curvlinops.ggn import MakeMiddleFactor, MiddleFactor, prepare_ggn_type_prod
 OutputGradients = Callable[[Tensor, Tensor], Tensor]
 
 
-def apply_gradient_moments(loss_func, grads: Tensor, JM: Tensor) -> Tensor:
+def apply_gradient_moments(strategy: LossStrategy, grads: Tensor, JM: Tensor) -> Tensor:
     """Apply ``sum_r e_r e_r^T (x) G_r G_r^T`` to ``JM`` (leading column axis).
 
     Args:
-        loss_func: The loss function (decides the 2-d row view).
+        strategy: The loss's strategy (decides the 2-d row view).
         grads: Output gradients per row, ``[M, R, C]``.
         JM: Output-shaped columns ``[K, *output.shape]``.
 
     Returns:
         The result, shaped like ``JM``.
     """
-    JM_rows = to_rows(loss_func, JM, num_leading=1)  # [K, R, C]
+    JM_rows = strategy.to_rows(JM, num_leading=1)  # [K, R, C]
     coefficients = torch.einsum("mrc,krc->kmr", grads, JM_rows)
     T_rows = torch.einsum("kmr,mrc->krc", coefficients, grads)
-    return from_rows(loss_func, T_rows, JM.shape, num_leading=1)
+    return strategy.from_rows(T_rows, JM.shape, num_leading=1)
 
 
-def gradient_moments_middle(loss_func, output_grads: OutputGradients) -> MakeMiddleFactor:
+def gradient_moments_middle(
+    strategy: LossStrategy, output_grads: OutputGradients
+) -> MakeMiddleFactor:
     r"""The middle factor of the empirical and the Monte-Carlo Fisher.
 
     :math:`\sum_r \mathbf{e}_r\mathbf{e}_r^\top \otimes \mathbf{G}_r \mathbf{G}_r^\top`
     with the ``[M, C]`` output gradients :math:`\mathbf{G}_r` of row :math:`r`.
 
     Args:
-        loss_func: The loss function (decides the 2-d row view).
+        strategy: The loss's strategy (decides the 2-d row view).
         output_grads: ``(output_flat, y_flat) -> [M, R, C]``, the pre-scaled output
             gradients :math:`\mathbf{G}_r` of each row, called once per batch.
 
@@ -76,10 +71,10 @@ def gradient_moments_middle(loss_func, output_grads: OutputGradients) -> MakeMid
     """
 
     def make_middle(output: Tensor, y: Tensor) -> MiddleFactor:
-        grads = output_grads(*flatten_output_and_labels(loss_func, output, y))
+        grads = output_grads(*strategy.flatten(output, y))
 
         def middle(JM: Tensor, batched: bool) -> Tensor:
-            T = apply_gradient_moments(loss_func, grads, JM if batched else JM.unsqueeze(0))
+            T = apply_gradient_moments(strategy, grads, JM if batched else JM.unsqueeze(0))
             return T if batched else T.squeeze(0)
 
         return middle
@@ -87,12 +82,12 @@ def gradient_moments_middle(loss_func, output_grads: OutputGradients) -> MakeMid
     return make_middle
 
 
-def ef_output_gradients(ad: Autodiff, loss_func, row_loss) -> OutputGradients:
+def ef_output_gradients(ad: Autodiff, strategy: LossStrategy, row_loss) -> OutputGradients:
     r"""The EF's output factor: row gradients scaled by :math:`c_b^{-1/2}`, ``[1, R, C]``.
 
     Args:
         ad: The autodiff implementation.
-        loss_func: The loss function (its reduction decides :math:`c_b`).
+        strategy: The loss's strategy (its reduction decides :math:`c_b`).
         row_loss: The loss with ``reduction='sum'``, whose gradient w.r.t. the flattened
             output holds each row's gradient (built once, outside traced code).
 
@@ -102,7 +97,7 @@ def ef_output_gradients(ad: Autodiff, loss_func, row_loss) -> OutputGradients:
 
     def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
         (grads,) = ad.grad(lambda out: row_loss(out, y_flat))(output_flat)
-        scale = num_terms_normalization(loss_func, output_flat) ** -0.5
+        scale = strategy.normalization(output_flat) ** -0.5
         return (scale * grads).unsqueeze(0)
 
     return output_grads
@@ -122,10 +117,10 @@ def make_batch_ef_matrix_product(
         ``ef_matrix_product(X, y, *M, max_columns=16)`` in list format (entries
         ``[*p.shape, K]``).
     """
-    check_supported_loss(loss_func, "EFLinearOperator")
+    strategy = loss_strategy(loss_func, "EFLinearOperator")
     f = make_functional_model(model_func, params)
     middle = gradient_moments_middle(
-        loss_func, ef_output_gradients(EAGER, loss_func, sum_reduced(loss_func))
+        strategy, ef_output_gradients(EAGER, strategy, strategy.sum_loss())
     )
     return eager_batch_product(
         lambda X, y: prepare_ggn_type_product(EAGER, f, params, X, y, middle)
@@ -155,14 +150,15 @@ class EFLinearOperator(CurvatureLinearOperator):
     @cached_property
     def _row_loss(self):
         """The loss with ``reduction='sum'`` (checked to be supported; built once)."""
-        check_supported_loss(self._loss_func, type(self).__name__)
-        return sum_reduced(self._loss_func)
+        return loss_strategy(self._loss_func, type(self).__name__).sum_loss()
 
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
     ) -> Callable[[List[Tensor]], List[Tensor]]:
         """Forward pass and row gradients, then ``J^T (rank-one rows) J`` per chunk."""
-        output_grads = ef_output_gradients(ad, self._loss_func, self._row_loss)
-        middle = gradient_moments_middle(self._loss_func, output_grads)
+        row_loss = self._row_loss  # first: names this operator if the loss is unsupported
+        strategy = loss_strategy(self._loss_func)
+        output_grads = ef_output_gradients(ad, strategy, row_loss)
+        middle = gradient_moments_middle(strategy, output_grads)
         values = ad.values(self._params)
         return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)

@@ -243,7 +243,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             params,
             data,
             progressbar=progressbar,
-            check_deterministic=False,
+            check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
         )
@@ -252,8 +252,6 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             if num_per_example_loss_terms is None
             else num_per_example_loss_terms
         )
-        if check_deterministic:
-            self._check_deterministic()
 
     # ----------------------------------------------------------------- set-up
     # The contract keeps the values as passed; their members are parsed once per assignment.

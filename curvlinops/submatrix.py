@@ -12,11 +12,10 @@ from typing import List
 import torch
 from torch import Tensor
 
-from curvlinops._torch_base import PyTorchLinearOperator
-from curvlinops._wrapping import _WrappingLinearOperator
+from curvlinops._torch_base import PyTorchLinearOperator, _DelegatingLinearOperator
 
 
-class SubmatrixLinearOperator(_WrappingLinearOperator):
+class SubmatrixLinearOperator(_DelegatingLinearOperator):
     """The sub-matrix ``A[row_idxs][:, col_idxs]`` of an operator ``A``.
 
     It has ``A``'s device and dtype; compiling it compiles ``A``'s products (selecting rows

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvlinops._autodiff import make_functional_model
-from curvlinops._losses import flatten_labels, to_rows
+from curvlinops._losses import loss_strategy
 
 
 def split_list(x: Union[list, tuple], sizes: List[int]) -> List[list]:
@@ -274,7 +274,9 @@ def make_functional_flattened_model_and_loss(
         Returns:
             The flattened output of shape ``[rows, C]``.
         """
-        return to_rows(loss_func, f(*params_and_X))
+        return loss_strategy(loss_func, "make_functional_flattened_model_and_loss").to_rows(
+            f(*params_and_X)
+        )
 
     def c_flat(output_flat: Tensor, y: Tensor) -> Tensor:
         """Evaluate the loss on a flattened output with flattened labels.
@@ -286,6 +288,9 @@ def make_functional_flattened_model_and_loss(
         Returns:
             The loss.
         """
-        return c(output_flat, flatten_labels(loss_func, y))
+        y_flat = loss_strategy(
+            loss_func, "make_functional_flattened_model_and_loss"
+        ).flatten_labels(y)
+        return c(output_flat, y_flat)
 
     return f_flat, c_flat

@@ -12,7 +12,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from curvlinops._torch_base import PyTorchLinearOperator
+from curvlinops._torch_base import PyTorchLinearOperator, _DelegatingLinearOperator
 
 __all__ = [
     "PyTorchLinearOperator",
@@ -22,8 +22,11 @@ __all__ = [
 ]
 
 
-class TensorLinearOperator(PyTorchLinearOperator):
-    """Linear operator wrapping a dense matrix ``A`` of shape ``[M, N]``."""
+class TensorLinearOperator(_DelegatingLinearOperator):
+    """Linear operator wrapping a dense matrix ``A`` of shape ``[M, N]``.
+
+    It lives on the device and in the dtype of ``A``.
+    """
 
     def __init__(self, A: Tensor):
         """Wrap a matrix.
@@ -39,16 +42,6 @@ class TensorLinearOperator(PyTorchLinearOperator):
         super().__init__([(A.shape[1],)], [(A.shape[0],)])
         self._A = A
         self.SELF_ADJOINT = A.shape[0] == A.shape[1] and torch.allclose(A, A.mH)
-
-    @property
-    def device(self) -> torch.device:
-        """The matrix's device."""
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The matrix's dtype."""
-        return self._A.dtype
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return [self._A @ X[0]]
@@ -106,8 +99,11 @@ class IdentityLinearOperator(PyTorchLinearOperator):
         return X
 
 
-class OuterProductLinearOperator(PyTorchLinearOperator):
-    """The matrix ``sum_i c_i a_i a_i^T`` (weights ``c`` ``[K]``, columns ``A`` ``[D, K]``)."""
+class OuterProductLinearOperator(_DelegatingLinearOperator):
+    """The matrix ``sum_i c_i a_i a_i^T`` (weights ``c`` ``[K]``, columns ``A`` ``[D, K]``).
+
+    It lives on the device and in the dtype of ``A``.
+    """
 
     SELF_ADJOINT: bool = True
 
@@ -132,16 +128,6 @@ class OuterProductLinearOperator(PyTorchLinearOperator):
             )
         super().__init__([(A.shape[0],)], [(A.shape[0],)])
         self._c, self._A = c, A
-
-    @property
-    def device(self) -> torch.device:
-        """The device of ``A``."""
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of ``A``."""
-        return self._A.dtype
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         return [self._A @ (self._c.unsqueeze(-1) * (self._A.mT @ X[0]))]

@@ -1,0 +1,59 @@
+"""The strategy methods that replaced the function wrappers of ``curvlinops._losses``."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvlinops._losses import MonteCarloSampling, loss_strategy
+from curvlinops.fisher import FisherMCLinearOperator, make_grad_output_sampler
+
+DT = torch.float64
+
+
+def test_flatten_matches_to_rows_and_flatten_labels():
+    gen = torch.Generator().manual_seed(0)
+    output = torch.randn(2, 3, 5, dtype=DT, generator=gen)  # [B, C, S] for cross-entropy
+    y = torch.randint(0, 3, (2, 5), generator=gen)
+    strategy = loss_strategy(nn.CrossEntropyLoss())
+    output_flat, y_flat = strategy.flatten(output, y)
+    assert torch.equal(output_flat, output.movedim(1, -1).reshape(-1, 3))
+    assert torch.equal(y_flat, y.reshape(-1))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    torch.testing.assert_close(loss(output_flat, y_flat), loss(output, y), rtol=1e-14, atol=0)
+
+
+def test_sum_loss_keeps_options_and_leaves_the_loss_alone():
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    summed = loss_strategy(loss).sum_loss()
+    assert summed.reduction == "sum" and loss.reduction == "mean"
+    assert summed.weight is weight and summed.label_smoothing == 0.1
+
+
+def test_bce_sampler_checks_targets_through_the_strategy():
+    sampler = make_grad_output_sampler(nn.BCEWithLogitsLoss())
+    f = torch.zeros(4, 2, dtype=DT)
+    with pytest.raises(NotImplementedError, match="binary targets"):
+        sampler(f, 1, torch.full((4, 2), 0.5, dtype=DT), None)
+    assert sampler(f, 3, torch.ones(4, 2, dtype=DT), torch.Generator()).shape == (3, 4, 2)
+    # the other losses accept any target
+    make_grad_output_sampler(nn.MSELoss())(f, 1, torch.full((4, 2), 0.5, dtype=DT), None)
+
+
+def test_monte_carlo_sampling_reseeds_every_pass():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    data = [(torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT))]
+    F = FisherMCLinearOperator(model, nn.MSELoss(), list(model.parameters()), data, seed=3)
+    assert isinstance(F, MonteCarloSampling)
+    v = torch.randn(F.shape[1], dtype=DT)
+    first, second = F @ v, F @ v
+    torch.testing.assert_close(first, second, rtol=1e-13, atol=1e-13)
+    F._seed = 4
+    assert not torch.allclose(F @ v, first)
+    with pytest.raises(ValueError, match="mc_samples"):
+        FisherMCLinearOperator(model, nn.MSELoss(), list(model.parameters()), data, mc_samples=0)
+    with pytest.raises(NotImplementedError, match="FisherMCLinearOperator"):
+        FisherMCLinearOperator(
+            model, nn.CrossEntropyLoss(label_smoothing=0.1), list(model.parameters()), data
+        )
