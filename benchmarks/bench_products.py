@@ -36,6 +36,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -46,7 +47,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import curvlinops
+# Measure the tree these benchmarks live in, not whichever curvlinops is installed: the
+# scripts' own folder comes first on sys.path, so an editable install of another checkout would
+# otherwise win.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import curvlinops  # noqa: E402
 from curvlinops import (
     EFLinearOperator,
     FisherMCLinearOperator,
