@@ -61,7 +61,7 @@ def per_layer_floor(kfac: KFACLinearOperator, left: dict, right: dict, V: dict) 
 def layer_blocks(kfac: KFACLinearOperator, K: int) -> dict:
     """Random per-layer column blocks, columns first: ``[K, d_out, d_in]`` or ``[K, d_out, 1]``."""
     blocks = {}
-    for name, kind, positions in kfac._blocks():
+    for name, kind, positions in kfac._layout():
         p = kfac._params[positions[0]]
         n = 1 if kind == "bias" else p[0].numel()
         blocks[name, kind] = torch.randn(K, p.shape[0], n)
