@@ -40,6 +40,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from curvlinops import _distributed
 from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
@@ -623,6 +624,10 @@ def _guarded_init(init: Callable) -> Callable:
 
     @functools.wraps(init)
     def guarded(self, *args, **kwargs):
+        if self.__dict__.get("_init_depth", 0) == 0 and "process_group" not in signature.parameters:
+            group = _distributed.check_process_group(kwargs.pop("process_group", None))
+            args, kwargs = _data_parallel_arguments(self, group, args, kwargs)
+            self.__dict__["_process_group"] = group
         try:
             arguments = signature.bind_partial(self, *args, **kwargs).arguments
         except TypeError:  # let the constructor report its own signature errors
@@ -632,11 +637,13 @@ def _guarded_init(init: Callable) -> Callable:
         model = args[0] if args else kwargs.get("model_func")
         depth = self.__dict__.get("_init_depth", 0)
         self.__dict__["_init_depth"] = depth + 1
+        group = self.__dict__.get("_process_group") if depth == 0 else None
         try:
-            with guarded_models([model] if isinstance(model, nn.Module) else []):
-                init(self, *args, **kwargs)
-                if depth == 0:
-                    self._finish_init()
+            with _distributed.agreement(group, f"Constructing {type(self).__name__}"):
+                with guarded_models([model] if isinstance(model, nn.Module) else []):
+                    init(self, *args, **kwargs)
+                    if depth == 0:
+                        self._finish_init()
         finally:
             if depth == 0:
                 del self.__dict__["_init_depth"]
@@ -644,7 +651,40 @@ def _guarded_init(init: Callable) -> Callable:
                 self.__dict__["_init_depth"] = depth
 
     guarded._curvlinops_guarded = True
+    if "process_group" not in signature.parameters:  # the extra keyword every operator takes
+        parameters = list(signature.parameters.values())
+        position = next(
+            (i for i, q in enumerate(parameters) if q.kind is inspect.Parameter.VAR_KEYWORD),
+            len(parameters),
+        )
+        parameters.insert(
+            position,
+            inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None),
+        )
+        guarded.__signature__ = signature.replace(parameters=parameters)
     return guarded
+
+
+def _data_parallel_arguments(op, group, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """Check that ``op`` supports ``process_group`` and unwrap a DDP model argument.
+
+    Raises:
+        NotImplementedError: For operators that do not sum over the data (Jacobians) with a
+            process group, and for sharded-parameter models (see
+            :func:`curvlinops._distributed.unwrap_model`).
+    """
+    if group is not None and type(op)._combine is not BatchProducts._combine:
+        raise NotImplementedError(
+            f"{type(op).__name__} does not support process_group: its output space is the "
+            "concatenation of all data points' outputs, which data parallelism would have to "
+            "all-gather (uneven sizes) and slice; it is not a sum over the data. Build it per "
+            "shard without process_group."
+        )
+    if args:
+        args = (_distributed.unwrap_model(args[0], group), *args[1:])
+    elif "model_func" in kwargs:
+        kwargs = {**kwargs, "model_func": _distributed.unwrap_model(kwargs["model_func"], group)}
+    return args, kwargs
 
 
 class _DeterminismCheck:
@@ -777,6 +817,8 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
     SUPPORTS_BLOCKS: bool = False
     FIXED_DATA_ORDER: bool = False
     MAX_COLUMNS_PER_CHUNK: int = MAX_COLUMNS_PER_CHUNK
+    #: ``process_group`` keyword (see :mod:`curvlinops._distributed`); ``None``: one process.
+    _process_group = None
 
     def __init_subclass__(cls, **kwargs):
         """Guard every subclass constructor like the base one (lock, buffers restored)."""
@@ -861,11 +903,18 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
             if total <= 0:
                 raise ValueError(f"num_data must be positive, got {total}.")
             self._num_data = total
+        if self._process_group is not None and not self.__dict__.get("_num_data_summed"):
+            # this rank's count (given or measured) -> the union's, once per operator
+            self._num_data = _distributed.all_reduce_int(
+                self._num_data, self._process_group, "Summing num_data"
+            )
+            self.__dict__["_num_data_summed"] = True
         return self._num_data
 
     @_N_data.setter
     def _N_data(self, value: int):
         self._num_data = int(value)
+        self.__dict__["_num_data_summed"] = True  # set explicitly: already the union's
 
     def _ensure_spaces(self):
         """Build the input and output spaces from the shape hooks, if not done yet."""
@@ -1062,8 +1111,12 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
         """
         if self._loss_func is None:
             raise ValueError("gradient_and_loss needs a loss function, got None.")
+        group = self._process_group
         with guarded_models(self._models()):
-            return self._gradient_and_loss()
+            with _distributed.agreement(group, "gradient_and_loss"):
+                gradient, loss = self._gradient_and_loss()
+            _distributed.all_reduce_([*gradient, loss], group, "Summing gradient_and_loss")
+            return gradient, loss
 
     def _gradient_and_loss(self) -> Tuple[List[Tensor], Tensor]:
         """:meth:`gradient_and_loss` without the model guard."""
