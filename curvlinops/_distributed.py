@@ -256,3 +256,37 @@ def _is_sharded(model: nn.Module) -> bool:
     ):
         return True
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def operator_group(A) -> Optional[object]:
+    """The process group of an operator or of an operator it holds (``None`` if none).
+
+    Composites, inverses and sub-matrices hold their data-driven operators as attributes.
+    """
+    stack, seen = [A], set()
+    while stack:
+        op = stack.pop()
+        if id(op) in seen or not hasattr(op, "__dict__"):
+            continue
+        seen.add(id(op))
+        group = vars(op).get("_process_group", getattr(type(op), "_process_group", None))
+        if group is not None:
+            return group
+        for name, value in vars(op).items():
+            if hasattr(value, "_matmat"):
+                stack.append(value)
+            elif type(value) in (list, tuple) and name not in ("_data", "_params"):
+                stack.extend(v for v in value if hasattr(v, "_matmat"))
+    return None
+
+
+def shared_draw(A, tensor: Tensor) -> Tensor:
+    """Random numbers drawn for ``A``, made identical on all ranks (rank 0's are broadcast).
+
+    Iterative methods on a data-parallel operator then take the same path on every rank (same
+    products, same number of collectives). Without a process group, ``tensor`` is returned.
+    """
+    group = operator_group(A)
+    if group is None:
+        return tensor
+    return broadcast_([tensor], group, "Sharing random vectors")[0]

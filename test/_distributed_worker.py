@@ -175,20 +175,26 @@ def kfac_family(tag: str, c, mine, group):
 
 
 def three_ranks(rank: int, world: int):
-    """Three ranks, one batch each: GGN products and KFAC."""
+    """Three ranks, one batch each: GGN products, KFAC, unseeded random draws shared."""
     group = dist.group.WORLD
     c = make_case("mlp_ce", "mean")
     mine = shard(c.data, rank, world)
     args = (c.model, c.loss_func, c.params)
-    products(
-        "3 ranks GGN",
-        cl.GGNLinearOperator(*args, mine, process_group=group),
-        cl.GGNLinearOperator(*args, c.data),
-    )
+    G = cl.GGNLinearOperator(*args, mine, process_group=group)
+    products("3 ranks GGN", G, cl.GGNLinearOperator(*args, c.data))
     products(
         "3 ranks KFAC",
         cl.KFACLinearOperator(*args, mine, process_group=group, fisher_type="type-2"),
         cl.KFACLinearOperator(*args, c.data, fisher_type="type-2"),
+    )
+    # no generator and different global seeds: the draws are still shared, so iterative
+    # methods on composites take the same path everywhere
+    torch.manual_seed(100 + rank)
+    damped = G + _scaled_identity(G, 0.5)
+    same_on_all_ranks("unseeded hutchinson_trace", cl.hutchinson_trace(damped, 4))
+    same_on_all_ranks("unseeded eigsh", cl.eigsh(damped, k=2, return_eigenvectors=False))
+    same_on_all_ranks(
+        "unseeded spectrum", cl.lanczos_approximate_spectrum(damped, ncv=4, num_points=20)[1]
     )
 
 
