@@ -121,15 +121,19 @@ class PyTorchLinearOperator:
         """
         if isinstance(X, PyTorchLinearOperator):
             return _ProductLinearOperator(self, X)
-        X_list, is_vector, as_tensor = self._to_list_format(X)
-        self._check_dtype_and_device(X_list)
-        num_columns = X_list[0].shape[-1] if X_list else 0
-        chunk = getattr(self, "MAX_COLUMNS_PER_CHUNK", 1)
-        if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk <= 0:
-            raise ValueError(
-                f"MAX_COLUMNS_PER_CHUNK must be a positive integer, got {chunk!r} (set on "
-                f"{type(self).__name__} or the instance)."
-            )
+        # data-parallel: a bad input on one rank must stop all ranks, not leave them waiting
+        with _distributed.agreement(
+            _distributed.operator_group(self), "Checking a product's input"
+        ):
+            X_list, is_vector, as_tensor = self._to_list_format(X)
+            self._check_dtype_and_device(X_list)
+            num_columns = X_list[0].shape[-1] if X_list else 0
+            chunk = getattr(self, "MAX_COLUMNS_PER_CHUNK", 1)
+            if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk <= 0:
+                raise ValueError(
+                    f"MAX_COLUMNS_PER_CHUNK must be a positive integer, got {chunk!r} (set on "
+                    f"{type(self).__name__} or the instance)."
+                )
         if num_columns == 0:  # autograd cannot batch over zero columns; nothing to compute
             like = X_list[0] if X_list else X
             if as_tensor:

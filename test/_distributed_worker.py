@@ -231,6 +231,21 @@ def errors(rank: int, world: int):
     except (ValueError, RuntimeError) as e:
         if rank == 1 and "rank 0" not in str(e):
             FAILURES.append(f"rank 1 raised without naming rank 0: {e}")
+    # 3) a wrong input on rank 1 only (user error before any product work)
+    G = cl.GGNLinearOperator(*args, mine, process_group=group)
+    v = torch.ones(G.shape[1] + (rank == 1), dtype=torch.float64)
+    start = time.time()
+    try:
+        G @ v
+        FAILURES.append("product with a wrong input on rank 1 did not raise")
+    except ValueError as e:
+        if rank != 1:
+            FAILURES.append(f"unexpected ValueError on rank {rank}: {e}")
+    except RuntimeError as e:
+        if rank == 1 or "rank 1" not in str(e):
+            FAILURES.append(f"unexpected RuntimeError on rank {rank}: {e}")
+    if time.time() - start > 10:
+        FAILURES.append("raising took more than 10 s")
     # the ranks are still in step: a healthy product afterwards works
     G2 = cl.GGNLinearOperator(*args, mine, process_group=group)
     check(
@@ -238,7 +253,7 @@ def errors(rank: int, world: int):
         G2 @ torch.ones(G2.shape[1], dtype=torch.float64),
         cl.GGNLinearOperator(*args, c.data) @ torch.ones(G2.shape[1], dtype=torch.float64),
     )
-    # 3) a DDP-wrapped model gives the same operator, without firing DDP's hooks
+    # 4) a DDP-wrapped model gives the same operator, without firing DDP's hooks
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(c.model)
@@ -248,7 +263,7 @@ def errors(rank: int, world: int):
     products("DDP Hessian", H, cl.HessianLinearOperator(*args, c.data))
     if any(p.grad is not None for p in c.model.parameters()):
         FAILURES.append("DDP: .grad fields were written")
-    # 4) Jacobians are not sums over the data: clear NotImplementedError
+    # 5) Jacobians are not sums over the data: clear NotImplementedError
     try:
         cl.JacobianLinearOperator(c.model, c.params, mine, process_group=group)
         FAILURES.append("JacobianLinearOperator accepted process_group")
