@@ -181,6 +181,26 @@ def all_reduce_int(value: int, group, what: str) -> int:
     return int(all_reduce_([total], group, what)[0].item())
 
 
+def check_same_int(value: int, group, name: str):
+    """Raise unless ``value`` is the same on every rank (``ValueError`` where it differs).
+
+    Args:
+        value: This rank's value.
+        group: The process group, or ``None`` (nothing to check).
+        name: The argument's name (for the message).
+    """
+    if group is None:
+        return
+    first = broadcast_([torch.tensor([int(value)], dtype=torch.int64)], group, f"Checking {name}")
+    with agreement(group, f"Checking {name}"):
+        if int(first[0].item()) != int(value):
+            raise ValueError(
+                f"{name}={value} on rank {rank(group)}, but {int(first[0].item())} on rank 0. "
+                f"With process_group, {name} is the total over all ranks' shards and must be "
+                "the same on every rank; pass None to count (one pass, summed over ranks)."
+            )
+
+
 def broadcast_(tensors: List[Tensor], group, what: str, src_rank: int = 0) -> List[Tensor]:
     """Overwrite ``tensors`` with those of the group's rank ``src_rank`` (in place).
 

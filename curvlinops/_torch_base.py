@@ -902,23 +902,25 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
         Raises:
             ValueError: If the data hold no data point.
         """
+        group = self._process_group
         if self._num_data is None:
             total = sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
+            # data parallel: the shards' counts add up to the union's (once per operator)
+            total = _distributed.all_reduce_int(total, group, "Summing num_data")
             if total <= 0:
                 raise ValueError(f"num_data must be positive, got {total}.")
             self._num_data = total
-        if self._process_group is not None and not self.__dict__.get("_num_data_summed"):
-            # this rank's count (given or measured) -> the union's, once per operator
-            self._num_data = _distributed.all_reduce_int(
-                self._num_data, self._process_group, "Summing num_data"
-            )
-            self.__dict__["_num_data_summed"] = True
+            self.__dict__["_num_data_agreed"] = True
+        elif group is not None and not self.__dict__.get("_num_data_agreed"):
+            # a given num_data is the union's total: the same on every rank
+            _distributed.check_same_int(self._num_data, group, "num_data")
+            self.__dict__["_num_data_agreed"] = True
         return self._num_data
 
     @_N_data.setter
     def _N_data(self, value: int):
         self._num_data = int(value)
-        self.__dict__["_num_data_summed"] = True  # set explicitly: already the union's
+        self.__dict__["_num_data_agreed"] = True  # set explicitly: already the union's
 
     def _ensure_spaces(self):
         """Build the input and output spaces from the shape hooks, if not done yet."""

@@ -253,6 +253,19 @@ def errors(rank: int, world: int):
         G2 @ torch.ones(G2.shape[1], dtype=torch.float64),
         cl.GGNLinearOperator(*args, c.data) @ torch.ones(G2.shape[1], dtype=torch.float64),
     )
+    # num_data given: the union's total, the same on every rank (else ValueError there)
+    ones = torch.ones(G2.shape[1], dtype=torch.float64)
+    G3 = cl.GGNLinearOperator(*args, mine, process_group=group, num_data=c.num_data)
+    check("given num_data", G3 @ ones, cl.GGNLinearOperator(*args, c.data) @ ones)
+    try:
+        cl.GGNLinearOperator(*args, mine, process_group=group, num_data=c.num_data + rank)
+        FAILURES.append("num_data differing between ranks did not raise")
+    except ValueError as e:
+        if rank != 1 or "num_data" not in str(e):
+            FAILURES.append(f"unexpected ValueError on rank {rank}: {e}")
+    except RuntimeError as e:
+        if rank != 0 or "rank 1" not in str(e):
+            FAILURES.append(f"unexpected RuntimeError on rank {rank}: {e}")
     # 4) a DDP-wrapped model gives the same operator, without firing DDP's hooks
     from torch.nn.parallel import DistributedDataParallel
 
