@@ -81,6 +81,8 @@ def curvature_report(
     seed: int = 0,
     progressbar: bool = False,
     batch_size_fn: Optional[Callable] = None,
+    *,
+    process_group=None,
 ) -> dict:
     """Compute the curvature report (see the module docstring).
 
@@ -101,6 +103,8 @@ def curvature_report(
             ``"mc_fisher"``, the Monte-Carlo samples of the labels).
         progressbar: Show ``tqdm`` progress bars.
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+        process_group: A ``torch.distributed`` process group: ``data`` is this rank's shard
+            and the report is that of the union of all shards, identical on every rank.
 
     Returns:
         A JSON-ready dict with the keys ``matrix``, ``num_parameters``, ``num_data``,
@@ -118,6 +122,8 @@ def curvature_report(
         model, matrix, k, num_samples, lanczos_steps, num_points, seed, batch_size_fn
     )
     build = _OperatorFactory(matrix, model, loss_func, data, seed, batch_size_fn)
+    if process_group is not None:  # every operator is the union's (see docs/scaling.rst)
+        build.kwargs["process_group"] = process_group
     stages = _StageBar(f"curvlinops report ({matrix})", 4, progressbar)
     with stages.stage("operator and determinism check"):
         A = build.full([p for _, group in groups for p in group])
