@@ -815,6 +815,17 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
     evaluate the model, so operators over the same model can be used from several threads
     (their model evaluations run one after the other); the caller must not change the model
     from other threads meanwhile.
+
+    Data parallelism: every constructor also takes the keyword ``process_group`` (default
+    ``None``, one process). With a ``torch.distributed`` process group, each rank passes its
+    own shard of the data and holds the operator of the union of all shards: a counted
+    ``num_data`` is summed over the ranks (a given one is the union's total and must agree),
+    and every product and :meth:`gradient_and_loss` is summed over the ranks with one
+    ``all_reduce`` of the result, preceded by a status agreement so that an error on one rank
+    makes all ranks raise (see :mod:`curvlinops._distributed` and ``docs/scaling.rst``). All
+    ranks must call the same operations in the same order, from one thread each. A model
+    wrapped in ``DistributedDataParallel`` is unwrapped; operators that do not sum over the
+    data (Jacobians) and sharded-parameter models raise ``NotImplementedError``.
     """
 
     SELF_ADJOINT: bool = False
