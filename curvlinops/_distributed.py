@@ -142,12 +142,17 @@ def all_reduce_(tensors: List[Tensor], group, what: str) -> List[Tensor]:
     Returns:
         ``tensors``, now holding the sums.
     """
+    return _collective(tensors, group, what, lambda flat: _dist().all_reduce(flat, group=group))
+
+
+def _collective(tensors: List[Tensor], group, what: str, communicate) -> List[Tensor]:
+    """Agree on the status, then run ``communicate`` on the tensors' concatenation in place."""
     if group is None or not tensors:
         return tensors
     _agree(group, False, what)
     device = tensors[0].device
     flat = torch.cat([t.reshape(-1) for t in tensors]).to(_comm_device(group, device))
-    _dist().all_reduce(flat, group=group)
+    communicate(flat)
     flat = flat.to(device)
     offset = 0
     for t in tensors:
@@ -206,20 +211,12 @@ def broadcast_(tensors: List[Tensor], group, what: str, src_rank: int = 0) -> Li
 
     Used for eigenbases and random vectors, which must be bit-identical on all ranks.
     """
-    if group is None or not tensors:
-        return tensors
-    _agree(group, False, what)
     dist = _dist()
-    device = tensors[0].device
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(_comm_device(group, device))
-    dist.broadcast(flat, src=dist.get_global_rank(group, src_rank), group=group)
-    flat = flat.to(device)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view(t.shape))
-        offset += n
-    return tensors
+
+    def communicate(flat: Tensor):
+        dist.broadcast(flat, src=dist.get_global_rank(group, src_rank), group=group)
+
+    return _collective(tensors, group, what, communicate)
 
 
 def broadcast_dict_(tree: Dict, group, what: str) -> Dict:

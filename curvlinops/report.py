@@ -121,9 +121,7 @@ def curvature_report(
     groups, dim = _checked_layer_groups(
         model, matrix, k, num_samples, lanczos_steps, num_points, seed, batch_size_fn
     )
-    build = _OperatorFactory(matrix, model, loss_func, data, seed, batch_size_fn)
-    if process_group is not None:  # every operator is the union's (see docs/scaling.rst)
-        build.kwargs["process_group"] = process_group
+    build = _OperatorFactory(matrix, model, loss_func, data, seed, batch_size_fn, process_group)
     stages = _StageBar(f"curvlinops report ({matrix})", 4, progressbar)
     with stages.stage("operator and determinism check"):
         A = build.full([p for _, group in groups for p in group])
@@ -226,11 +224,13 @@ class _OperatorFactory:
     draw the same samples as the full matrix, so they are its diagonal blocks.
     """
 
-    def __init__(self, matrix, model, loss_func, data, seed, batch_size_fn):
+    def __init__(self, matrix, model, loss_func, data, seed, batch_size_fn, process_group=None):
         """Store the problem and the keyword arguments every operator gets."""
         self.matrix, self.cls = matrix, MATRICES[matrix]
         self.model, self.loss_func, self.data = model, loss_func, data
         self.kwargs = {} if batch_size_fn is None else {"batch_size_fn": batch_size_fn}
+        if process_group is not None:  # every operator is the union's (see docs/scaling.rst)
+            self.kwargs["process_group"] = process_group
         if matrix == "mc_fisher":
             self.kwargs["seed"] = seed
 
