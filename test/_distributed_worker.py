@@ -277,12 +277,35 @@ def errors(rank: int, world: int):
     if any(p.grad is not None for p in c.model.parameters()):
         FAILURES.append("DDP: .grad fields were written")
     # 5) Jacobians are not sums over the data: clear NotImplementedError
+    for cls in (cl.JacobianLinearOperator, cl.TransposedJacobianLinearOperator):
+        try:
+            cls(c.model, c.params, mine, process_group=group)
+            FAILURES.append(f"{cls.__name__} accepted process_group")
+        except NotImplementedError as e:
+            if "process_group" not in str(e):
+                FAILURES.append(f"{cls.__name__} error does not say why: {e}")
+    # 6) KFAC computing its factors lazily (first product) with bad data on rank 1
+    data = [(X.clone(), y.clone()) for X, y in mine]
+    K = cl.KFACLinearOperator(
+        *args, data, process_group=group, fisher_type="type-2", check_deterministic=False
+    )
+    if rank == 1:
+        data[0][0].fill_(float("nan"))
     try:
-        cl.JacobianLinearOperator(c.model, c.params, mine, process_group=group)
-        FAILURES.append("JacobianLinearOperator accepted process_group")
-    except NotImplementedError as e:
-        if "process_group" not in str(e):
-            FAILURES.append(f"Jacobian error does not say why: {e}")
+        K @ torch.ones(K.shape[1], dtype=torch.float64)
+        FAILURES.append("KFAC factors with bad data on rank 1 did not raise")
+    except ValueError as e:
+        if rank != 1:
+            FAILURES.append(f"unexpected ValueError on rank {rank}: {e}")
+    except RuntimeError as e:
+        if rank != 0 or "rank 1" not in str(e):
+            FAILURES.append(f"unexpected RuntimeError on rank {rank}: {e}")
+    # 7) Monte-Carlo Fisher: own draws per rank, the union's Fisher in distribution (many
+    # samples approach the GGN, which equals the Fisher for cross-entropy)
+    F = cl.FisherMCLinearOperator(*args, mine, process_group=group, mc_samples=400)
+    G = cl.GGNLinearOperator(*args, c.data)
+    v = torch.ones(G.shape[1], dtype=torch.float64)
+    check("MC-Fisher (400 samples) vs GGN", F @ v, G @ v, rtol=0.1)
 
 
 SCENARIOS = {"exact": exact_operators, "three": three_ranks, "errors": errors}
