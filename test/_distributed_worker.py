@@ -121,6 +121,12 @@ def exact_operators(rank: int, world: int):
     dA = cl.CGInverseLinearOperator(G_dist + _scaled_identity(G_dist, 0.1), max_iter=50)
     dB = cl.CGInverseLinearOperator(G_ref + _scaled_identity(G_ref, 0.1), max_iter=50)
     check("CG solve", dA @ v, dB @ v, rtol=1e-9)
+    for name, wrap in (
+        ("LSMR solve", lambda A: cl.LSMRInverseLinearOperator(A + _scaled_identity(A, 0.1))),
+        ("Neumann", lambda A: cl.NeumannInverseLinearOperator(A, num_terms=5, scale=0.1)),
+        ("sub-matrix", lambda A: cl.SubmatrixLinearOperator(A, [0, 3, 5], list(range(A.shape[1])))),
+    ):
+        check(name, wrap(G_dist) @ v, wrap(G_ref) @ v, rtol=1e-9)
     gA = torch.Generator().manual_seed(5)
     gB = torch.Generator().manual_seed(5)
     gridA, densA = cl.lanczos_approximate_spectrum(G_dist, ncv=5, num_points=50, generator=gA)
