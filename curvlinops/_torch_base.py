@@ -632,18 +632,18 @@ def _guarded_init(init: Callable) -> Callable:
             group = _distributed.check_process_group(kwargs.pop("process_group", None))
             args, kwargs = _data_parallel_arguments(self, group, args, kwargs)
             self.__dict__["_process_group"] = group
-        try:
-            arguments = signature.bind_partial(self, *args, **kwargs).arguments
-        except TypeError:  # let the constructor report its own signature errors
-            arguments = {}
-        if "params" in arguments:
-            _check_params_structure(arguments["params"])
         model = args[0] if args else kwargs.get("model_func")
         depth = self.__dict__.get("_init_depth", 0)
         self.__dict__["_init_depth"] = depth + 1
         group = self.__dict__.get("_process_group") if depth == 0 else None
         try:
             with _distributed.agreement(group, f"Constructing {type(self).__name__}"):
+                try:
+                    arguments = signature.bind_partial(self, *args, **kwargs).arguments
+                except TypeError:  # let the constructor report its own signature errors
+                    arguments = {}
+                if "params" in arguments:
+                    _check_params_structure(arguments["params"])
                 with guarded_models([model] if isinstance(model, nn.Module) else []):
                     init(self, *args, **kwargs)
                     if depth == 0:
