@@ -25,6 +25,9 @@ import torch
 from torch import Tensor, nn
 
 _AGREED = "_curvlinops_ranks_agreed"
+#: Whether any operator in this process was given a process group (single-process products
+#: then skip looking for one).
+_GROUP_USED = False
 
 
 def _dist():
@@ -46,8 +49,10 @@ def check_process_group(group) -> Optional[object]:
         ValueError: If ``group`` is not a process group.
         RuntimeError: If ``torch.distributed`` is not initialised.
     """
+    global _GROUP_USED
     if group is None:
         return None
+    _GROUP_USED = True
     dist = _dist()
     if not dist.is_available():
         raise RuntimeError("process_group needs torch.distributed, which this torch lacks.")
@@ -280,6 +285,8 @@ def operator_group(A) -> Optional[object]:
 
     Composites, inverses and sub-matrices hold their data-driven operators as attributes.
     """
+    if not _GROUP_USED:  # the common case costs nothing
+        return None
     stack, seen = [A], set()
     while stack:
         op = stack.pop()
