@@ -23,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from curvlinops import _distributed
 from curvlinops._autodiff import (
     EAGER,
     Autodiff,
@@ -88,8 +89,15 @@ class BatchProducts:
         return None
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        """Multiply with a matrix in list format in one pass over the data."""
-        return self._combine(M, self._batch_multiplies())
+        """Multiply with a matrix in list format in one pass over the data.
+
+        With a ``process_group``, each rank multiplies on its shard and the results are
+        summed over the ranks (one ``all_reduce`` of the result).
+        """
+        group = getattr(self, "_process_group", None)
+        with _distributed.agreement(group, "A product"):
+            result = self._combine(M, self._batch_multiplies())
+        return _distributed.all_reduce_(result, group, "Summing a product")
 
     def _combine(
         self, M: List[Tensor], batches: Iterable[Tuple[Tensor, Tensor, Callable]]
@@ -122,6 +130,10 @@ class BatchProducts:
     def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:
         """``(X, y, multiply)`` of every batch: cached, compiled or eager."""
         self._start_pass()
+        group = getattr(self, "_process_group", None)
+        if group is not None and isinstance(getattr(self, "_generator", None), torch.Generator):
+            # Monte-Carlo operators: every rank draws its own samples (seed and rank)
+            self._generator.manual_seed(_distributed.rank_seed(self._seed, group))
         if self._product_cache_max_bytes is not None:
             entries = self._cache_entries()
             if entries is not None:

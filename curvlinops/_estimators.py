@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from curvlinops._checks import check_count, check_generator
+from curvlinops._distributed import shared_draw
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.sampling import rademacher_columns, random_vector
 from curvlinops.utils import assert_divisible_by, assert_is_square, assert_matvecs_subseed_dim
@@ -88,12 +89,14 @@ def draw(
     in one call (see :func:`~curvlinops.sampling.rademacher_columns`).
     """
     if distribution == "rademacher":
-        return rademacher_columns(dim, num_vectors, A.device, A.dtype, generator=generator)
-    columns = [
-        random_vector(dim, distribution, A.device, A.dtype, generator=generator)
-        for _ in range(num_vectors)
-    ]
-    return torch.stack(columns, dim=1)
+        drawn = rademacher_columns(dim, num_vectors, A.device, A.dtype, generator=generator)
+    else:
+        columns = [
+            random_vector(dim, distribution, A.device, A.dtype, generator=generator)
+            for _ in range(num_vectors)
+        ]
+        drawn = torch.stack(columns, dim=1)
+    return shared_draw(A, drawn)  # data-parallel operators: the same vectors on every rank
 
 
 def adjoint(A: Operand) -> Operand:

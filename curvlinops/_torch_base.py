@@ -40,6 +40,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from curvlinops import _distributed
 from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
     detached_leaves,
@@ -120,15 +121,19 @@ class PyTorchLinearOperator:
         """
         if isinstance(X, PyTorchLinearOperator):
             return _ProductLinearOperator(self, X)
-        X_list, is_vector, as_tensor = self._to_list_format(X)
-        self._check_dtype_and_device(X_list)
-        num_columns = X_list[0].shape[-1] if X_list else 0
-        chunk = getattr(self, "MAX_COLUMNS_PER_CHUNK", 1)
-        if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk <= 0:
-            raise ValueError(
-                f"MAX_COLUMNS_PER_CHUNK must be a positive integer, got {chunk!r} (set on "
-                f"{type(self).__name__} or the instance)."
-            )
+        # data-parallel: a bad input on one rank must stop all ranks, not leave them waiting
+        with _distributed.agreement(
+            _distributed.operator_group(self), "Checking a product's input"
+        ):
+            X_list, is_vector, as_tensor = self._to_list_format(X)
+            self._check_dtype_and_device(X_list)
+            num_columns = X_list[0].shape[-1] if X_list else 0
+            chunk = getattr(self, "MAX_COLUMNS_PER_CHUNK", 1)
+            if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk <= 0:
+                raise ValueError(
+                    f"MAX_COLUMNS_PER_CHUNK must be a positive integer, got {chunk!r} (set on "
+                    f"{type(self).__name__} or the instance)."
+                )
         if num_columns == 0:  # autograd cannot batch over zero columns; nothing to compute
             like = X_list[0] if X_list else X
             if as_tensor:
@@ -645,20 +650,26 @@ def _guarded_init(init: Callable) -> Callable:
 
     @functools.wraps(init)
     def guarded(self, *args, **kwargs):
-        try:
-            arguments = signature.bind_partial(self, *args, **kwargs).arguments
-        except TypeError:  # let the constructor report its own signature errors
-            arguments = {}
-        if "params" in arguments:
-            _check_params_structure(arguments["params"])
+        if self.__dict__.get("_init_depth", 0) == 0 and "process_group" not in signature.parameters:
+            group = _distributed.check_process_group(kwargs.pop("process_group", None))
+            args, kwargs = _data_parallel_arguments(self, group, args, kwargs)
+            self.__dict__["_process_group"] = group
         model = args[0] if args else kwargs.get("model_func")
         depth = self.__dict__.get("_init_depth", 0)
         self.__dict__["_init_depth"] = depth + 1
+        group = self.__dict__.get("_process_group") if depth == 0 else None
         try:
-            with guarded_models([model] if isinstance(model, nn.Module) else []):
-                init(self, *args, **kwargs)
-                if depth == 0:
-                    self._finish_init()
+            with _distributed.agreement(group, f"Constructing {type(self).__name__}"):
+                try:
+                    arguments = signature.bind_partial(self, *args, **kwargs).arguments
+                except TypeError:  # let the constructor report its own signature errors
+                    arguments = {}
+                if "params" in arguments:
+                    _check_params_structure(arguments["params"])
+                with guarded_models([model] if isinstance(model, nn.Module) else []):
+                    init(self, *args, **kwargs)
+                    if depth == 0:
+                        self._finish_init()
         finally:
             if depth == 0:
                 del self.__dict__["_init_depth"]
@@ -666,7 +677,40 @@ def _guarded_init(init: Callable) -> Callable:
                 self.__dict__["_init_depth"] = depth
 
     guarded._curvlinops_guarded = True
+    if "process_group" not in signature.parameters:  # the extra keyword every operator takes
+        parameters = list(signature.parameters.values())
+        position = next(
+            (i for i, q in enumerate(parameters) if q.kind is inspect.Parameter.VAR_KEYWORD),
+            len(parameters),
+        )
+        parameters.insert(
+            position,
+            inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None),
+        )
+        guarded.__signature__ = signature.replace(parameters=parameters)
     return guarded
+
+
+def _data_parallel_arguments(op, group, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """Check that ``op`` supports ``process_group`` and unwrap a DDP model argument.
+
+    Raises:
+        NotImplementedError: For operators that do not sum over the data (Jacobians) with a
+            process group, and for sharded-parameter models (see
+            :func:`curvlinops._distributed.unwrap_model`).
+    """
+    if group is not None and type(op)._combine is not BatchProducts._combine:
+        raise NotImplementedError(
+            f"{type(op).__name__} does not support process_group: its output space is the "
+            "concatenation of all data points' outputs, which data parallelism would have to "
+            "all-gather (uneven sizes) and slice; it is not a sum over the data. Build it per "
+            "shard without process_group."
+        )
+    if args:
+        args = (_distributed.unwrap_model(args[0], group), *args[1:])
+    elif "model_func" in kwargs:
+        kwargs = {**kwargs, "model_func": _distributed.unwrap_model(kwargs["model_func"], group)}
+    return args, kwargs
 
 
 class _DeterminismCheck:
@@ -793,12 +837,25 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
     evaluate the model, so operators over the same model can be used from several threads
     (their model evaluations run one after the other); the caller must not change the model
     from other threads meanwhile.
+
+    Data parallelism: every constructor also takes the keyword ``process_group`` (default
+    ``None``, one process). With a ``torch.distributed`` process group, each rank passes its
+    own shard of the data and holds the operator of the union of all shards: a counted
+    ``num_data`` is summed over the ranks (a given one is the union's total and must agree),
+    and every product and :meth:`gradient_and_loss` is summed over the ranks with one
+    ``all_reduce`` of the result, preceded by a status agreement so that an error on one rank
+    makes all ranks raise (see :mod:`curvlinops._distributed` and ``docs/scaling.rst``). All
+    ranks must call the same operations in the same order, from one thread each. A model
+    wrapped in ``DistributedDataParallel`` is unwrapped; operators that do not sum over the
+    data (Jacobians) and sharded-parameter models raise ``NotImplementedError``.
     """
 
     SELF_ADJOINT: bool = False
     SUPPORTS_BLOCKS: bool = False
     FIXED_DATA_ORDER: bool = False
     MAX_COLUMNS_PER_CHUNK: int = MAX_COLUMNS_PER_CHUNK
+    #: ``process_group`` keyword (see :mod:`curvlinops._distributed`); ``None``: one process.
+    _process_group = None
 
     def __init_subclass__(cls, **kwargs):
         """Guard every subclass constructor like the base one (lock, buffers restored)."""
@@ -878,16 +935,25 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
         Raises:
             ValueError: If the data hold no data point.
         """
+        group = self._process_group
         if self._num_data is None:
             total = sum(self._batch_size(X) for X, _ in self._loop_over_data(desc="num_data"))
+            # data parallel: the shards' counts add up to the union's (once per operator)
+            total = _distributed.all_reduce_int(total, group, "Summing num_data")
             if total <= 0:
                 raise ValueError(f"num_data must be positive, got {total}.")
             self._num_data = total
+            self.__dict__["_num_data_agreed"] = True
+        elif group is not None and not self.__dict__.get("_num_data_agreed"):
+            # a given num_data is the union's total: the same on every rank
+            _distributed.check_same_int(self._num_data, group, "num_data")
+            self.__dict__["_num_data_agreed"] = True
         return self._num_data
 
     @_N_data.setter
     def _N_data(self, value: int):
         self._num_data = int(value)
+        self.__dict__["_num_data_agreed"] = True  # set explicitly: already the union's
 
     def _ensure_spaces(self):
         """Build the input and output spaces from the shape hooks, if not done yet."""
@@ -1084,8 +1150,12 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
         """
         if self._loss_func is None:
             raise ValueError("gradient_and_loss needs a loss function, got None.")
+        group = self._process_group
         with guarded_models(self._models()):
-            return self._gradient_and_loss()
+            with _distributed.agreement(group, "gradient_and_loss"):
+                gradient, loss = self._gradient_and_loss()
+            _distributed.all_reduce_([*gradient, loss], group, "Summing gradient_and_loss")
+            return gradient, loss
 
     def _gradient_and_loss(self) -> Tuple[List[Tensor], Tensor]:
         """:meth:`gradient_and_loss` without the model guard."""

@@ -365,6 +365,9 @@ def run_report(args: argparse.Namespace) -> int:
                 "(or pip install matplotlib), or leave out --plot."
             ) from None
     model, loss_func, data = load_problem(args.problem)
+    group = _torchrun_group()
+    if group is not None:
+        data = _shard(data, group)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.k >= dim:
         raise UsageError(
@@ -381,10 +384,13 @@ def run_report(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             lanczos_steps=args.lanczos_steps,
             seed=args.seed,
-            progressbar=not args.no_progress,
+            progressbar=not args.no_progress and _rank(group) == 0,
+            process_group=group,
         )
     except ProblemError as error:
         raise UsageError(str(error)) from None
+    if _rank(group) != 0:  # every rank holds the same report; rank 0 prints and writes it
+        return 0
     print(format_report(report))
     if args.json is not None:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -393,6 +399,43 @@ def run_report(args: argparse.Namespace) -> int:
         plot_density(report, args.plot)
         print(f"spectral density plotted to {args.plot}")
     return 0
+
+
+def _torchrun_group():
+    """The process group under ``torchrun`` (initialised here if needed), else ``None``.
+
+    ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and the rendezvous variables; the group uses
+    NCCL when CUDA is available and gloo on the CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.group.WORLD
+
+
+def _rank(group) -> int:
+    from curvlinops._distributed import rank
+
+    return rank(group)
+
+
+def _shard(data: Iterable, group) -> list:
+    """This rank's batches: every ``world_size``-th one, starting at the rank."""
+    from curvlinops._distributed import rank, world_size
+
+    batches = list(data)
+    if len(batches) < world_size(group):
+        raise UsageError(
+            f"the problem has {len(batches)} batches, fewer than the {world_size(group)} "
+            "processes: use smaller batches or fewer processes (--nproc-per-node)."
+        )
+    return batches[rank(group) :: world_size(group)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

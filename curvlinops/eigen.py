@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from curvlinops._checks import check_generator, check_int, check_number
+from curvlinops._distributed import shared_draw
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.utils import assert_is_square
 
@@ -344,6 +345,7 @@ class _BlockLanczos:
         self.dtype, self.device = A.dtype, A.device
         self.tol = torch.finfo(self.dtype).eps if tol == 0 else tol
         start = torch.randn(p, dim, dtype=self.dtype, device=self.device, generator=generator)
+        start = shared_draw(A, start)  # data-parallel operators: the same start on every rank
         self.block, _ = _normalize_rows(start)
         self.Q_buffer = torch.empty(self.m, dim, dtype=self.dtype, device=self.device)
         self.H = torch.zeros(self.m, self.m, dtype=self.dtype, device=self.device)
@@ -418,6 +420,7 @@ class _BlockLanczos:
             device=self.device,
             generator=self.generator,
         )
+        fresh = shared_draw(self.A, fresh)
         for _ in range(2):
             fresh = fresh - (fresh @ Q.T) @ Q
         self.block, _ = _normalize_rows(fresh)

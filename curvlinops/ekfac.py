@@ -28,6 +28,7 @@ from typing import Dict, List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from curvlinops import _distributed
 from curvlinops._blocks import Block, EigenbasisBlock
 from curvlinops._ekfac_correction import (
     batched_eigh,
@@ -120,6 +121,8 @@ class EKFACLinearOperator(KFACLinearOperator):
             for name, rows in self._rank_limited_rows.items()
             if rows and name in self._input_covariances
         }
+        if self._process_group is not None:  # the stashed rows are this rank's only
+            low_rank = {}
         self._rank_limited_rows = {}
         for name, rows in low_rank.items():
             self._input_covariances_eigenvectors[name] = eigenbasis_from_rows(rows)
@@ -133,6 +136,14 @@ class EKFACLinearOperator(KFACLinearOperator):
                 else self._gradient_covariances_eigenvectors
             )
             target[name] = evecs
+        _distributed.broadcast_dict_(  # bit-identical eigenbases on all ranks: rank 0's
+            {
+                "A": self._input_covariances_eigenvectors,
+                "G": self._gradient_covariances_eigenvectors,
+            },
+            self._process_group,
+            "Broadcasting eigenbases",
+        )
         self._input_covariances.clear()
         self._gradient_covariances.clear()
 
@@ -145,9 +156,11 @@ class EKFACLinearOperator(KFACLinearOperator):
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         totals: Dict[Tuple[str, str], Tensor] = {}
         try:
-            self._accumulate_corrections(input_names, totals)
+            with _distributed.agreement(self._process_group, "The eigenvalue correction"):
+                self._accumulate_corrections(input_names, totals)
         finally:  # activations are only cached during a batch, also after an error
             self._cached_activations = {}
+        _distributed.all_reduce_dict_(totals, self._process_group, "Summing the correction")
         for name, kind, positions in self._layout():
             value = totals[(name, kind)]
             if kind == "joint":

@@ -49,6 +49,7 @@ import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops import _distributed
 from curvlinops._blocks import Block, BlockDiagonalMixin, KroneckerBlock, Slot, block_layout
 from curvlinops._kfac_factors import accumulate, gradient_factor, input_factor, rows_with_ones
 from curvlinops._kfac_state import KFACStateMixin, check_numeric_arguments
@@ -291,6 +292,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         total = sum(
             strategy.num_rows(y) for _, y in self._loop_over_data(desc="num_per_example_loss_terms")
         )
+        total = _distributed.all_reduce_int(total, self._process_group, "Counting loss terms")
         if total % self._N_data != 0:
             raise ValueError(
                 f"Cannot infer num_per_example_loss_terms: {total} loss terms over "
@@ -314,7 +316,8 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
 
     # ----------------------------------------------------------------- sampling
     def _reseed_generator(self):
-        self._generator = seeded_generator(self._generator, self.device, self._seed)
+        seed = _distributed.rank_seed(self._seed, self._process_group)  # own draws per rank
+        self._generator = seeded_generator(self._generator, self.device, seed)
 
     def draw_label(self, output: Tensor) -> Tensor:
         """Sample labels from the likelihood the loss defines (operator's generator).
@@ -419,11 +422,15 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         input_names = [n for n, e in self._mapping.items() if "weight" in e]
         A: Dict[str, Tensor] = {}
         G: Dict[str, Tensor] = {}
-        for batch in self._layer_pass(input_names, self._input_factor, "compute_kronecker_factors"):
-            accumulate(A, batch.inputs)
-            if batch.grads is not None:
-                reduce = self._approx == KFACType.REDUCE
-                accumulate(G, {n: gradient_factor(g, reduce) for n, g in batch.grads.items()})
+        with _distributed.agreement(self._process_group, "Computing Kronecker factors"):
+            for batch in self._layer_pass(
+                input_names, self._input_factor, "compute_kronecker_factors"
+            ):
+                accumulate(A, batch.inputs)
+                if batch.grads is not None:
+                    reduce = self._approx == KFACType.REDUCE
+                    accumulate(G, {n: gradient_factor(g, reduce) for n, g in batch.grads.items()})
+        _distributed.all_reduce_dict_({"A": A, "G": G}, self._process_group, "Summing factors")
         if self._fisher == FisherType.FORWARD_ONLY:
             for name, entry in self._mapping.items():
                 param = self._params[next(iter(entry.values()))]

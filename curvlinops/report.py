@@ -81,6 +81,8 @@ def curvature_report(
     seed: int = 0,
     progressbar: bool = False,
     batch_size_fn: Optional[Callable] = None,
+    *,
+    process_group=None,
 ) -> dict:
     """Compute the curvature report (see the module docstring).
 
@@ -101,6 +103,8 @@ def curvature_report(
             ``"mc_fisher"``, the Monte-Carlo samples of the labels).
         progressbar: Show ``tqdm`` progress bars.
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+        process_group: A ``torch.distributed`` process group: ``data`` is this rank's shard
+            and the report is that of the union of all shards, identical on every rank.
 
     Returns:
         A JSON-ready dict with the keys ``matrix``, ``num_parameters``, ``num_data``,
@@ -117,7 +121,7 @@ def curvature_report(
     groups, dim = _checked_layer_groups(
         model, matrix, k, num_samples, lanczos_steps, num_points, seed, batch_size_fn
     )
-    build = _OperatorFactory(matrix, model, loss_func, data, seed, batch_size_fn)
+    build = _OperatorFactory(matrix, model, loss_func, data, seed, batch_size_fn, process_group)
     stages = _StageBar(f"curvlinops report ({matrix})", 4, progressbar)
     with stages.stage("operator and determinism check"):
         A = build.full([p for _, group in groups for p in group])
@@ -220,11 +224,13 @@ class _OperatorFactory:
     draw the same samples as the full matrix, so they are its diagonal blocks.
     """
 
-    def __init__(self, matrix, model, loss_func, data, seed, batch_size_fn):
+    def __init__(self, matrix, model, loss_func, data, seed, batch_size_fn, process_group=None):
         """Store the problem and the keyword arguments every operator gets."""
         self.matrix, self.cls = matrix, MATRICES[matrix]
         self.model, self.loss_func, self.data = model, loss_func, data
         self.kwargs = {} if batch_size_fn is None else {"batch_size_fn": batch_size_fn}
+        if process_group is not None:  # every operator is the union's (see docs/scaling.rst)
+            self.kwargs["process_group"] = process_group
         if matrix == "mc_fisher":
             self.kwargs["seed"] = seed
 

@@ -39,6 +39,7 @@ from torch import Generator, Tensor, nn
 from torch.func import vjp, vmap
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops import _distributed
 from curvlinops._autodiff import make_functional_model, second_order_context
 from curvlinops._ekfac_correction import per_example_square_sums
 from curvlinops._layer_pass import (
@@ -270,8 +271,10 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
         return self._cached_diagonal
 
     def _compute_diagonal(self) -> List[Tensor]:
-        layerwise = self._layerwise_diagonal()
-        return self._per_datum_diagonal() if layerwise is None else layerwise
+        with _distributed.agreement(self._process_group, "The exact diagonal"):
+            layerwise = self._layerwise_diagonal()
+            diagonal = self._per_datum_diagonal() if layerwise is None else layerwise
+        return _distributed.all_reduce_(diagonal, self._process_group, "Summing the diagonal")
 
     def _layerwise_diagonal(self) -> Optional[List[Tensor]]:
         r"""Per-layer computation for Linear/Conv parameters and one loss term per datum.
@@ -429,7 +432,8 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
         )
 
     def _start_pass(self):
-        self._generator = seeded_generator(self._generator, self.device, self._seed)
+        seed = _distributed.rank_seed(self._seed, self._process_group)  # own draws per rank
+        self._generator = seeded_generator(self._generator, self.device, seed)
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
@@ -447,6 +451,8 @@ def ggn_diagonal(
     progressbar: bool = False,
     num_data: Optional[int] = None,
     batch_size_fn: Optional[Callable] = None,
+    *,
+    process_group=None,
 ) -> List[Tensor]:
     """Exact diagonal of the GGN (type-2), shaped like ``params``.
 
@@ -458,12 +464,22 @@ def ggn_diagonal(
         progressbar: Show a progress bar.
         num_data: Number of data points (one pass if ``None``).
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+        process_group: A ``torch.distributed`` process group: every rank passes its shard
+            of the data and gets the diagonal over the union (see docs/scaling.rst).
 
     Returns:
         The diagonal in list format.
     """
     return GGNDiagonalLinearOperator(
-        model_func, loss_func, params, data, progressbar, False, num_data, batch_size_fn
+        model_func,
+        loss_func,
+        params,
+        data,
+        progressbar,
+        False,
+        num_data,
+        batch_size_fn,
+        process_group=process_group,
     ).diagonal
 
 
@@ -475,6 +491,8 @@ def ef_diagonal(
     progressbar: bool = False,
     num_data: Optional[int] = None,
     batch_size_fn: Optional[Callable] = None,
+    *,
+    process_group=None,
 ) -> List[Tensor]:
     """Exact diagonal of the empirical Fisher, shaped like ``params``.
 
@@ -486,12 +504,22 @@ def ef_diagonal(
         progressbar: Show a progress bar.
         num_data: Number of data points (one pass if ``None``).
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+        process_group: A ``torch.distributed`` process group: every rank passes its shard
+            of the data and gets the diagonal over the union (see docs/scaling.rst).
 
     Returns:
         The diagonal in list format.
     """
     return EFDiagonalLinearOperator(
-        model_func, loss_func, params, data, progressbar, False, num_data, batch_size_fn
+        model_func,
+        loss_func,
+        params,
+        data,
+        progressbar,
+        False,
+        num_data,
+        batch_size_fn,
+        process_group=process_group,
     ).diagonal
 
 
@@ -505,6 +533,8 @@ def fisher_mc_diagonal(
     mc_samples: int = 1,
     num_data: Optional[int] = None,
     batch_size_fn: Optional[Callable] = None,
+    *,
+    process_group=None,
 ) -> List[Tensor]:
     """Exact diagonal of the Monte-Carlo Fisher (samples as ``FisherMCLinearOperator``).
 
@@ -518,6 +548,8 @@ def fisher_mc_diagonal(
         mc_samples: Number of samples per loss term.
         num_data: Number of data points (one pass if ``None``).
         batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+        process_group: A ``torch.distributed`` process group: every rank passes its shard
+            of the data and gets the diagonal over the union (see docs/scaling.rst).
 
     Returns:
         The diagonal in list format.
@@ -533,6 +565,7 @@ def fisher_mc_diagonal(
         mc_samples,
         num_data,
         batch_size_fn,
+        process_group=process_group,
     ).diagonal
 
 

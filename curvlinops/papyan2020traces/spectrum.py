@@ -26,6 +26,7 @@ import warnings
 from math import log, pi, sqrt
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
@@ -38,6 +39,7 @@ from curvlinops._checks import (
     is_finite_number,
     is_int,
 )
+from curvlinops._distributed import operator_group, shared_draw
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.utils import assert_is_square
 
@@ -156,6 +158,7 @@ def fast_lanczos(
     check_generator(generator)
     dim = A.shape[0]
     v = torch.randn(dim, device=A.device, dtype=A.dtype, generator=generator)
+    v = shared_draw(A, v)  # data-parallel operators: the same start on every rank
     v = v / v.norm()
     v_prev = torch.zeros_like(v)
     beta = v.new_zeros(())
@@ -182,9 +185,23 @@ def fast_lanczos(
     return torch.linalg.eigh(T)
 
 
+def _shared_v0(A: PyTorchLinearOperator) -> Optional[np.ndarray]:
+    """ARPACK's start vector: ``None`` (ARPACK draws one), or a shared one for data parallelism.
+
+    For a data-parallel operator the vector is drawn on rank 0 and broadcast, so that ARPACK
+    takes the same path on every rank.
+    """
+    if operator_group(A) is None:
+        return None
+    return shared_draw(A, torch.randn(A.shape[0], dtype=torch.float64)).numpy()
+
+
 def _extreme_eigenvalue(A: PyTorchLinearOperator, which: str, tol: float) -> float:
+    v0 = _shared_v0(A)
     try:
-        return float(eigsh(A.to_scipy(), k=1, which=which, tol=tol, return_eigenvectors=False)[0])
+        return float(
+            eigsh(A.to_scipy(), k=1, which=which, tol=tol, v0=v0, return_eigenvectors=False)[0]
+        )
     except ArpackNoConvergence as error:
         if which == "SM":
             # ARPACK rarely converges to the smallest magnitude of a singular matrix (e.g. a
@@ -247,7 +264,9 @@ def _complete_boundaries(
     _check_given_boundaries(boundaries, magnitudes=magnitudes)
     lower, upper = (None, None) if boundaries is None else boundaries
     if lower is None and upper is None and not magnitudes:
-        evals = eigsh(A.to_scipy(), k=2, which="BE", tol=tol, return_eigenvectors=False)
+        evals = eigsh(
+            A.to_scipy(), k=2, which="BE", tol=tol, v0=_shared_v0(A), return_eigenvectors=False
+        )
         return float(min(evals)), float(max(evals))
     low_end, high_end = ("SM", "LM") if magnitudes else ("SA", "LA")
     if lower is None:
