@@ -102,16 +102,22 @@ class KFACStateMixin:
         """Raise if a factor does not have the size of its layer (checkpoint of other params)."""
         for name, factor in factors.items():
             entry = self._mapping[name]
+            units = getattr(self, "_units", {})
+            embedding = name in units and units[name].kind == "embedding"
             if input_side:
                 weight = self._params[entry["weight"]]
                 dim = weight[0].numel() + (0 if separate or "bias" not in entry else 1)
             else:
                 dim = self._params[next(iter(entry.values()))].shape[0]
-            if not isinstance(factor, Tensor) or tuple(factor.shape) != (dim, dim):
+            expected = (dim, dim)
+            if embedding:  # diagonal input factor [vocab], gradient factor [d, d]
+                table = self._params[entry["weight"]]
+                expected = (table.shape[0],) if input_side else (table.shape[1],) * 2
+            if not isinstance(factor, Tensor) or tuple(factor.shape) != expected:
                 shape = list(factor.shape) if isinstance(factor, Tensor) else type(factor)
                 raise ValueError(
                     f"The checkpoint's {what} of module {name!r} has shape {shape}, but this "
-                    f"operator's parameters need [{dim}, {dim}]: the checkpoint is from other "
+                    f"operator's parameters need {list(expected)}: the checkpoint is from other "
                     "parameters or another separate_weight_and_bias setting."
                 )
 

@@ -61,6 +61,8 @@ class EKFACLinearOperator(KFACLinearOperator):
 
     _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
     _FACTOR_DAMPING = False
+    #: EKFAC's correction pass sees modules only (module hooks): no call units.
+    _CALL_UNITS = False
 
     def _initialize_storage(self):
         """KFAC's storage plus eigenvectors, corrected eigenvalues and cached activations."""

@@ -49,10 +49,32 @@ import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
-from curvlinops._blocks import Block, BlockDiagonalMixin, KroneckerBlock, Slot, block_layout
-from curvlinops._kfac_factors import accumulate, gradient_factor, input_factor, rows_with_ones
+from curvlinops._blocks import (
+    Block,
+    BlockDiagonalMixin,
+    EmbeddingBlock,
+    KroneckerBlock,
+    Slot,
+    block_layout,
+)
+from curvlinops._calls import CallBatch, CallPass, Unit, Use, find_units
+from curvlinops._kfac_factors import (
+    accumulate,
+    embedding_input_factor,
+    input_factor,
+    rows_with_ones,
+    unit_gradient_factor,
+    unit_input_factor,
+)
 from curvlinops._kfac_state import KFACStateMixin, check_numeric_arguments
-from curvlinops._layer_pass import LayerBatch, LayerPass, layer_rows, map_parameters
+from curvlinops._layer_pass import (
+    CONV_MODULES,
+    LayerBatch,
+    LayerPass,
+    layer_rows,
+    map_parameters,
+    raise_unsupported,
+)
 from curvlinops._losses import (
     check_sampling_options,
     draw_label,
@@ -180,6 +202,9 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
     _SUPPORTED_KFAC_APPROX = KFACType
     #: Whether the blocks have Kronecker factors that can be damped separately.
     _FACTOR_DAMPING = True
+    #: Whether units used by calls (functional linears, attention projections, embeddings,
+    #: shared weights) are supported, see :mod:`curvlinops._calls`; else modules only.
+    _CALL_UNITS = True
 
     def __init__(
         self,
@@ -232,6 +257,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, type(self))
         self._mapping = self.compute_parameter_mapping(params, model_func)
         self._modules = dict(model_func.named_modules())
+        self._units = self._find_units(params, model_func)
         self._seed, self._mc_samples = seed, mc_samples
         self._generator: Optional[Generator] = None
         self._fisher_type, self._kfac_approx = fisher_type, kfac_approx
@@ -280,7 +306,25 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             NotImplementedError: If a parameter is not the weight or bias of a supported
                 layer (the message names the layer and its type).
         """
-        return map_parameters(params, model_func)
+        if not cls._CALL_UNITS:
+            return map_parameters(params, model_func)
+        mapping, _, missing = find_units(params, model_func)
+        if missing:
+            supported = ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention"]
+            raise_unsupported(params, model_func, missing, supported)
+        return mapping
+
+    def _find_units(self, params: List[Tensor], model_func: nn.Module) -> Dict[str, Unit]:
+        """The :class:`~curvlinops._calls.Unit` of every ``_mapping`` entry."""
+        units = find_units(params, model_func)[1]
+        for name, entry in self._mapping.items():
+            if name not in units:  # modules-only mapping: a module sharing a tied tensor
+                module = self._modules[name]
+                kind = "conv" if isinstance(module, CONV_MODULES) else "linear"
+                units[name] = Unit(name, kind, module)
+                for role, position in entry.items():
+                    setattr(units[name], role, params[position])
+        return {name: units[name] for name in self._mapping}
 
     def _initialize_storage(self):
         """Empty factor dicts and property caches."""
@@ -413,32 +457,70 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         return input_factor(self._modules[name], x, reduce, self._joint(name), self._N_data)
 
     # ----------------------------------------------------------------- factors
+    def _call_pass(self, desc: str) -> Iterator[CallBatch]:
+        """One pass over the data collecting every use of every unit (see ``_calls``)."""
+        forward_only = self._fisher == FisherType.FORWARD_ONLY
+        if not forward_only:
+            self._reseed_generator()
+        strategy = loss_strategy(self._loss_func)
+        call_pass = CallPass(
+            self._model_func,
+            self._units,
+            strategy.to_rows,
+            strategy.flatten_labels,
+            self.MAX_COLUMNS_PER_CHUNK,
+        )
+        vectors = None if forward_only else self._vectors
+        yield from call_pass.run_calls(self._loop_over_data(desc=desc), vectors)
+
+    def _unit_input_factor(self, name: str, uses: List[Use], batch_size: int) -> FactorType:
+        """A batch's input-factor contribution of a unit (``None`` without weight)."""
+        unit = self._units[name]
+        if unit.weight is None:
+            return None
+        reduce = self._approx == KFACType.REDUCE
+        if unit.kind == "embedding":
+            if reduce:
+                raise NotImplementedError(
+                    f"nn.Embedding {name!r} supports kfac_approx='expand' only (averaged "
+                    "one-hot inputs would give a dense vocabulary-sized factor)."
+                )
+            return embedding_input_factor(unit, uses, self._N_data, batch_size)
+        if len(uses) == 1 and uses[0].batch_first:
+            return self._input_factor(name, uses[0].x)
+        joint = self._joint(name)
+        return unit_input_factor(unit, uses, reduce, joint, self._N_data, batch_size)
+
     def compute_kronecker_factors(self):
         """Compute the Kronecker factors with one pass over the data (resets the properties)."""
         self._reset_properties()
         self._input_covariances.clear()
         self._gradient_covariances.clear()
-        input_names = [n for n, e in self._mapping.items() if "weight" in e]
         A: Dict[str, Tensor] = {}
         G: Dict[str, Tensor] = {}
-        for batch in self._layer_pass(input_names, self._input_factor, "compute_kronecker_factors"):
-            accumulate(A, batch.inputs)
-            if batch.grads is not None:
-                reduce = self._approx == KFACType.REDUCE
-                accumulate(G, {n: gradient_factor(g, reduce) for n, g in batch.grads.items()})
+        reduce = self._approx == KFACType.REDUCE
+        for batch in self._call_pass("compute_kronecker_factors"):
+            batch_size = self._batch_size_fn(batch.X)
+            for name, uses in batch.uses.items():
+                a = self._unit_input_factor(name, uses, batch_size)
+                if a is not None:
+                    accumulate(A, {name: a})
+                if batch.backpropagated:
+                    g = unit_gradient_factor(self._units[name], uses, reduce, self._joint(name))
+                    accumulate(G, {name: g})
         if self._fisher == FisherType.FORWARD_ONLY:
             for name, entry in self._mapping.items():
                 param = self._params[next(iter(entry.values()))]
-                G[name] = torch.eye(param.shape[0], dtype=self.dtype, device=self.device)
+                d_out = param.shape[1] if self._units[name].kind == "embedding" else param.shape[0]
+                G[name] = torch.eye(d_out, dtype=self.dtype, device=self.device)
         missing = [
             n for n, e in self._mapping.items() if n not in G or ("weight" in e and n not in A)
         ]
         if missing:
             raise RuntimeError(
-                f"The layers {missing} hold parameters in params but their forward was never "
-                "called (e.g. the out_proj of nn.MultiheadAttention, whose weights are used "
-                "functionally), so KFAC cannot see their inputs and outputs. Remove their "
-                "parameters from params."
+                f"The layers {missing} hold parameters in params but no call used them in the "
+                "forward pass (their forward was never called), so KFAC cannot see their "
+                "inputs and outputs. Remove their parameters from params."
             )
         self._input_covariances.update(A)
         self._gradient_covariances.update(G)
@@ -465,7 +547,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         """One :class:`~curvlinops._blocks.KroneckerBlock` per module (live factors)."""
         self._maybe_compute_kronecker_factors()
         return {
-            name: KroneckerBlock(
+            name: (EmbeddingBlock if self._units[name].kind == "embedding" else KroneckerBlock)(
                 name, self._gradient_covariances[name], self._input_covariances.get(name)
             )
             for name in self._mapping

@@ -486,12 +486,16 @@ def test_errors():
 
     seq = regression_data(d_out=3, shape=(2,))
     out_proj = list(attention.out_proj.parameters())
-    with pytest.raises(RuntimeError, match=r"\['attention.out_proj'\].*never called"):
-        KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)
-    shared = nn.Linear(3, 3).to(DT)
-    twice = nn.Sequential(shared, nn.Tanh(), shared)
-    with pytest.raises(NotImplementedError, match="called more than once"):
-        KFACLinearOperator(twice, nn.MSELoss(), list(twice.parameters()), data)
+    # issue 16: the out_proj's functional call and a layer used twice are supported now
+    # (test/test_kfac_transformer.py checks their factors); an unused layer still raises
+    assert list(KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)._mapping) == [
+        "attention.out_proj"
+    ]
+    unused = nn.Linear(3, 3).to(DT)
+    holder = nn.ModuleDict({"used": model, "unused": unused})
+    holder.forward = model.forward
+    with pytest.raises(RuntimeError, match=r"\['unused'\].*never called"):
+        KFACLinearOperator(holder, nn.MSELoss(), list(unused.parameters()), data)
     soft = [(x, torch.full_like(y, 0.3)) for x, y in data]
     K = KFACLinearOperator(
         model, nn.BCEWithLogitsLoss(), params, soft, fisher_type="type-2", check_deterministic=False
