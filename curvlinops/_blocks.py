@@ -434,6 +434,13 @@ class DiagonalBlock(_SpectralBlock):
         """Entry-wise product with the kind's diagonal."""
         return block_scale(V, self.eigenvalues[kind])
 
+    def inverse_from_parts(self, parts, options: "InverseOptions", kinds):
+        """``(D + delta)^{-1}``; a pair ``(delta_A, delta_G)`` damps by ``delta_A * delta_G``."""
+        damping = options.damping
+        if isinstance(damping, tuple):
+            damping = float(damping[0]) * float(damping[1])
+        return self.inverse(float(damping))
+
     def inverse(self, delta: float) -> "DiagonalBlock":
         """``(D + delta)^{-1}`` entry-wise.
 
@@ -619,20 +626,38 @@ class BlockDiagonalMixin:
     those of the blocks combined (sums, products, root of the summed squares).
     """
 
+    def _fallback_layout(self) -> List[Slot]:
+        """Slots of blocks without layer factors (e.g. the diagonal fallback); none here."""
+        return []
+
+    def _fallback_blocks(self) -> Dict[str, "Block"]:
+        """Blocks of :meth:`_fallback_layout`; none here."""
+        return {}
+
+    def _full_layout(self) -> List[Slot]:
+        """All slots: the layers' (``_layout()``) and the fallback's."""
+        return self._layout() + self._fallback_layout()
+
+    def _all_blocks(self) -> Dict[str, "Block"]:
+        """All blocks: the layers' (computed first) and the fallback's."""
+        blocks = dict(self._layer_blocks())
+        blocks.update(self._fallback_blocks())
+        return blocks
+
     def _apply_blocks(self, M: List[Tensor], blocks: Dict[str, "Block"]) -> List[Tensor]:
         """Multiply ``M`` (list format) by the block-diagonal matrix of ``blocks``."""
         result = self._new_output(M[0].shape[-1], like=M[0])
         return apply_block_diagonal(
-            self._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
+            self._full_layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
         )
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        return self._apply_blocks(M, self._layer_blocks())
+        return self._apply_blocks(M, self._all_blocks())
 
     def _block_sum(self, quantity: str) -> Tensor:
         """Sum of a per-block quantity (``"trace"``, ``"logdet"``, ...) over all blocks."""
-        blocks = self._layer_blocks()
-        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._layout())
+        blocks = self._all_blocks()
+        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._full_layout())
 
     @property
     def trace(self) -> Tensor:
@@ -652,8 +677,8 @@ class BlockDiagonalMixin:
         """
         if self._det is None:
             det = torch.ones((), dtype=self.dtype, device=self.device)
-            blocks = self._layer_blocks()
-            for name, kind, _ in self._layout():
+            blocks = self._all_blocks()
+            for name, kind, _ in self._full_layout():
                 det = det * blocks[name].det(kind)
             self._det = det
         return self._det

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlinops._autodiff import guarded_models
+from curvlinops._fallback import per_row_squares
 from curvlinops._layer_pass import CONV_MODULES, LayerPass, is_supported_layer
 
 
@@ -85,6 +86,7 @@ class CallBatch:
     y: Tensor
     uses: Dict[str, List[Use]] = field(default_factory=dict)
     backpropagated: bool = False
+    fallback_squares: Optional[List[Tensor]] = None
 
 
 def _mha_units(name: str, module: nn.MultiheadAttention) -> List[Unit]:
@@ -115,12 +117,13 @@ def _candidate_units(model: nn.Module) -> Iterator[Unit]:
 
 
 def find_units(
-    params: List[Tensor], model: nn.Module
+    params: List[Tensor], model: nn.Module, untie_embeddings: bool = False
 ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, Unit], List[int]]:
     """Map the units of ``model`` to the positions of their tensors in ``params``.
 
     Tensors are matched by object identity; a tensor held by several modules (tied weights)
-    belongs to the first unit holding it.
+    belongs to the first unit holding it. With ``untie_embeddings``, an embedding table that
+    another unit holds too (a tied head) belongs to no unit.
 
     Returns:
         ``{unit name: {"weight": position, "bias": position}}`` (present entries only),
@@ -131,7 +134,18 @@ def find_units(
     claimed = set()
     mapping: Dict[str, Dict[str, int]] = {}
     units: Dict[str, Unit] = {}
-    for unit in _candidate_units(model):
+    candidates = list(_candidate_units(model))
+    if untie_embeddings:
+        holders: Dict[int, int] = {}
+        for unit in candidates:
+            for tensor in (unit.weight, unit.bias):
+                if tensor is not None:
+                    holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+        tied = {
+            id(u.weight) for u in candidates if u.kind == "embedding" and holders[id(u.weight)] > 1
+        }
+        claimed |= tied
+    for unit in candidates:
         entry = {}
         for role in ("weight", "bias"):
             tensor = getattr(unit, role)
@@ -142,7 +156,8 @@ def find_units(
             entry[role] = positions[id(tensor)]
         if entry:
             mapping[unit.name], units[unit.name] = entry, unit
-    return mapping, units, [i for i in range(len(params)) if id(params[i]) not in claimed]
+    found = {id(getattr(u, r)) for u in units.values() for r in ("weight", "bias")}
+    return mapping, units, [i for i in range(len(params)) if id(params[i]) not in found]
 
 
 class _Recorder:
@@ -279,10 +294,16 @@ class CallPass(LayerPass):
     batched backward pass), but the quantities are collected per *use* of a unit.
     """
 
-    def __init__(self, model, units: Dict[str, Unit], to_rows, flatten_labels, max_columns):
-        """Store the set-up; nothing runs yet."""
+    def __init__(
+        self, model, units: Dict[str, Unit], to_rows, flatten_labels, max_columns, fallback=()
+    ):
+        """Store the set-up; nothing runs yet.
+
+        ``fallback`` lists tensors whose exact diagonal is computed from the same vectors
+        (see :mod:`curvlinops._fallback`).
+        """
         super().__init__(model, {}, to_rows, flatten_labels, max_columns)
-        self.units = units
+        self.units, self.fallback = units, list(fallback)
 
     def run_calls(self, batches: Iterable, vectors) -> Iterator[CallBatch]:
         """One pass over ``batches``, yielding a :class:`CallBatch` per batch.
@@ -309,12 +330,18 @@ class CallPass(LayerPass):
         """Fill in every use's output gradients with one batched backward pass per chunk."""
         uses = [use for unit_uses in batch.uses.values() for use in unit_uses]
         nodes = list({id(u.output): u.output for u in uses}.values())
-        if not nodes:
+        if not nodes and not self.fallback:
             return
         with torch.enable_grad():
             f_flat = self.to_rows(output)
             cotangents = vectors(batch.X, batch.y, output, f_flat, self.flatten_labels(batch.y))
             if cotangents is None:
+                return
+            if self.fallback:
+                batch.fallback_squares = per_row_squares(
+                    f_flat, self.fallback, cotangents, self.max_columns
+                )
+            if not nodes:
                 return
             chunks = [
                 self._grads_of_chunk(f_flat, nodes, chunk)

@@ -58,6 +58,7 @@ from curvlinops._blocks import (
     block_layout,
 )
 from curvlinops._calls import CallBatch, CallPass, Unit, Use, find_units
+from curvlinops._fallback import FallbackMixin, check_fallback, parameter_names
 from curvlinops._kfac_factors import (
     accumulate,
     embedding_input_factor,
@@ -73,6 +74,7 @@ from curvlinops._layer_pass import (
     LayerPass,
     layer_rows,
     map_parameters,
+    partition_parameters,
     raise_unsupported,
 )
 from curvlinops._losses import (
@@ -178,7 +180,9 @@ def _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, cl
         check_sampling_options(loss_func, cls.__name__)
 
 
-class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator):
+class KFACLinearOperator(
+    FallbackMixin, KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator
+):
     r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
 
     See the module docstring for the mathematics. Each block maps a weight
@@ -222,6 +226,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         separate_weight_and_bias: bool = True,
         num_data: Optional[int] = None,
         batch_size_fn: Optional[Callable] = None,
+        fallback: str = "error",
     ):
         """Set up the operator (the factors are computed lazily or by the check).
 
@@ -240,6 +245,10 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             separate_weight_and_bias: Treat weight and bias of a layer as separate blocks.
             num_data: Number of data points; one pass over the data if ``None``.
             batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+            fallback: ``"error"`` (default): a parameter without Kronecker structure raises
+                ``NotImplementedError``; ``"diagonal"``: it gets the exact diagonal block of
+                the approximated curvature (see :mod:`curvlinops._fallback`), as does an
+                embedding table tied to a linear head.
 
         Raises:
             ValueError: For an unsupported loss, Fisher type or KFAC type, ``mc_samples != 1``
@@ -255,8 +264,14 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         _check_choices(type(self), loss_func, fisher_type, mc_samples, kfac_approx)
         check_numeric_arguments(seed, mc_samples, num_per_example_loss_terms)
         _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, type(self))
-        self._mapping = self.compute_parameter_mapping(params, model_func)
+        check_fallback(fallback, FisherType(fisher_type) == FisherType.FORWARD_ONLY)
+        self._fallback = fallback
         self._modules = dict(model_func.named_modules())
+        if fallback == "diagonal":
+            self._mapping, missing = self._partition(params, model_func)
+        else:
+            self._mapping, missing = self.compute_parameter_mapping(params, model_func), []
+        self._fallback_names = parameter_names(params, model_func, missing)
         self._units = self._find_units(params, model_func)
         self._seed, self._mc_samples = seed, mc_samples
         self._generator: Optional[Generator] = None
@@ -314,9 +329,19 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             raise_unsupported(params, model_func, missing, supported)
         return mapping
 
+    @classmethod
+    def _partition(cls, params: List[Tensor], model_func: nn.Module):
+        """``(mapping, positions without Kronecker unit)``.
+
+        A tied embedding table counts as without unit (its uses act on transposed sides).
+        """
+        if not cls._CALL_UNITS:
+            return partition_parameters(params, model_func)
+        return find_units(params, model_func, untie_embeddings=True)[::2]
+
     def _find_units(self, params: List[Tensor], model_func: nn.Module) -> Dict[str, Unit]:
         """The :class:`~curvlinops._calls.Unit` of every ``_mapping`` entry."""
-        units = find_units(params, model_func)[1]
+        units = find_units(params, model_func, untie_embeddings=self._fallback == "diagonal")[1]
         for name, entry in self._mapping.items():
             if name not in units:  # modules-only mapping: a module sharing a tied tensor
                 module = self._modules[name]
@@ -330,6 +355,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         """Empty factor dicts and property caches."""
         self._input_covariances: Dict[str, Tensor] = {}
         self._gradient_covariances: Dict[str, Tensor] = {}
+        self._fallback_diagonals: Dict[str, Tensor] = {}
         self._reset_properties()
 
     def _infer_num_per_example_loss_terms(self) -> int:
@@ -469,6 +495,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             strategy.to_rows,
             strategy.flatten_labels,
             self.MAX_COLUMNS_PER_CHUNK,
+            [self._params[i] for i in self._fallback_names],
         )
         vectors = None if forward_only else self._vectors
         yield from call_pass.run_calls(self._loop_over_data(desc=desc), vectors)
@@ -496,10 +523,14 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         self._reset_properties()
         self._input_covariances.clear()
         self._gradient_covariances.clear()
+        self._fallback_diagonals.clear()
         A: Dict[str, Tensor] = {}
         G: Dict[str, Tensor] = {}
+        D: Dict[str, Tensor] = {}
         reduce = self._approx == KFACType.REDUCE
         for batch in self._call_pass("compute_kronecker_factors"):
+            if batch.fallback_squares is not None:
+                accumulate(D, dict(zip(self._fallback_names.values(), batch.fallback_squares)))
             batch_size = self._batch_size_fn(batch.X)
             for name, uses in batch.uses.items():
                 a = self._unit_input_factor(name, uses, batch_size)
@@ -524,11 +555,14 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             )
         self._input_covariances.update(A)
         self._gradient_covariances.update(G)
+        for i, name in self._fallback_names.items():  # unused by the model: zero curvature
+            self._fallback_diagonals[name] = D.get(name, torch.zeros_like(self._params[i]))
 
     def _maybe_compute_kronecker_factors(self):
         """Compute the factors if both factor dicts are empty."""
         if not self._input_covariances and not self._gradient_covariances:
-            self.compute_kronecker_factors()
+            if not (self._fallback_diagonals and not self._mapping):
+                self.compute_kronecker_factors()
 
     # ----------------------------------------------------------------- blocks
     def _layer_block(self, name: str) -> Block:
@@ -537,11 +571,11 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         Raises:
             ValueError: If ``name`` is not a module of this operator.
         """
-        if name not in self._mapping:
+        if name not in self._mapping and name not in self._fallback_names.values():
             raise ValueError(
                 f"Unknown module name {name!r}; the KFAC operator has {list(self._mapping)}."
             )
-        return self._layer_blocks()[name]
+        return self._all_blocks()[name]
 
     def _layer_blocks(self) -> Dict[str, Block]:
         """One :class:`~curvlinops._blocks.KroneckerBlock` per module (live factors)."""
@@ -590,6 +624,9 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         snapshot = {f"input covariance {k}": v.clone() for k, v in self._input_covariances.items()}
         snapshot.update(
             {f"gradient covariance {k}": v.clone() for k, v in self._gradient_covariances.items()}
+        )
+        snapshot.update(
+            {f"fallback diagonal {k}": v.clone() for k, v in self._fallback_diagonals.items()}
         )
         return snapshot
 
