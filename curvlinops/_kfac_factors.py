@@ -16,7 +16,7 @@ to every input row.
 """
 
 from math import sqrt
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -122,21 +122,54 @@ def _weight_uses(unit: Unit, uses: List[Use], joint: bool) -> List[Use]:
     return weight_uses or bias_uses
 
 
+def _kept_rows(x: Tensor, use: Use, row_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask ``[B, S]`` of a use's rows aligned with the counted output rows, or ``None``.
+
+    A use is aligned if its batch axis is first and it has one row per output row.
+    """
+    if row_mask is None or not use.batch_first or tuple(x.shape[:2]) != tuple(row_mask.shape):
+        return None
+    return row_mask
+
+
 def unit_input_factor(
-    unit: Unit, uses: List[Use], reduce: bool, joint: bool, num_data: int, batch_size: int
+    unit: Unit,
+    uses: List[Use],
+    reduce: bool,
+    joint: bool,
+    num_data: int,
+    batch_size: int,
+    row_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """A batch's contribution to a linear or convolution unit's input factor, all uses.
+
+    Args:
+        unit: The unit.
+        uses: Its uses in the batch.
+        reduce: ``KFACType.REDUCE``.
+        joint: Append the bias ones.
+        num_data: Number :math:`N` of data points.
+        batch_size: Number :math:`B` of data points in the batch.
+        row_mask: ``[B, S]`` mask of the output rows the loss counts (``ignore_index``), or
+            ``None``: rows of aligned uses at ignored positions are left out, and
+            :math:`s` counts the kept rows.
 
     Returns:
         ``[d_in (+1), d_in (+1)]`` (see the comment above for the rows and the scale).
     """
-    xs = [layer_rows(unit.module, u.x, False) for u in _weight_uses(unit, uses, joint)]
+    selected = _weight_uses(unit, uses, joint)
+    xs = [layer_rows(unit.module, u.x, False) for u in selected]
+    masks = [_kept_rows(x, u, row_mask) for x, u in zip(xs, selected)]
     if reduce:
         _require_batch_first(unit.name, uses)
-        rows = torch.cat(xs, 1).mean(1)
-        return gram_factor(rows.T, 1.0 / num_data, joint)
-    rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-    return gram_factor(rows.T, batch_size / (num_data * rows.shape[0]), joint)
+        weights = [
+            x.new_ones(x.shape[:2]) if m is None else m.to(x.dtype) for x, m in zip(xs, masks)
+        ]
+        total = sum((x * w.unsqueeze(-1)).sum(1) for x, w in zip(xs, weights))
+        count = sum(w.sum(1) for w in weights).clamp(min=1).unsqueeze(-1)
+        return gram_factor((total / count).T, 1.0 / num_data, joint)
+    rows = torch.cat([x.reshape(-1, x.shape[-1]) if m is None else x[m] for x, m in zip(xs, masks)])
+    return gram_factor(rows.T, batch_size / (num_data * max(rows.shape[0], 1)), joint)
 
 
 def unit_gradient_factor(unit: Unit, uses: List[Use], reduce: bool, joint: bool) -> Tensor:
@@ -155,18 +188,26 @@ def unit_gradient_factor(unit: Unit, uses: List[Use], reduce: bool, joint: bool)
     return flat.T @ flat
 
 
-def embedding_input_factor(unit: Unit, uses: List[Use], num_data: int, batch_size: int) -> Tensor:
+def embedding_input_factor(
+    unit: Unit, uses: List[Use], num_data: int, batch_size: int, row_mask=None
+) -> Tensor:
     r"""A batch's contribution to an embedding's *diagonal* input factor ``[vocab]``.
 
     An embedding is the linear map :math:`\mathbf{W}^\top\mathbf{e}_i` of one-hot inputs, so
     its input factor is diagonal with the token counts, scaled like a linear layer's (EXPAND,
     :math:`s` = indices per datum). ``padding_idx`` rows get no gradient, i.e. a zero input
     row: their count is zero (their positions still count in :math:`s` and in ``G``).
+    Positions ignored by the loss (``row_mask``, for index tensors aligned with the output
+    rows) are left out, as for linear layers.
     """
     module = unit.module
     vocab = unit.weight.shape[0]
-    indices = torch.cat([u.x.reshape(-1) for u in uses])
+    kept = []
+    for use in uses:
+        mask = _kept_rows(use.x, use, row_mask) if use.x.ndim >= 2 else None
+        kept.append(use.x.reshape(-1) if mask is None else use.x[mask])
+    indices = torch.cat(kept)
     counts = torch.bincount(indices, minlength=vocab).to(unit.weight.dtype)
     if module.padding_idx is not None:
         counts[module.padding_idx] = 0
-    return counts * (batch_size / (num_data * indices.numel()))
+    return counts * (batch_size / (num_data * max(indices.numel(), 1)))

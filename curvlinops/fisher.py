@@ -45,7 +45,7 @@ from curvlinops._losses import (
     check_supported_loss,
     fisher_mc_grad_samples,
     flatten_output_and_labels,
-    num_terms_normalization,
+    loss_strategy,
     seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
@@ -104,7 +104,9 @@ def sampled_output_gradients(
 
     def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
         grads = sampler(output_flat, mc_samples, y_flat, generator)
-        return (mc_samples * num_terms_normalization(loss_func, output_flat)) ** -0.5 * grads
+        strategy = loss_strategy(loss_func)  # ignored rows (ignore_index) count nothing
+        c_b = strategy.normalization(output_flat, y_flat)
+        return (mc_samples * c_b) ** -0.5 * strategy.mask_rows(grads, y_flat)
 
     return output_grads
 
@@ -185,7 +187,8 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
 
         Raises:
             NotImplementedError: If the loss is unsupported or has options (class weights,
-                ``ignore_index``, label smoothing, ``pos_weight``) that sampling ignores.
+                ``pos_weight``) that sampling ignores (``ignore_index`` and label smoothing
+                are honoured).
             ValueError: If ``mc_samples`` is not a positive integer or ``seed`` is not an
                 integer seed.
         """

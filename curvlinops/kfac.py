@@ -424,6 +424,8 @@ class KFACLinearOperator(
             num_samples = self._mc_samples
         else:
             vectors, num_samples = strategy.row_gradients(f, y_flat).unsqueeze(0), 1
+        # rows the loss ignores (ignore_index) contribute nothing
+        vectors = strategy.mask_rows(vectors, y_flat)
         if self._loss_func.reduction == "sum":
             return vectors / sqrt(num_samples)
         B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
@@ -434,6 +436,11 @@ class KFACLinearOperator(
                 f"{f.shape[0]} loss terms (output rows), not {B * R}. Pass the number of "
                 "output rows per data point, or None to infer it from the labels."
             )
+        if strategy.counted_rows(y_flat) is not None:
+            # mean over the counted rows of the batch, weighted by B / N (= kappa / c_b^2
+            # below when all rows count)
+            count = strategy.normalization(f, y_flat)
+            return vectors * sqrt(B / (self._N_data * num_samples * count))
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
         scale = sqrt(kappa) * strategy.mean_correction(f.shape[1]) / strategy.normalization(f)
@@ -500,8 +507,13 @@ class KFACLinearOperator(
         vectors = None if forward_only else self._vectors
         yield from call_pass.run_calls(self._loop_over_data(desc=desc), vectors)
 
-    def _unit_input_factor(self, name: str, uses: List[Use], batch_size: int) -> FactorType:
-        """A batch's input-factor contribution of a unit (``None`` without weight)."""
+    def _unit_input_factor(
+        self, name: str, uses: List[Use], batch_size: int, row_mask: Optional[Tensor] = None
+    ) -> FactorType:
+        """A batch's input-factor contribution of a unit (``None`` without weight).
+
+        ``row_mask`` (``[B, S]``) marks the output rows the loss counts (``ignore_index``).
+        """
         unit = self._units[name]
         if unit.weight is None:
             return None
@@ -512,11 +524,17 @@ class KFACLinearOperator(
                     f"nn.Embedding {name!r} supports kfac_approx='expand' only (averaged "
                     "one-hot inputs would give a dense vocabulary-sized factor)."
                 )
-            return embedding_input_factor(unit, uses, self._N_data, batch_size)
-        if len(uses) == 1 and uses[0].batch_first:
+            return embedding_input_factor(unit, uses, self._N_data, batch_size, row_mask)
+        if len(uses) == 1 and uses[0].batch_first and row_mask is None:
             return self._input_factor(name, uses[0].x)
         joint = self._joint(name)
-        return unit_input_factor(unit, uses, reduce, joint, self._N_data, batch_size)
+        return unit_input_factor(unit, uses, reduce, joint, self._N_data, batch_size, row_mask)
+
+    def _row_mask(self, y: Tensor, batch_size: int) -> Optional[Tensor]:
+        """``[B, S]`` mask of the output rows the loss counts, ``None`` if it counts all."""
+        strategy = loss_strategy(self._loss_func)
+        mask = strategy.counted_rows(strategy.flatten_labels(y))
+        return None if mask is None else mask.reshape(batch_size, -1)
 
     def compute_kronecker_factors(self):
         """Compute the Kronecker factors with one pass over the data (resets the properties)."""
@@ -532,8 +550,9 @@ class KFACLinearOperator(
             if batch.fallback_squares is not None:
                 accumulate(D, dict(zip(self._fallback_names.values(), batch.fallback_squares)))
             batch_size = self._batch_size_fn(batch.X)
+            row_mask = self._row_mask(batch.y, batch_size)
             for name, uses in batch.uses.items():
-                a = self._unit_input_factor(name, uses, batch_size)
+                a = self._unit_input_factor(name, uses, batch_size, row_mask)
                 if a is not None:
                     accumulate(A, {name: a})
                 if batch.backpropagated:

@@ -503,8 +503,12 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="binary"):
         K @ torch.ones(K.shape[1], dtype=DT)
     ce_data = [(x, y.argmax(1)) for x, y in data]
-    with pytest.raises(NotImplementedError, match="label_smoothing"):
-        KFACLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, ce_data)
+    # issue 16: label smoothing (same logit Hessian) is supported now, class weights are not
+    KFACLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, ce_data)
+    with pytest.raises(NotImplementedError, match="weight"):
+        KFACLinearOperator(
+            model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), params, ce_data
+        )
     seq = regression_data(d_out=3, shape=(2,))
     with pytest.raises(ValueError, match="num_per_example_loss_terms"):
         KFACLinearOperator(model, nn.MSELoss(), params, seq[:1] + [(seq[1][0], seq[1][1][:, :1])])
