@@ -160,6 +160,26 @@ def find_units(
     return mapping, units, [i for i in range(len(params)) if id(params[i]) not in found]
 
 
+_TIED = (
+    "The weight of unit {!r} is used both as an embedding table and as a linear weight (a "
+    "tied head): the two uses act on transposed sides of the weight, so they share no "
+    "Kronecker factor. Untie the weight, remove it from params, or pass fallback='diagonal'."
+)
+
+
+def probe_units(model: nn.Module, units: Dict[str, Unit], X) -> set:
+    """Names of units whose calls have no Kronecker factor, from one forward pass on ``X``.
+
+    Tied embedding/linear weights, slices of unit tensors and unsupported embedding options
+    are only visible in the calls; ``fallback="diagonal"`` moves such units to the fallback.
+    """
+    recorder = _Recorder(model, units, record_outputs=False)
+    recorder.demoted = set()
+    with guarded_models([model]), recorder.active(), torch.no_grad():
+        model(X)
+    return recorder.demoted
+
+
 class _Recorder:
     """Intercepts the calls using unit tensors during one forward pass."""
 
@@ -169,6 +189,9 @@ class _Recorder:
         self.by_weight = {id(u.weight): u for u in units.values() if u.weight is not None}
         self.by_bias = {id(u.bias): u for u in units.values() if u.bias is not None}
         self.uses: Dict[str, List[Use]] = {}
+        # probing (see probe_units): units without a Kronecker factor are collected here
+        # instead of raising
+        self.demoted: Optional[set] = None
         # id(nn.Linear) -> id(the input of its running forward): calls with that input have
         # the batch axis first
         self.module_inputs: Dict[int, int] = {}
@@ -177,6 +200,12 @@ class _Recorder:
         # the next operation gets a copy, so in-place operations cannot overwrite the node
         return output.clone() if self.record_outputs and output.requires_grad else output
 
+    def _refuse(self, unit: Unit, message: str):
+        """Raise ``NotImplementedError(message)``, or note the unit when probing."""
+        if self.demoted is None:
+            raise NotImplementedError(message)
+        self.demoted.add(unit.name)
+
     def _check_slices(self, *tensors):
         for tensor in tensors:
             base = getattr(tensor, "_base", None)
@@ -184,12 +213,14 @@ class _Recorder:
                 continue
             unit = self.by_weight.get(id(base)) or self.by_bias.get(id(base))
             if unit is not None:
-                raise NotImplementedError(
+                self._refuse(
+                    unit,
                     f"A slice of a tensor of unit {unit.name!r} is used in a call (e.g. "
                     "nn.MultiheadAttention's packed in-projection in cross-attention, where "
                     "query, key and value differ): its slices see different inputs, so it has "
                     "no single Kronecker factor. Use self-attention (query is key is value), "
-                    "kdim/vdim projections, or remove the tensor from params."
+                    "kdim/vdim projections, remove the tensor from params, or pass "
+                    "fallback='diagonal'.",
                 )
 
     def linear(self, original, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
@@ -200,12 +231,8 @@ class _Recorder:
             self._check_slices(weight, *(() if bias is None else (bias,)))
             return output
         if w_unit is not None and w_unit.kind == "embedding":
-            raise NotImplementedError(
-                f"The embedding table of {w_unit.name!r} is also used as a linear weight (a tied "
-                "head): an embedding use and a linear use act on transposed sides of the "
-                "weight, so they share no Kronecker factor. Untie the weight, or remove it "
-                "from params."
-            )
+            self._refuse(w_unit, _TIED.format(w_unit.name))
+            return output
         batch_first = id(x) in self.module_inputs.values()
         units = [w_unit] if w_unit is not None else []
         if b_unit is not None and b_unit is not w_unit:
@@ -225,13 +252,18 @@ class _Recorder:
         unit = self.by_weight.get(id(weight))
         if unit is None:
             return original(idx, weight, *args, **kwargs)
+        if unit.kind != "embedding":
+            self._refuse(unit, _TIED.format(unit.name))
+            return original(idx, weight, *args, **kwargs)
         module = unit.module
         if module.max_norm is not None or module.scale_grad_by_freq:
-            raise NotImplementedError(
+            self._refuse(
+                unit,
                 f"nn.Embedding {unit.name!r} uses max_norm or scale_grad_by_freq, which KFAC "
                 "does not support (renormalised rows / rescaled gradients). Remove its weight "
-                "from params or disable these options."
+                "from params, disable these options, or pass fallback='diagonal'.",
             )
+            return original(idx, weight, *args, **kwargs)
         output = original(idx, weight, *args, **kwargs)
         self.uses.setdefault(unit.name, []).append(Use(idx.detach(), output, True))
         return self._keep(output)

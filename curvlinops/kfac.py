@@ -57,7 +57,7 @@ from curvlinops._blocks import (
     Slot,
     block_layout,
 )
-from curvlinops._calls import CallBatch, CallPass, Unit, Use, find_units
+from curvlinops._calls import CallBatch, CallPass, Unit, Use, find_units, probe_units
 from curvlinops._fallback import FallbackMixin, check_fallback, parameter_names
 from curvlinops._kfac_factors import (
     accumulate,
@@ -74,7 +74,6 @@ from curvlinops._layer_pass import (
     LayerPass,
     layer_rows,
     map_parameters,
-    partition_parameters,
     raise_unsupported,
 )
 from curvlinops._losses import (
@@ -293,6 +292,8 @@ class KFACLinearOperator(
             if num_per_example_loss_terms is None
             else num_per_example_loss_terms
         )
+        if fallback == "diagonal" and self._mapping:
+            self._demote_units()
         if check_deterministic:
             self._check_deterministic()
 
@@ -331,13 +332,46 @@ class KFACLinearOperator(
 
     @classmethod
     def _partition(cls, params: List[Tensor], model_func: nn.Module):
-        """``(mapping, positions without Kronecker unit)``.
+        """``(mapping, positions without Kronecker unit)`` for ``fallback="diagonal"``.
 
         A tied embedding table counts as without unit (its uses act on transposed sides).
+        Without call units (EKFAC), only layers called through their own module forward
+        keep theirs (not embeddings, attention projections or an attention's ``out_proj``).
         """
-        if not cls._CALL_UNITS:
-            return partition_parameters(params, model_func)
-        return find_units(params, model_func, untie_embeddings=True)[::2]
+        mapping, units, missing = find_units(params, model_func, untie_embeddings=True)
+        if cls._CALL_UNITS:
+            return mapping, missing
+        functional = {
+            id(m.out_proj) for m in model_func.modules() if isinstance(m, nn.MultiheadAttention)
+        }
+        kept = {}
+        for name, entry in mapping.items():
+            module = units[name].module
+            if units[name].kind == "embedding" or id(module) in functional:
+                missing.extend(entry.values())
+            elif isinstance(module, (nn.Linear, *CONV_MODULES)):
+                kept[name] = entry
+            else:
+                missing.extend(entry.values())
+        return kept, sorted(missing)
+
+    def _demote_units(self):
+        """Move units whose calls have no Kronecker factor to the diagonal fallback.
+
+        One forward pass on the first batch shows the calls (a tied head used through
+        ``F.linear``, slices of a packed projection, ...), see :func:`probe_units`.
+        """
+        batches = self._loop_over_data(desc="fallback probe")
+        try:
+            X, _ = next(batches)
+        finally:
+            batches.close()
+        demoted = probe_units(self._model_func, self._units, X)
+        positions = list(self._fallback_names)
+        for name in demoted:
+            positions.extend(self._mapping.pop(name).values())
+            del self._units[name]
+        self._fallback_names = parameter_names(self._params, self._model_func, sorted(positions))
 
     def _find_units(self, params: List[Tensor], model_func: nn.Module) -> Dict[str, Unit]:
         """The :class:`~curvlinops._calls.Unit` of every ``_mapping`` entry."""

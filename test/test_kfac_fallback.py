@@ -197,3 +197,37 @@ def test_tied_embedding_head_falls_back_to_diagonal():
     assert list(K._mapping) == ["head"] and list(K._fallback_names.values()) == ["embedding.weight"]
     reference = ggn(model, loss, [model.embedding.weight], data).diagonal()
     assert_close(K._fallback_diagonals["embedding.weight"].flatten(), reference, **TOL)
+
+
+def test_calls_without_kronecker_factor_fall_back():
+    """A head tied through ``F.linear`` and cross-attention slices are seen by a probe pass."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(5, 4)
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, tokens):
+            h = self.embedding(tokens)
+            h = self.attention(h, 2 * h, 2 * h, need_weights=False)[0]  # cross-attention
+            return nn.functional.linear(h, self.embedding.weight).transpose(1, 2)
+
+    torch.manual_seed(6)
+    model = Model().to(DT)
+    gen = torch.Generator().manual_seed(7)
+    data = [(torch.randint(5, (2, 3), generator=gen), torch.randint(5, (2, 3), generator=gen))]
+    loss = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    with pytest.raises(NotImplementedError, match="tied|slice"):
+        KFACLinearOperator(model, loss, params, data)
+    K = KFACLinearOperator(model, loss, params, data, fisher_type="type-2", fallback="diagonal")
+    assert list(K._mapping) == ["attention.out_proj"]
+    fallback = [
+        model.embedding.weight,
+        model.attention.in_proj_weight,
+        model.attention.in_proj_bias,
+    ]
+    assert [K._params[i] for i in K._fallback_names] == fallback
+    reference = ggn(model, loss, fallback, data).diagonal()
+    assert_close(_diagonal_blocks(densify(K), fallback, params), reference, **TOL)
