@@ -208,3 +208,22 @@ def test_ekfac_and_inverse_with_ignore_index():
     inverse = densify(KFACInverseLinearOperator(E, damping=1e-2, use_exact_damping=True))
     eye = torch.eye(E.shape[0], dtype=DT)
     assert_close(inverse @ (densify(E) + 1e-2 * eye), eye, rtol=1e-9, atol_scale=1e-9)
+
+
+def test_ekfac_stash_with_partially_padded_batches():
+    """A batch without and one with ignored rows: the eigenbasis still diagonalises ``A``."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 3)).to(DT)  # few rows: EKFAC's low-rank eigenbasis path
+    gen = torch.Generator().manual_seed(9)
+    X1, X2, X3 = (torch.randn(1, 6, generator=gen, dtype=DT) for _ in range(3))
+    data = [(X1, torch.tensor([1])), (torch.cat([X2, X3]), torch.tensor([2, IGNORE]))]
+    loss = nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
+    params = [model[0].weight]
+    K = KFACLinearOperator(model, loss, params, data, fisher_type="type-2")
+    A = K._input_covariances["0"]
+    E = EKFACLinearOperator(model, loss, params, data, fisher_type="type-2")
+    Q = E._input_covariances_eigenvectors["0"]
+    rotated = Q.T @ A @ Q
+    off_diagonal = rotated - torch.diag(rotated.diagonal())
+    assert off_diagonal.abs().max() < 1e-12 * A.abs().max()
+    assert_close(rotated.diagonal().sum(), A.trace(), **TOL)
