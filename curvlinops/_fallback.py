@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from curvlinops._blocks import Block, DiagonalBlock, Slot
+from curvlinops._layer_pass import LayerPass
 
 FALLBACKS = ("error", "diagonal")
 
@@ -71,18 +72,8 @@ def per_row_squares(
         chunk = cotangents.new_zeros(V, stop - start, R, C)
         chunk[:, index, start + index] = cotangents[:, start:stop]
         chunk = chunk.reshape(-1, R, C)
-        batched = chunk.shape[0] > 1
-        grads = torch.autograd.grad(
-            f_flat,
-            params,
-            chunk if batched else chunk[0],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-        for total, g in zip(totals, grads):
-            if g is not None:
-                total.add_((g.detach() ** 2).sum(0) if batched else g.detach() ** 2)
+        for total, g in zip(totals, LayerPass._grads_of_chunk(f_flat, params, chunk)):
+            total.add_((g**2).sum(0))
     return totals
 
 
