@@ -10,6 +10,10 @@ loss + gradient by plain autograd):
 - KFAC-inverse build (Cholesky inverses of all damped factors through
   ``_compute_or_get_cached_inverse``) and product, with the floor ``G^-1 @ V @ A^-1``;
 - the transformer's KFAC covers its feed-forward layers and head (see ``kfac_params``);
+- ``transformer-all``: KFAC over *all* parameters of the transformer (attention projections,
+  embedding, ``fallback="diagonal"`` for the layer norms), its build and products against the
+  exact GGN diagonal and the GGN product, with the peak resident memory of each (Linux;
+  ``VmHWM`` after resetting it through ``/proc/self/clear_refs``);
 - EKFAC build (factors, eigenbases, eigenvalue correction) and product. The target for the build
   is the KFAC (MC) build plus a plain batched ``torch.linalg.eigh`` of the same factors plus
   1.5 gradients; that sum is printed as the EKFAC floor.
@@ -20,7 +24,9 @@ Usage: ``python benchmarks/bench_kfac.py [--quick]``; writes ``benchmarks/result
 import argparse
 import json
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,9 +41,11 @@ from bench_products import CLASSIFIERS, make_transformer, time_round_robin  # no
 import curvlinops  # noqa: E402
 from curvlinops import (  # noqa: E402
     EKFACLinearOperator,
+    GGNLinearOperator,
     KFACInverseLinearOperator,
     KFACLinearOperator,
 )
+from curvlinops.diagonal.exact import ggn_diagonal  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kfac.json"
 PROBLEMS = {**CLASSIFIERS, "transformer": make_transformer}
@@ -198,6 +206,93 @@ def bench_problem(name: str, repeats: int, warmup: int, log: Callable[[str], Non
     return result
 
 
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory during ``fn()`` above the memory before it (Linux), in MiB."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return float("nan")
+
+    def kib(key):
+        return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text()).group(1))
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = kib("VmRSS")
+    result = fn()
+    peak = kib("VmHWM")
+    del result
+    return (peak - before) / 1024
+
+
+def _transformer_all_operations():
+    """The transformer-all problem and its timed operations ``(kind, method, K, fn)``."""
+    model, X, y = make_transformer()
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    data = [(X, y)]
+    D = sum(p.numel() for p in params)
+    kfac = KFACLinearOperator(
+        model, loss_func, params, data, check_deterministic=False, fallback="diagonal"
+    )
+    ggn = GGNLinearOperator(model, loss_func, params, data, check_deterministic=False)
+
+    def gradient():
+        return torch.autograd.grad(loss_func(model(X), y), params)
+
+    operations = [
+        ("gradient", "plain autograd", "-", gradient),
+        ("kfac build", "mc, fallback='diagonal'", "-", kfac.compute_kronecker_factors),
+        (
+            "exact diagonal",
+            "ggn_diagonal",
+            "-",
+            lambda: ggn_diagonal(model, loss_func, params, data),
+        ),
+    ]
+    kfac.compute_kronecker_factors()
+    for K in NUM_COLUMNS:
+        torch.manual_seed(K)
+        V = torch.randn(D, K).squeeze(-1) if K == 1 else torch.randn(D, K)
+        operations.append(("kfac product", "curvlinops", K, lambda V=V: kfac @ V))
+        operations.append(("ggn product", "GGNLinearOperator", K, lambda V=V: ggn @ V))
+    return kfac, X, D, operations
+
+
+def memory_child(index: int):
+    """Print the peak memory (MiB) of operation ``index`` in this fresh process."""
+    torch.set_num_threads(1)
+    *_, operations = _transformer_all_operations()
+    print(peak_memory_mib(operations[index][-1]))
+
+
+def bench_transformer_all(repeats: int, warmup: int, log: Callable[[str], None]) -> dict:
+    """KFAC over all transformer parameters vs the exact GGN diagonal and the GGN product.
+
+    Peak memory of each operation is measured in a fresh process (first call).
+    """
+    kfac, X, D, operations = _transformer_all_operations()
+    kinds: dict = {}
+    for kind in kfac.structure().values():
+        kinds[kind.split(" ")[0]] = kinds.get(kind.split(" ")[0], 0) + 1
+    log(f"transformer-all: {D} parameters, batch {X.shape[0]}, structure {kinds}")
+    result = {"num_params": D, "batch_size": X.shape[0]}
+    entries = result["timings"] = [{"kind": k, "method": m, "K": K} for k, m, K, _ in operations]
+    fns = [op[-1] for op in operations]
+    times = time_round_robin(fns, [repeats] * len(fns), warmup)
+    for index, (entry, t) in enumerate(zip(entries, times)):
+        entry["median_s"] = statistics.median(t)
+        entry["times_s"] = t
+        child = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(index)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        entry["peak_mib"] = float(child.stdout.split()[-1])
+    for entry in entries:
+        entry["ratio_to_gradient"] = entry["median_s"] / entries[0]["median_s"]
+    return result
+
+
 def format_table(results: dict) -> str:
     """Ratios to the gradient, one row per (kind, method), columns K=1 and K=16."""
     lines = []
@@ -218,7 +313,9 @@ def format_table(results: dict) -> str:
                 f"{by_K[k]['ratio_to_gradient']:7.2f}" if k in by_K else f"{'':>7s}"
                 for k in ("-", 1, 16)
             ]
-            lines.append(f"  {kind:16s} {method:42s} {' '.join(cells)}")
+            peaks = [f"{e['peak_mib']:.0f}" for e in by_K.values() if "peak_mib" in e]
+            memory = f"  peak MiB {'/'.join(peaks)}" if peaks else ""
+            lines.append(f"  {kind:16s} {method:42s} {' '.join(cells)}{memory}")
     return "\n".join(lines)
 
 
@@ -227,8 +324,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per entry")
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    choices = [*PROBLEMS, "transformer-all"]
+    parser.add_argument("--problems", nargs="+", choices=choices, default=choices)
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child is not None:
+        return memory_child(args.memory_child)
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = 1 if args.quick else 2
     torch.set_num_threads(1)
@@ -238,7 +339,13 @@ def main():
         f"median of {repeats} runs after {warmup} warm-up run(s)"
     )
     start = time.perf_counter()
-    results = {name: bench_problem(name, repeats, warmup, log=print) for name in args.problems}
+    results = {
+        name: (bench_transformer_all if name == "transformer-all" else bench_problem)(
+            *((repeats, warmup) if name == "transformer-all" else (name, repeats, warmup)),
+            log=print,
+        )
+        for name in args.problems
+    }
     print(format_table(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

@@ -230,7 +230,7 @@ class KroneckerBlock:
             return float(options.damping[0]), float(options.damping[1])
         delta = float(options.damping)
         if options.heuristic and self.A is not None:
-            mean_A = (self.A.trace() / self.A.shape[0]).item()
+            mean_A = (self.A.diagonal() if self.A.ndim == 2 else self.A).mean().item()
             mean_G = (self.G.trace() / self.G.shape[0]).item()
             if mean_A >= 0 and mean_G > 0:
                 pi = math.sqrt(mean_A / mean_G)
@@ -434,6 +434,13 @@ class DiagonalBlock(_SpectralBlock):
         """Entry-wise product with the kind's diagonal."""
         return block_scale(V, self.eigenvalues[kind])
 
+    def inverse_from_parts(self, parts, options: "InverseOptions", kinds):
+        """``(D + delta)^{-1}``; a pair ``(delta_A, delta_G)`` damps by ``delta_A * delta_G``."""
+        damping = options.damping
+        if isinstance(damping, tuple):
+            damping = float(damping[0]) * float(damping[1])
+        return self.inverse(float(damping))
+
     def inverse(self, delta: float) -> "DiagonalBlock":
         """``(D + delta)^{-1}`` entry-wise.
 
@@ -444,7 +451,118 @@ class DiagonalBlock(_SpectralBlock):
         return DiagonalBlock(self.name, inverse.eigenvalues)
 
 
-Block = Union[KroneckerBlock, EigenbasisBlock, DiagonalBlock]
+class EmbeddingBlock(KroneckerBlock):
+    r"""An embedding's block :math:`\mathrm{diag}(\mathbf{a}) \otimes \mathbf{G}`.
+
+    The table :math:`\mathbf{W}` (``[vocab, d]``) acts as the linear map
+    :math:`\mathbf{W}^\top` of one-hot inputs, so in the row-major flattening of
+    :math:`\mathbf{W}` the Kronecker order is (input side, output side) and the input factor is
+    the diagonal :math:`\mathbf{a}` of token counts: :math:`\mathbf{V} \mapsto
+    \mathrm{diag}(\mathbf{a})\,\mathbf{V}\mathbf{G}`. Never a vocabulary-sized dense matrix:
+    trace :math:`\sum a\,\mathrm{tr}\mathbf{G}`, :math:`\log\det = d\sum\log a +
+    n\log\det\mathbf{G}`, squared Frobenius norm :math:`\|\mathbf{a}\|^2\|\mathbf{G}\|_F^2`,
+    damped inverse :math:`\mathrm{diag}(1/(\mathbf{a}+\delta_A)) \otimes
+    (\mathbf{G}+\delta_G\mathbf{I})^{-1}` (exact damping: eigenvalues
+    :math:`\mathbf{a}\boldsymbol{\lambda}_G^\top` in the basis :math:`\mathbf{I} \otimes
+    \mathbf{Q}_G`).
+
+    Attributes:
+        A: The diagonal ``[vocab]`` (1-d).
+        G: The output-side factor ``[d, d]``.
+    """
+
+    def matmat(self, V: Tensor, kind: str) -> Tensor:
+        r""":math:`\mathrm{diag}(\mathbf{a})\,\mathbf{V}\mathbf{G}`."""
+        return _scale_rows(block_right(V, self.G), self.A)
+
+    def trace(self, kind: str) -> Tensor:
+        """Trace of the block."""
+        return self.A.sum() * self.G.trace()
+
+    def det(self, kind: str) -> Tensor:
+        """Determinant of the block."""
+        return self.A.prod() ** self.G.shape[0] * self.G.det() ** self.A.shape[0]
+
+    def logdet(self, kind: str) -> Tensor:
+        """Log-determinant of the block."""
+        return self.G.shape[0] * self.A.log().sum() + self.A.shape[0] * self.G.logdet()
+
+    def squared_frobenius_norm(self, kind: str) -> Tensor:
+        """Squared Frobenius norm of the block."""
+        return (self.A**2).sum() * (self.G**2).sum()
+
+    def inverse_parts(self, options: InverseOptions) -> Tuple[object, object]:
+        """``(1 / (a + delta_A), (G + delta_G I)^{-1})``, or ``((None, a), eigh(G))`` if exact.
+
+        Raises:
+            torch.linalg.LinAlgError: If a damped count is not positive.
+        """
+        if options.exact:
+            Q_G, lam_G = batched_eigh([self.G])[0][::-1]
+            return (None, self.A), (Q_G, lam_G)
+        delta_A, delta_G = self.factor_dampings(options)
+        damped = self.A + delta_A
+        if not _is_compiling() and self.A.numel() > 0 and damped.min() <= 0:
+            raise torch.linalg.LinAlgError(
+                f"The damped input factor (token counts) of embedding {self.name!r} has the "
+                f"entry {damped.min().item():.3e} <= 0 (damping {delta_A}); increase the damping."
+            )
+        G_inv = damped_spd_inverse(
+            self.G, delta_G, f"gradient factor of module {self.name!r}", options.retry_double
+        )
+        return 1.0 / damped, G_inv
+
+    def inverse_from_parts(self, parts, options: InverseOptions, kinds):
+        """The damped inverse block from :meth:`inverse_parts` (possibly cached)."""
+        A_part, G_part = parts
+        if not options.exact:
+            return EmbeddingBlock(self.name, G_part, A_part)
+        Q_G, lam_G = G_part
+        lam = torch.outer(A_part[1], lam_G)
+        eps = torch.finfo(lam.dtype).eps
+        round_off = (lam.shape[0] + lam.shape[1]) * eps * lam.abs().max()
+        return RightEigenbasisBlock(self.name, Q_G, {"weight": lam}, {"weight": round_off}).inverse(
+            float(options.damping)
+        )
+
+
+def _scale_rows(V: Tensor, a: Tensor) -> Tensor:
+    """``diag(a) V`` for ``V`` of shape ``[o, n]`` or ``[o, n, K]``."""
+    return V * a.view(-1, *([1] * (V.ndim - 1)))
+
+
+class RightEigenbasisBlock(_SpectralBlock):
+    r"""A block in the basis :math:`\mathbf{I} \otimes \mathbf{Q}` (an embedding's, exactly damped).
+
+    :math:`\mathbf{V} \mapsto ((\mathbf{V}\mathbf{Q}) \odot \boldsymbol{\Lambda})\mathbf{Q}^\top`.
+
+    Attributes:
+        name: The module name.
+        Q: Eigenvectors of the column side.
+        eigenvalues: ``{"weight": [vocab, d]}``.
+        round_off: ``{"weight": tolerance}`` or ``None``.
+    """
+
+    def __init__(self, name: str, Q: Tensor, eigenvalues: Dict[str, Tensor], round_off=None):
+        """Store basis and eigenvalues (by reference)."""
+        self.name, self.Q, self.eigenvalues, self.round_off = name, Q, eigenvalues, round_off
+
+    def factors(self) -> Tuple[None, Tensor]:
+        """``(None, Q)``."""
+        return None, self.Q
+
+    def matmat(self, V: Tensor, kind: str) -> Tensor:
+        """Rotate the columns, scale, rotate back."""
+        scaled = block_scale(block_right(V, self.Q), self.eigenvalues[kind])
+        return block_right(scaled, self.Q.T)
+
+    def inverse(self, delta: float) -> "RightEigenbasisBlock":
+        """``(block + delta I)^{-1}`` (refusing a singular damped block, as eigenbasis blocks)."""
+        values = EigenbasisBlock(self.name, None, None, self.eigenvalues, self.round_off)
+        return RightEigenbasisBlock(self.name, self.Q, values.inverse(delta).eigenvalues)
+
+
+Block = Union[KroneckerBlock, EigenbasisBlock, DiagonalBlock, EmbeddingBlock, RightEigenbasisBlock]
 
 
 #: One slot of the block-diagonal layout: (module name, kind, parameter positions).
@@ -508,20 +626,38 @@ class BlockDiagonalMixin:
     those of the blocks combined (sums, products, root of the summed squares).
     """
 
+    def _fallback_layout(self) -> List[Slot]:
+        """Slots of blocks without layer factors (e.g. the diagonal fallback); none here."""
+        return []
+
+    def _fallback_blocks(self) -> Dict[str, "Block"]:
+        """Blocks of :meth:`_fallback_layout`; none here."""
+        return {}
+
+    def _full_layout(self) -> List[Slot]:
+        """All slots: the layers' (``_layout()``) and the fallback's."""
+        return self._layout() + self._fallback_layout()
+
+    def _all_blocks(self) -> Dict[str, "Block"]:
+        """All blocks: the layers' (computed first) and the fallback's."""
+        blocks = dict(self._layer_blocks())
+        blocks.update(self._fallback_blocks())
+        return blocks
+
     def _apply_blocks(self, M: List[Tensor], blocks: Dict[str, "Block"]) -> List[Tensor]:
         """Multiply ``M`` (list format) by the block-diagonal matrix of ``blocks``."""
         result = self._new_output(M[0].shape[-1], like=M[0])
         return apply_block_diagonal(
-            self._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
+            self._full_layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
         )
 
     def _matmat(self, M: List[Tensor]) -> List[Tensor]:
-        return self._apply_blocks(M, self._layer_blocks())
+        return self._apply_blocks(M, self._all_blocks())
 
     def _block_sum(self, quantity: str) -> Tensor:
         """Sum of a per-block quantity (``"trace"``, ``"logdet"``, ...) over all blocks."""
-        blocks = self._layer_blocks()
-        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._layout())
+        blocks = self._all_blocks()
+        return sum(getattr(blocks[name], quantity)(kind) for name, kind, _ in self._full_layout())
 
     @property
     def trace(self) -> Tensor:
@@ -541,8 +677,8 @@ class BlockDiagonalMixin:
         """
         if self._det is None:
             det = torch.ones((), dtype=self.dtype, device=self.device)
-            blocks = self._layer_blocks()
-            for name, kind, _ in self._layout():
+            blocks = self._all_blocks()
+            for name, kind, _ in self._full_layout():
                 det = det * blocks[name].det(kind)
             self._det = det
         return self._det

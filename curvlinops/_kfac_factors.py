@@ -16,12 +16,13 @@ to every input row.
 """
 
 from math import sqrt
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from curvlinops._layer_pass import conv2d_patches_channels_first, layer_rows
+from curvlinops._calls import Unit, Use
+from curvlinops._layer_pass import conv2d_patches_channels_first, layer_rows, output_gradient_rows
 
 
 def rows_with_ones(rows: Tensor) -> Tensor:
@@ -54,6 +55,14 @@ def input_factor(module: nn.Module, x: Tensor, reduce: bool, joint: bool, num_da
         rows = layer_rows(module, x, reduce)
         scale = 1.0 / (num_data * rows.shape[1])
         rows_t = rows.reshape(-1, rows.shape[-1]).T
+    return gram_factor(rows_t, scale, joint)
+
+
+def gram_factor(rows_t: Tensor, scale: float, joint: bool) -> Tensor:
+    """``scale * R R^T`` of rows ``R`` given as columns ``[d, rows]`` (bias ones appended if joint).
+
+    The scale is applied to whichever is smaller, the rows or the factor.
+    """
     d, num_rows = rows_t.shape
     prescale = rows_t.numel() < d * d
     if prescale:
@@ -78,3 +87,127 @@ def accumulate(totals: Dict[str, Tensor], contributions: Dict[str, Tensor]):
     """Add per-layer contributions into ``totals`` (in place after the first batch)."""
     for name, value in contributions.items():
         totals[name] = value if name not in totals else totals[name].add_(value)
+
+
+# ------------------------------------------------------------------ units used by calls
+# A unit (see :mod:`curvlinops._calls`) may be used several times per forward pass. All uses
+# count as more rows: EXPAND sums over all rows of all uses with s = (rows of all uses) / B;
+# REDUCE averages the inputs / sums the output gradients over the positions of all uses per
+# datum, which needs every use to have its batch axis first (module calls).
+
+
+def _require_batch_first(name: str, uses: List[Use]):
+    if not all(use.batch_first for use in uses):
+        raise NotImplementedError(
+            f"kfac_approx='reduce' needs the batch axis of every call of {name!r} first, but "
+            "it is used functionally (e.g. inside nn.MultiheadAttention, whose projections "
+            "see [T, B, E] or [T * B, E] inputs). Use kfac_approx='expand'."
+        )
+
+
+def _weight_uses(unit: Unit, uses: List[Use], joint: bool) -> List[Use]:
+    """The uses that define the unit's output factor (checks weight and bias go together)."""
+    weight_uses = [u for u in uses if u.weight] if unit.weight is not None else []
+    bias_uses = [u for u in uses if u.bias] if unit.bias is not None else []
+    if (
+        unit.weight is not None
+        and unit.bias is not None
+        and (len(weight_uses) != len(bias_uses) or any(not u.bias for u in weight_uses))
+    ):
+        raise NotImplementedError(
+            f"The weight and bias of {unit.name!r} are used in different calls, so they share "
+            "no gradient factor. Remove one of them from params."
+        )
+    del joint  # joint blocks need the same calls, which the check above guarantees
+    return weight_uses or bias_uses
+
+
+def _kept_rows(x: Tensor, use: Use, row_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask ``[B, S]`` of a use's rows aligned with the counted output rows, or ``None``.
+
+    A use is aligned if its batch axis is first and it has one row per output row.
+    """
+    if row_mask is None or not use.batch_first or tuple(x.shape[:2]) != tuple(row_mask.shape):
+        return None
+    return row_mask
+
+
+def unit_input_factor(
+    unit: Unit,
+    uses: List[Use],
+    reduce: bool,
+    joint: bool,
+    num_data: int,
+    batch_size: int,
+    row_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """A batch's contribution to a linear or convolution unit's input factor, all uses.
+
+    Args:
+        unit: The unit.
+        uses: Its uses in the batch.
+        reduce: ``KFACType.REDUCE``.
+        joint: Append the bias ones.
+        num_data: Number :math:`N` of data points.
+        batch_size: Number :math:`B` of data points in the batch.
+        row_mask: ``[B, S]`` mask of the output rows the loss counts (``ignore_index``), or
+            ``None``: rows of aligned uses at ignored positions are left out, and
+            :math:`s` counts the kept rows.
+
+    Returns:
+        ``[d_in (+1), d_in (+1)]`` (see the comment above for the rows and the scale).
+    """
+    selected = _weight_uses(unit, uses, joint)
+    xs = [layer_rows(unit.module, u.x, False) for u in selected]
+    masks = [_kept_rows(x, u, row_mask) for x, u in zip(xs, selected)]
+    if reduce:
+        _require_batch_first(unit.name, uses)
+        weights = [
+            x.new_ones(x.shape[:2]) if m is None else m.to(x.dtype) for x, m in zip(xs, masks)
+        ]
+        total = sum((x * w.unsqueeze(-1)).sum(1) for x, w in zip(xs, weights))
+        count = sum(w.sum(1) for w in weights).clamp(min=1).unsqueeze(-1)
+        return gram_factor((total / count).T, 1.0 / num_data, joint)
+    rows = torch.cat([x.reshape(-1, x.shape[-1]) if m is None else x[m] for x, m in zip(xs, masks)])
+    return gram_factor(rows.T, batch_size / (num_data * max(rows.shape[0], 1)), joint)
+
+
+def unit_gradient_factor(unit: Unit, uses: List[Use], reduce: bool, joint: bool) -> Tensor:
+    """A batch's contribution to a unit's gradient factor, from all its uses' gradients."""
+    selected = _weight_uses(unit, uses, joint)
+    if unit.kind == "embedding" or not reduce:
+        grads = [
+            output_gradient_rows(unit.module, u.grad) if unit.kind == "conv" else u.grad
+            for u in selected
+        ]
+        flat = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
+        return flat.T @ flat
+    _require_batch_first(unit.name, selected)
+    g = torch.cat([output_gradient_rows(unit.module, u.grad) for u in selected], 2).sum(2)
+    flat = g.reshape(-1, g.shape[-1])
+    return flat.T @ flat
+
+
+def embedding_input_factor(
+    unit: Unit, uses: List[Use], num_data: int, batch_size: int, row_mask=None
+) -> Tensor:
+    r"""A batch's contribution to an embedding's *diagonal* input factor ``[vocab]``.
+
+    An embedding is the linear map :math:`\mathbf{W}^\top\mathbf{e}_i` of one-hot inputs, so
+    its input factor is diagonal with the token counts, scaled like a linear layer's (EXPAND,
+    :math:`s` = indices per datum). ``padding_idx`` rows get no gradient, i.e. a zero input
+    row: their count is zero (their positions still count in :math:`s` and in ``G``).
+    Positions ignored by the loss (``row_mask``, for index tensors aligned with the output
+    rows) are left out, as for linear layers.
+    """
+    module = unit.module
+    vocab = unit.weight.shape[0]
+    kept = []
+    for use in uses:
+        mask = _kept_rows(use.x, use, row_mask) if use.x.ndim >= 2 else None
+        kept.append(use.x.reshape(-1) if mask is None else use.x[mask])
+    indices = torch.cat(kept)
+    counts = torch.bincount(indices, minlength=vocab).to(unit.weight.dtype)
+    if module.padding_idx is not None:
+        counts[module.padding_idx] = 0
+    return counts * (batch_size / (num_data * max(indices.numel(), 1)))

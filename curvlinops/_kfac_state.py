@@ -84,7 +84,36 @@ class KFACStateMixin:
             "det": self._det,
             "logdet": self._logdet,
             "frobenius_norm": self._frobenius_norm,
+            **self._fallback_state(),
         }
+
+    def _fallback_state(self) -> Dict:
+        """The keys of ``fallback="diagonal"`` (none otherwise, as in 3.0.1)."""
+        if getattr(self, "_fallback", "error") != "diagonal":
+            return {}
+        return {"fallback": "diagonal", "fallback_diagonals": self._fallback_diagonals}
+
+    def _check_fallback_state(self, state_dict: Dict):
+        """Raise if the checkpoint's fallback diagonals do not fit this operator."""
+        theirs = state_dict.get("fallback", "error")
+        if theirs != getattr(self, "_fallback", "error"):
+            raise ValueError(
+                f"The checkpoint has fallback={theirs!r}, this operator "
+                f"fallback={getattr(self, '_fallback', 'error')!r}. Build it with the same "
+                "fallback."
+            )
+        diagonals = state_dict.get("fallback_diagonals", {})
+        if not diagonals:
+            return
+        expected = {name: self._params[i].shape for i, name in self._fallback_names.items()}
+        if (
+            not isinstance(diagonals, dict)
+            or {k: v.shape for k, v in diagonals.items()} != expected
+        ):
+            raise ValueError(
+                "The checkpoint's fallback diagonals do not match this operator's fallback "
+                f"parameters {list(expected)} (names or shapes differ)."
+            )
 
     def _check_keys(self, factors: Dict, what: str, input_side: bool):
         """Raise if a non-empty factor dict does not belong to this operator's layers."""
@@ -102,16 +131,22 @@ class KFACStateMixin:
         """Raise if a factor does not have the size of its layer (checkpoint of other params)."""
         for name, factor in factors.items():
             entry = self._mapping[name]
+            units = getattr(self, "_units", {})
+            embedding = name in units and units[name].kind == "embedding"
             if input_side:
                 weight = self._params[entry["weight"]]
                 dim = weight[0].numel() + (0 if separate or "bias" not in entry else 1)
             else:
                 dim = self._params[next(iter(entry.values()))].shape[0]
-            if not isinstance(factor, Tensor) or tuple(factor.shape) != (dim, dim):
+            expected = (dim, dim)
+            if embedding:  # diagonal input factor [vocab], gradient factor [d, d]
+                table = self._params[entry["weight"]]
+                expected = (table.shape[0],) if input_side else (table.shape[1],) * 2
+            if not isinstance(factor, Tensor) or tuple(factor.shape) != expected:
                 shape = list(factor.shape) if isinstance(factor, Tensor) else type(factor)
                 raise ValueError(
                     f"The checkpoint's {what} of module {name!r} has shape {shape}, but this "
-                    f"operator's parameters need [{dim}, {dim}]: the checkpoint is from other "
+                    f"operator's parameters need {list(expected)}: the checkpoint is from other "
                     "parameters or another separate_weight_and_bias setting."
                 )
 
@@ -214,6 +249,7 @@ class KFACStateMixin:
         self._check_factor_shapes(
             state_dict["gradient_covariances"], "gradient covariance", False, separate
         )
+        self._check_fallback_state(state_dict)
 
     def _install_state_dict(self, state_dict: Dict):
         """Load the model's parameters and install the (validated) checkpoint."""
@@ -222,6 +258,8 @@ class KFACStateMixin:
             setattr(self, "_N_data" if key == "num_data" else f"_{key}", state_dict[key])
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
+        if "fallback_diagonals" in state_dict:
+            self._fallback_diagonals = dict(state_dict["fallback_diagonals"])
 
     def load_state_dict(self, state_dict: Dict):
         """Restore a checkpoint (overwrites the model's parameters).
@@ -282,6 +320,7 @@ class KFACStateMixin:
             check_deterministic=False,
             batch_size_fn=batch_size_fn,
             **hyperparameters,
+            **({"fallback": "diagonal"} if state_dict.get("fallback") == "diagonal" else {}),
         )
         op.load_state_dict(state_dict)
         if check_deterministic:

@@ -297,20 +297,29 @@ def map_parameters(params: List[Tensor], model_func: nn.Module) -> Dict[str, Dic
     """
     mapping, missing = partition_parameters(params, model_func)
     if missing:
-        missing_ids = {id(params[i]) for i in missing}
-        owners = []
-        for name, module in model_func.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if id(p) in missing_ids:
-                    mode = getattr(module, "padding_mode", "zeros")
-                    detail = "" if mode == "zeros" else f", padding_mode={mode!r}"
-                    owners.append(f"{name}.{p_name} ({type(module).__name__}{detail})")
-        where = ", ".join(owners) if owners else f"positions {missing} (not in the model)"
-        raise NotImplementedError(
-            f"KFAC supports parameters of {[c.__name__ for c in LAYER_MODULES]} (zero "
-            f"padding) only; unsupported: {where}. Remove these from params."
-        )
+        raise_unsupported(params, model_func, missing, [c.__name__ for c in LAYER_MODULES])
     return mapping
+
+
+def raise_unsupported(params: List[Tensor], model_func: nn.Module, missing: List[int], supported):
+    """Raise the error naming the parameters at ``missing`` positions and their modules.
+
+    Raises:
+        NotImplementedError: Always.
+    """
+    missing_ids = {id(params[i]) for i in missing}
+    owners = []
+    for name, module in model_func.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in missing_ids:
+                mode = getattr(module, "padding_mode", "zeros")
+                detail = "" if mode == "zeros" else f", padding_mode={mode!r}"
+                owners.append(f"{name}.{p_name} ({type(module).__name__}{detail})")
+    where = ", ".join(owners) if owners else f"positions {missing} (not in the model)"
+    raise NotImplementedError(
+        f"KFAC supports parameters of {supported} (zero padding) only; unsupported: {where}. "
+        "Remove these from params."
+    )
 
 
 def has_symmetric_padding(module: nn.Module) -> bool:

@@ -157,18 +157,32 @@ class LossStrategy:
         return y.shape[:-1].numel()
 
     # ------------------------------------------------------------- normalisation
-    def normalization(self, output_flat: Tensor) -> float:
+    def normalization(self, output_flat: Tensor, y_flat: Optional[Tensor] = None) -> float:
         """Divisor ``c_b`` turning the sum of row losses into the mini-batch loss.
 
         Args:
             output_flat: The flattened output ``[R, C]``.
+            y_flat: The flattened labels; needed to count the rows a cross-entropy with
+                ``ignore_index`` keeps (ignored otherwise).
 
         Returns:
-            1 for sum reduction, ``R`` for mean cross-entropy, ``R * C`` for mean MSE/BCE.
+            1 for sum reduction, ``R`` for mean cross-entropy (the number of counted rows
+            with ``ignore_index``), ``R * C`` for mean MSE/BCE.
         """
         if check_reduction(self.loss_func) == "sum":
             return 1.0
         return float(output_flat.numel())
+
+    def counted_rows(self, y_flat: Tensor) -> Optional[Tensor]:
+        """Boolean mask ``[R]`` of the rows the loss counts, or ``None`` if it counts all."""
+        return None
+
+    def mask_rows(self, vectors: Tensor, y_flat: Tensor) -> Tensor:
+        """Zero the ignored rows of row vectors ``[..., R, C]`` (unchanged if none ignored)."""
+        mask = self.counted_rows(y_flat)
+        if mask is None:
+            return vectors
+        return vectors * mask.unsqueeze(-1).to(vectors.dtype)
 
     def mean_correction(self, num_classes: int) -> float:
         r"""Factor turning a mean-reduced row gradient into one of the row's own loss.
@@ -294,7 +308,16 @@ class CrossEntropyStrategy(LossStrategy):
 
     loss_class = CrossEntropyLoss
     classes_axis_one = True
-    sampled_options = (("weight", None), ("ignore_index", -100), ("label_smoothing", 0.0))
+    # ignore_index is honoured by masking rows; label smoothing leaves the logit Hessian
+    # unchanged (its extra term is linear in the log-probabilities), so sampling is exact
+    sampled_options = (("weight", None),)
+
+    def counted_rows(self, y_flat: Tensor) -> Optional[Tensor]:
+        """Rows whose class index is not ``ignore_index`` (``None`` if all count)."""
+        if y_flat.is_floating_point():  # probabilities: ignore_index does not apply
+            return None
+        mask = y_flat != self.loss_func.ignore_index
+        return None if bool(mask.all()) else mask
 
     def flatten_labels(self, y: Tensor) -> Tensor:
         if not y.is_floating_point():  # class indices
@@ -304,10 +327,14 @@ class CrossEntropyStrategy(LossStrategy):
     def num_rows(self, y: Tensor) -> int:
         return y.numel()
 
-    def normalization(self, output_flat: Tensor) -> float:
+    def normalization(self, output_flat: Tensor, y_flat: Optional[Tensor] = None) -> float:
         if check_reduction(self.loss_func) == "sum":
             return 1.0
-        return float(output_flat.shape[0])
+        mask = None if y_flat is None else self.counted_rows(y_flat)
+        if mask is None:
+            return float(output_flat.shape[0])
+        # PyTorch's mean over the counted rows; a batch without any has no curvature
+        return float(max(int(mask.sum()), 1))
 
     def mean_correction(self, num_classes: int) -> float:
         return 1.0

@@ -62,6 +62,8 @@ class EKFACLinearOperator(KFACLinearOperator):
 
     _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
     _FACTOR_DAMPING = False
+    #: EKFAC's correction pass sees modules only (module hooks): no call units.
+    _CALL_UNITS = False
 
     def _initialize_storage(self):
         """KFAC's storage plus eigenvectors, corrected eigenvalues and cached activations."""
@@ -111,6 +113,13 @@ class EKFACLinearOperator(KFACLinearOperator):
             else:
                 del self._rank_limited_rows[name]
         return super()._input_factor(name, x)
+
+    def _unit_input_factor(self, name, uses, batch_size, row_mask=None):
+        """KFAC's unit factor; a batch whose rows skip the stash ends the layer's stash."""
+        if row_mask is not None or len(uses) != 1 or not uses[0].batch_first:
+            # the rows of this batch do not pass _input_factor: the stash would be partial
+            self._rank_limited_rows.pop(name, None)
+        return super()._unit_input_factor(name, uses, batch_size, row_mask)
 
     def _compute_eigenbases(self):
         """Decompose all factors (same sizes batched) and drop the raw factors."""

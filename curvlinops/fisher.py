@@ -94,7 +94,9 @@ def sampled_output_gradients(
 
     def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
         grads = sampler(output_flat, mc_samples, y_flat, generator)
-        return (mc_samples * strategy.normalization(output_flat)) ** -0.5 * grads
+        # ignored rows (ignore_index) count nothing
+        c_b = strategy.normalization(output_flat, y_flat)
+        return (mc_samples * c_b) ** -0.5 * strategy.mask_rows(grads, y_flat)
 
     return output_grads
 
@@ -175,7 +177,8 @@ class FisherMCLinearOperator(MonteCarloSampling, CurvatureLinearOperator):
 
         Raises:
             NotImplementedError: If the loss is unsupported or has options (class weights,
-                ``ignore_index``, label smoothing, ``pos_weight``) that sampling ignores.
+                ``pos_weight``) that sampling ignores (``ignore_index`` and label smoothing
+                are honoured).
             ValueError: If ``mc_samples`` is not a positive integer or ``seed`` is not an
                 integer seed.
         """

@@ -45,15 +45,33 @@ from enum import Enum, EnumMeta
 from math import sqrt
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
-import torch
 from torch import Generator, Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops import _distributed
-from curvlinops._blocks import Block, BlockDiagonalMixin, KroneckerBlock, Slot, block_layout
-from curvlinops._kfac_factors import accumulate, gradient_factor, input_factor, rows_with_ones
+from curvlinops._blocks import (
+    Block,
+    BlockDiagonalMixin,
+    EmbeddingBlock,
+    KroneckerBlock,
+    Slot,
+    block_layout,
+)
+from curvlinops._calls import find_units
+from curvlinops._fallback import FallbackMixin, check_fallback
+from curvlinops._kfac_factors import (
+    input_factor,
+    rows_with_ones,
+)
 from curvlinops._kfac_state import KFACStateMixin, check_numeric_arguments
-from curvlinops._layer_pass import LayerBatch, LayerPass, layer_rows, map_parameters
+from curvlinops._kfac_units import KFACUnitsMixin
+from curvlinops._layer_pass import (
+    LayerBatch,
+    LayerPass,
+    layer_rows,
+    map_parameters,
+    raise_unsupported,
+)
 from curvlinops._losses import (
     check_sampling_options,
     draw_label,
@@ -157,7 +175,9 @@ def _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, cl
         check_sampling_options(loss_func, cls.__name__)
 
 
-class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator):
+class KFACLinearOperator(
+    FallbackMixin, KFACUnitsMixin, KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator
+):
     r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
 
     See the module docstring for the mathematics. Each block maps a weight
@@ -181,6 +201,9 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
     _SUPPORTED_KFAC_APPROX = KFACType
     #: Whether the blocks have Kronecker factors that can be damped separately.
     _FACTOR_DAMPING = True
+    #: Whether units used by calls (functional linears, attention projections, embeddings,
+    #: shared weights) are supported, see :mod:`curvlinops._calls`; else modules only.
+    _CALL_UNITS = True
 
     def __init__(
         self,
@@ -198,6 +221,7 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         separate_weight_and_bias: bool = True,
         num_data: Optional[int] = None,
         batch_size_fn: Optional[Callable] = None,
+        fallback: str = "error",
     ):
         """Set up the operator (the factors are computed lazily or by the check).
 
@@ -216,6 +240,10 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             separate_weight_and_bias: Treat weight and bias of a layer as separate blocks.
             num_data: Number of data points; one pass over the data if ``None``.
             batch_size_fn: Number of data points of a batch input (needed for dict inputs).
+            fallback: ``"error"`` (default): a parameter without Kronecker structure raises
+                ``NotImplementedError``; ``"diagonal"``: it gets the exact diagonal block of
+                the approximated curvature (see :mod:`curvlinops._fallback`), as does an
+                embedding table tied to a linear head.
 
         Raises:
             ValueError: For an unsupported loss, Fisher type or KFAC type, ``mc_samples != 1``
@@ -231,8 +259,8 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         _check_choices(type(self), loss_func, fisher_type, mc_samples, kfac_approx)
         check_numeric_arguments(seed, mc_samples, num_per_example_loss_terms)
         _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, type(self))
-        self._mapping = self.compute_parameter_mapping(params, model_func)
-        self._modules = dict(model_func.named_modules())
+        check_fallback(fallback, FisherType(fisher_type) == FisherType.FORWARD_ONLY)
+        self._set_up_units(params, model_func, fallback)
         self._seed, self._mc_samples = seed, mc_samples
         self._generator: Optional[Generator] = None
         self._fisher_type, self._kfac_approx = fisher_type, kfac_approx
@@ -253,6 +281,8 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             if num_per_example_loss_terms is None
             else num_per_example_loss_terms
         )
+        if fallback == "diagonal" and self._mapping:
+            self._demote_units()
 
     # ----------------------------------------------------------------- set-up
     # The contract keeps the values as passed; their members are parsed once per assignment.
@@ -279,12 +309,19 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             NotImplementedError: If a parameter is not the weight or bias of a supported
                 layer (the message names the layer and its type).
         """
-        return map_parameters(params, model_func)
+        if not cls._CALL_UNITS:
+            return map_parameters(params, model_func)
+        mapping, _, missing = find_units(params, model_func)
+        if missing:
+            supported = ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention"]
+            raise_unsupported(params, model_func, missing, supported)
+        return mapping
 
     def _initialize_storage(self):
         """Empty factor dicts and property caches."""
         self._input_covariances: Dict[str, Tensor] = {}
         self._gradient_covariances: Dict[str, Tensor] = {}
+        self._fallback_diagonals: Dict[str, Tensor] = {}
         self._reset_properties()
 
     def _infer_num_per_example_loss_terms(self) -> int:
@@ -355,6 +392,8 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
             num_samples = self._mc_samples
         else:
             vectors, num_samples = strategy.row_gradients(f, y_flat).unsqueeze(0), 1
+        # rows the loss ignores (ignore_index) contribute nothing
+        vectors = strategy.mask_rows(vectors, y_flat)
         if self._loss_func.reduction == "sum":
             return vectors / sqrt(num_samples)
         B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
@@ -365,6 +404,11 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
                 f"{f.shape[0]} loss terms (output rows), not {B * R}. Pass the number of "
                 "output rows per data point, or None to infer it from the labels."
             )
+        if strategy.counted_rows(y_flat) is not None:
+            # mean over the counted rows of the batch, weighted by B / N (= kappa / c_b^2
+            # below when all rows count)
+            count = strategy.normalization(f, y_flat)
+            return vectors * sqrt(B / (self._N_data * num_samples * count))
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
         scale = sqrt(kappa) * strategy.mean_correction(f.shape[1]) / strategy.normalization(f)
@@ -414,44 +458,11 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         return input_factor(self._modules[name], x, reduce, self._joint(name), self._N_data)
 
     # ----------------------------------------------------------------- factors
-    def compute_kronecker_factors(self):
-        """Compute the Kronecker factors with one pass over the data (resets the properties)."""
-        self._reset_properties()
-        self._input_covariances.clear()
-        self._gradient_covariances.clear()
-        input_names = [n for n, e in self._mapping.items() if "weight" in e]
-        A: Dict[str, Tensor] = {}
-        G: Dict[str, Tensor] = {}
-        with _distributed.agreement(self._process_group, "Computing Kronecker factors"):
-            for batch in self._layer_pass(
-                input_names, self._input_factor, "compute_kronecker_factors"
-            ):
-                accumulate(A, batch.inputs)
-                if batch.grads is not None:
-                    reduce = self._approx == KFACType.REDUCE
-                    accumulate(G, {n: gradient_factor(g, reduce) for n, g in batch.grads.items()})
-        _distributed.all_reduce_dict_({"A": A, "G": G}, self._process_group, "Summing factors")
-        if self._fisher == FisherType.FORWARD_ONLY:
-            for name, entry in self._mapping.items():
-                param = self._params[next(iter(entry.values()))]
-                G[name] = torch.eye(param.shape[0], dtype=self.dtype, device=self.device)
-        missing = [
-            n for n, e in self._mapping.items() if n not in G or ("weight" in e and n not in A)
-        ]
-        if missing:
-            raise RuntimeError(
-                f"The layers {missing} hold parameters in params but their forward was never "
-                "called (e.g. the out_proj of nn.MultiheadAttention, whose weights are used "
-                "functionally), so KFAC cannot see their inputs and outputs. Remove their "
-                "parameters from params."
-            )
-        self._input_covariances.update(A)
-        self._gradient_covariances.update(G)
-
     def _maybe_compute_kronecker_factors(self):
         """Compute the factors if both factor dicts are empty."""
         if not self._input_covariances and not self._gradient_covariances:
-            self.compute_kronecker_factors()
+            if not (self._fallback_diagonals and not self._mapping):
+                self.compute_kronecker_factors()
 
     # ----------------------------------------------------------------- blocks
     def _layer_block(self, name: str) -> Block:
@@ -460,17 +471,17 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         Raises:
             ValueError: If ``name`` is not a module of this operator.
         """
-        if name not in self._mapping:
+        if name not in self._mapping and name not in self._fallback_names.values():
             raise ValueError(
                 f"Unknown module name {name!r}; the KFAC operator has {list(self._mapping)}."
             )
-        return self._layer_blocks()[name]
+        return self._all_blocks()[name]
 
     def _layer_blocks(self) -> Dict[str, Block]:
         """One :class:`~curvlinops._blocks.KroneckerBlock` per module (live factors)."""
         self._maybe_compute_kronecker_factors()
         return {
-            name: KroneckerBlock(
+            name: (EmbeddingBlock if self._units[name].kind == "embedding" else KroneckerBlock)(
                 name, self._gradient_covariances[name], self._input_covariances.get(name)
             )
             for name in self._mapping
@@ -513,6 +524,9 @@ class KFACLinearOperator(KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOper
         snapshot = {f"input covariance {k}": v.clone() for k, v in self._input_covariances.items()}
         snapshot.update(
             {f"gradient covariance {k}": v.clone() for k, v in self._gradient_covariances.items()}
+        )
+        snapshot.update(
+            {f"fallback diagonal {k}": v.clone() for k, v in self._fallback_diagonals.items()}
         )
         return snapshot
 

@@ -227,7 +227,7 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
     def _kinds(self) -> Dict[str, List[str]]:
         """The parameter kinds of every module's blocks."""
         kinds: Dict[str, List[str]] = {}
-        for name, kind, _ in self._A._layout():
+        for name, kind, _ in self._A._full_layout():
             kinds.setdefault(name, []).append(kind)
         return kinds
 
@@ -275,11 +275,11 @@ class KFACInverseLinearOperator(_InversePyTorchLinearOperator):
         options, kinds = self._options(), self._kinds()
         blocks = {
             name: self._inverse_block(name, block, kinds[name], options)[1]
-            for name, block in self._A._layer_blocks().items()
+            for name, block in self._A._all_blocks().items()
         }
         result = self._A._new_output(M[0].shape[-1], like=M[0])
         return apply_block_diagonal(
-            self._A._layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
+            self._A._full_layout(), M, result, lambda name, kind, V: blocks[name].matmat(V, kind)
         )
 
     # ----------------------------------------------------------------- checkpoints

@@ -38,7 +38,10 @@ def load(name: str):
 @pytest.fixture(scope="module")
 def processes():
     # One thread per script: all seven share the machine's cores with the test process.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the package of this checkout first (the scripts' own directory is on their path)
+    root = str(EXAMPLES.parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     started = {
         name: subprocess.Popen(
             [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick"],
@@ -97,12 +100,23 @@ def test_every_topic_has_a_script():
     assert SCRIPTS == [
         "example_eigenvalues",
         "example_inverses_kfac_step",
+        "example_kfac_gpt",
         "example_products_scipy",
         "example_report",
         "example_spectral_density",
         "example_submatrices",
         "example_trace_diagonal",
     ]
+
+
+def test_kfac_gpt(processes):
+    """KFAC/EKFAC over all parameters of a GPT-style model; their inverses; training steps."""
+    out = output(processes, "example_kfac_gpt")
+    assert "diagonal" in out and "kronecker" in out
+    assert numbers(out, "inverse residual:")[0] < 1e-10
+    assert numbers(out, "EKFAC inverse residual:")[0] < 1e-10
+    losses = numbers(out, "losses:")
+    assert len(losses) == 4 and (losses[1:] < losses[:-1]).all()
 
 
 def test_products_and_scipy(processes):

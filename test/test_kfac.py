@@ -486,12 +486,16 @@ def test_errors():
 
     seq = regression_data(d_out=3, shape=(2,))
     out_proj = list(attention.out_proj.parameters())
-    with pytest.raises(RuntimeError, match=r"\['attention.out_proj'\].*never called"):
-        KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)
-    shared = nn.Linear(3, 3).to(DT)
-    twice = nn.Sequential(shared, nn.Tanh(), shared)
-    with pytest.raises(NotImplementedError, match="called more than once"):
-        KFACLinearOperator(twice, nn.MSELoss(), list(twice.parameters()), data)
+    # issue 16: the out_proj's functional call and a layer used twice are supported now
+    # (test/test_kfac_transformer.py checks their factors); an unused layer still raises
+    assert list(KFACLinearOperator(Attend(), nn.MSELoss(), out_proj, seq)._mapping) == [
+        "attention.out_proj"
+    ]
+    unused = nn.Linear(3, 3).to(DT)
+    holder = nn.ModuleDict({"used": model, "unused": unused})
+    holder.forward = model.forward
+    with pytest.raises(RuntimeError, match=r"\['unused'\].*never called"):
+        KFACLinearOperator(holder, nn.MSELoss(), list(unused.parameters()), data)
     soft = [(x, torch.full_like(y, 0.3)) for x, y in data]
     K = KFACLinearOperator(
         model, nn.BCEWithLogitsLoss(), params, soft, fisher_type="type-2", check_deterministic=False
@@ -499,8 +503,12 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="binary"):
         K @ torch.ones(K.shape[1], dtype=DT)
     ce_data = [(x, y.argmax(1)) for x, y in data]
-    with pytest.raises(NotImplementedError, match="label_smoothing"):
-        KFACLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, ce_data)
+    # issue 16: label smoothing (same logit Hessian) is supported now, class weights are not
+    KFACLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, ce_data)
+    with pytest.raises(NotImplementedError, match="weight"):
+        KFACLinearOperator(
+            model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), params, ce_data
+        )
     seq = regression_data(d_out=3, shape=(2,))
     with pytest.raises(ValueError, match="num_per_example_loss_terms"):
         KFACLinearOperator(model, nn.MSELoss(), params, seq[:1] + [(seq[1][0], seq[1][1][:, :1])])

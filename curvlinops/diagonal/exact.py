@@ -59,7 +59,6 @@ from curvlinops._losses import (
     from_rows,
     loss_hessian_sqrt_columns,
     loss_strategy,
-    num_terms_normalization,
     row_loss_gradients,
     seeded_generator,
 )
@@ -324,10 +323,10 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
         if output.ndim != 2 or y.ndim not in (1, 2):
             return None
         f = f_flat.detach()
-        scale = self._get_normalization_factor(X, y) / loss_strategy(self._loss_func).normalization(
-            f
-        )
-        return self._row_vectors(f, y_flat, y) * sqrt(scale)
+        strategy = loss_strategy(self._loss_func)
+        # rows the loss ignores (ignore_index) contribute nothing; mean over the counted ones
+        scale = self._get_normalization_factor(X, y) / strategy.normalization(f, y_flat)
+        return strategy.mask_rows(self._row_vectors(f, y_flat, y), y_flat) * sqrt(scale)
 
     def _per_datum_diagonal(self) -> List[Tensor]:
         self._start_pass()
@@ -336,9 +335,10 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
             with torch.no_grad():
                 output = self._model_func(X)
             output_flat, y_flat = flatten_output_and_labels(self._loss_func, output, y)
-            vectors = self._row_vectors(output_flat, y_flat, y)
-            scale = self._get_normalization_factor(X, y) / num_terms_normalization(
-                self._loss_func, output_flat
+            strategy = loss_strategy(self._loss_func)
+            vectors = strategy.mask_rows(self._row_vectors(output_flat, y_flat, y), y_flat)
+            scale = self._get_normalization_factor(X, y) / strategy.normalization(
+                output_flat, y_flat
             )
             B = output.shape[0]
             cotangents = _row_cotangents(self._loss_func, vectors, B, output.shape)
