@@ -97,7 +97,8 @@ def ef_output_gradients(ad: Autodiff, strategy: LossStrategy, row_loss) -> Outpu
 
     def output_grads(output_flat: Tensor, y_flat: Tensor) -> Tensor:
         (grads,) = ad.grad(lambda out: row_loss(out, y_flat))(output_flat)
-        scale = strategy.normalization(output_flat) ** -0.5
+        # mean over the counted rows, as PyTorch's loss (ignore_index rows count nothing)
+        scale = strategy.normalization(output_flat, y_flat) ** -0.5
         return (scale * grads).unsqueeze(0)
 
     return output_grads

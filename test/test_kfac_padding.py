@@ -123,12 +123,6 @@ def test_exact_operators_padded_equal_unpadded(reduction):
         assert_close(diagonal, reference, **TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EFLinearOperator normalises a mean by all rows, not the counted ones: "
-    "gradient_moments.py must call loss_strategy(loss_func).normalization(output_flat, y_flat) "
-    "(file owned by another helper)",
-)
 def test_ef_padded_equals_unpadded_mean():
     model = _model()
     loss = nn.CrossEntropyLoss(ignore_index=IGNORE)

@@ -55,5 +55,8 @@ def test_monte_carlo_sampling_reseeds_every_pass():
         FisherMCLinearOperator(model, nn.MSELoss(), list(model.parameters()), data, mc_samples=0)
     with pytest.raises(NotImplementedError, match="FisherMCLinearOperator"):
         FisherMCLinearOperator(
-            model, nn.CrossEntropyLoss(label_smoothing=0.1), list(model.parameters()), data
+            model,
+            nn.CrossEntropyLoss(weight=torch.ones(2, dtype=DT)),
+            list(model.parameters()),
+            data,
         )
