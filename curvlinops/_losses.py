@@ -160,7 +160,8 @@ class LossStrategy:
 
         Returns:
             1 for sum reduction, ``R`` for mean cross-entropy (the number of counted rows
-            with ``ignore_index``), ``R * C`` for mean MSE/BCE.
+            with ``ignore_index``; a 0-d tensor while ``torch.compile`` traces), ``R * C``
+            for mean MSE/BCE.
         """
         if check_reduction(self.loss_func) == "sum":
             return 1.0
@@ -316,6 +317,12 @@ class LossStrategy:
             )
 
 
+def _tracing() -> bool:
+    """Whether ``torch.compile`` is tracing the current code (no data-dependent Python)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _is_default(value, default) -> bool:
     return value is None if default is None else value == default
 
@@ -373,6 +380,8 @@ class CrossEntropyStrategy(LossStrategy):
         if y_flat.is_floating_point():  # probabilities: ignore_index does not apply
             return None
         mask = y_flat != self.loss_func.ignore_index
+        if _tracing():  # a traced product cannot branch on data: always mask
+            return mask
         return None if bool(mask.all()) else mask
 
     def flatten_labels(self, y: Tensor) -> Tensor:
@@ -390,7 +399,9 @@ class CrossEntropyStrategy(LossStrategy):
         if mask is None:
             return float(output_flat.shape[0])
         # PyTorch's mean over the counted rows; a batch without any has no curvature
-        return float(max(int(mask.sum()), 1))
+        count = mask.sum().clamp(min=1)
+        # traced: a 0-d tensor (reading its value would be a data-dependent branch)
+        return count.to(output_flat.dtype) if _tracing() else float(count)
 
     def mean_correction(self, num_classes: int) -> float:
         return 1.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlinops import KFACLinearOperator, _distributed
+from curvlinops import EFLinearOperator, KFACLinearOperator, _distributed
 from curvlinops._losses import MonteCarloSampling, loss_strategy
 from curvlinops.diagonal.exact import FisherMCDiagonalLinearOperator
 from curvlinops.fisher import FisherMCLinearOperator, make_grad_output_sampler
@@ -114,3 +114,23 @@ def test_mc_diagonal_reseeds_every_pass_like_the_mc_fisher():
         torch.testing.assert_close(d, e, rtol=1e-13, atol=1e-15)
     op._cached_diagonal, op._seed = None, 6
     assert not all(torch.allclose(d, e) for d, e in zip(op.diagonal, first))
+
+
+@pytest.mark.parametrize("operator", [EFLinearOperator, FisherMCLinearOperator])
+@pytest.mark.parametrize("ignore", [False, True], ids=["all_rows", "ignore_index"])
+def test_compiled_cross_entropy_normalization_matches_eager(operator, ignore):
+    """The mean over the counted rows is traceable (it read ``bool(mask.all())`` before)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    labels = [torch.tensor([0, 2, 1, 1]), torch.tensor([2, 0, 1])]
+    if ignore:
+        labels = [torch.tensor([0, -100, 1, 1]), torch.tensor([2, -100, -100])]
+    data = [(torch.randn(len(y), 3, dtype=DT), y) for y in labels]
+    args = (model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    M = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=DT)
+    eager = operator(*args) @ M
+    compiled_op = operator(*args)
+    compiled_op.compile(backend=lambda gm, inputs: gm.forward, fullgraph=True)
+    torch.testing.assert_close(compiled_op @ M, eager, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
