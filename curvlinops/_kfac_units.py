@@ -101,7 +101,7 @@ class KFACUnitsMixin:
         """One pass over the data collecting every use of every unit (see ``_calls``)."""
         forward_only = self._fisher == "forward-only"
         if not forward_only:
-            self._reseed_generator()
+            self._start_pass()
         strategy = loss_strategy(self._loss_func)
         call_pass = CallPass(
             self._model_func,

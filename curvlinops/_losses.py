@@ -24,11 +24,12 @@ by :math:`c_b = 1` (sum), :math:`R_b` (cross-entropy, mean) or :math:`R_b C` (MS
   :math:`\hat{\mathbf{g}} = \sigma(\mathbf{f}) - \tilde{\mathbf{y}}`.
 
 The draws are those of the 3.0.1 release (API contract, section 20), so a seed reproduces
-published results: :func:`fisher_mc_grad_samples` draws all ``M`` samples of a batch in one call
-(Monte-Carlo Fisher and its exact diagonal), :func:`draw_label` draws one label set at a time
-(KFAC/EKFAC with ``fisher_type="mc"``, ``M`` calls per batch). With ``M = 1`` both consume the
-generator identically, so operators built with the same seed see the same samples (the MSE
-sample of one is the negative of the other's, which leaves outer products unchanged).
+published results: :meth:`LossStrategy.grad_samples` draws all ``M`` samples of a batch in one
+call (Monte-Carlo Fisher and its exact diagonal), :meth:`LossStrategy.label_grad_samples` draws
+one label set at a time (KFAC/EKFAC with ``fisher_type="mc"``, ``M`` calls per batch). With
+``M = 1`` both consume the generator identically, so operators built with the same seed see the
+same samples (the MSE sample of one is the negative of the other's, which leaves outer products
+unchanged).
 """
 
 import copy
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 from torch import Generator, Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+
+from curvlinops import _distributed
 
 SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
@@ -75,16 +78,6 @@ def check_reduction(loss_func) -> str:
             "'sum' (reduction='none' is not supported)."
         )
     return reduction
-
-
-def check_supported_loss(loss_func, operator: str):
-    """Raise ``NotImplementedError`` unless the loss is MSE, cross-entropy or BCE-with-logits.
-
-    Args:
-        loss_func: The loss function.
-        operator: Name of the operator, for the message.
-    """
-    loss_strategy(loss_func, operator)
 
 
 class LossStrategy:
@@ -167,7 +160,8 @@ class LossStrategy:
 
         Returns:
             1 for sum reduction, ``R`` for mean cross-entropy (the number of counted rows
-            with ``ignore_index``), ``R * C`` for mean MSE/BCE.
+            with ``ignore_index``; a 0-d tensor while ``torch.compile`` traces), ``R * C``
+            for mean MSE/BCE.
         """
         if check_reduction(self.loss_func) == "sum":
             return 1.0
@@ -222,11 +216,74 @@ class LossStrategy:
 
     # ------------------------------------------------------------- sampling
     def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
-        """All ``M`` sampled output gradients of a batch in one draw, ``[M, R, C]``."""
-        raise NotImplementedError
+        """All ``M`` sampled output gradients of a batch in one draw (MC-Fisher, its diagonal).
+
+        Exactly the torch calls of the 3.0.1 release (API contract, section 20), so that a seed
+        gives the same samples:
+
+        - MSE: ``2 * torch.normal(zeros(M, R, C), as_tensor(sqrt(0.5)), generator)`` (the
+          standard deviation is a default-dtype scalar tensor, as in 3.0.1);
+        - cross-entropy: ``softmax(f).multinomial(M, replacement=True, generator)`` gives
+          ``[R, M]`` classes, the sample is ``softmax(f) - onehot``;
+        - BCE: ``sigmoid(f).unsqueeze(0).expand(M, R, C).bernoulli(generator)`` gives labels,
+          the sample is ``sigmoid(f) - label``.
+
+        Args:
+            output_flat: The flattened output ``[R, C]`` (detached).
+            num_samples: Number of samples ``M``.
+            generator: Random number generator (or ``None`` for the global one).
+
+        Returns:
+            ``[M, R, C]`` sampled gradients of the sum-reduced row losses.
+
+        Raises:
+            ValueError: If ``output_flat`` is not 2-d.
+        """
+        _check_2d(output_flat)
+        return self._grad_samples(output_flat, num_samples, generator)
 
     def draw_label(self, output_flat: Tensor, generator) -> Tensor:
-        """One label draw of KFAC's Monte-Carlo Fisher."""
+        """One label draw of KFAC's Monte-Carlo Fisher, with the torch calls of 3.0.1.
+
+        API contract, section 20: MSE ``f + sqrt(0.5) * randn(f.shape, generator)``;
+        cross-entropy ``softmax(f).multinomial(1, generator).squeeze(-1)``; BCE
+        ``sigmoid(f).bernoulli(generator)``.
+
+        Args:
+            output_flat: The flattened output ``[R, C]`` (detached).
+            generator: Random number generator (or ``None`` for the global one).
+
+        Returns:
+            ``[R, C]`` labels (MSE, BCE) or ``[R]`` class indices (cross-entropy).
+
+        Raises:
+            ValueError: If ``output_flat`` is not 2-d.
+        """
+        _check_2d(output_flat)
+        return self._draw_label(output_flat, generator)
+
+    def label_grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        """KFAC's ``M`` Monte-Carlo output gradients: ``M`` label draws in turn, ``[M, R, C]``.
+
+        With ``M = 1`` this consumes the generator as :meth:`grad_samples` does (the MSE
+        sample is the negative of that one's).
+
+        Raises:
+            ValueError: If ``output_flat`` is not 2-d.
+        """
+        return torch.stack(
+            [
+                self.label_gradients(output_flat, self.draw_label(output_flat, generator))
+                for _ in range(num_samples)
+            ]
+        )
+
+    def _grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+        """The loss's draw of :meth:`grad_samples` on a 2-d output."""
+        raise NotImplementedError
+
+    def _draw_label(self, output_flat: Tensor, generator) -> Tensor:
+        """The loss's draw of :meth:`draw_label` on a 2-d output."""
         raise NotImplementedError
 
     def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
@@ -260,6 +317,12 @@ class LossStrategy:
             )
 
 
+def _tracing() -> bool:
+    """Whether ``torch.compile`` is tracing the current code (no data-dependent Python)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _is_default(value, default) -> bool:
     return value is None if default is None else value == default
 
@@ -279,12 +342,12 @@ class MSEStrategy(LossStrategy):
         eye = torch.eye(C, dtype=output_flat.dtype, device=output_flat.device)
         return sqrt(2.0) * eye.unsqueeze(1).expand(C, R, C)
 
-    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+    def _grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
         mean = output_flat.new_zeros(num_samples, *output_flat.shape)
         std = torch.as_tensor(sqrt(0.5), device=output_flat.device)
         return 2 * torch.normal(mean, std, generator=generator)
 
-    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+    def _draw_label(self, output_flat: Tensor, generator) -> Tensor:
         noise = torch.randn(
             output_flat.shape,
             dtype=output_flat.dtype,
@@ -317,6 +380,8 @@ class CrossEntropyStrategy(LossStrategy):
         if y_flat.is_floating_point():  # probabilities: ignore_index does not apply
             return None
         mask = y_flat != self.loss_func.ignore_index
+        if _tracing():  # a traced product cannot branch on data: always mask
+            return mask
         return None if bool(mask.all()) else mask
 
     def flatten_labels(self, y: Tensor) -> Tensor:
@@ -334,7 +399,9 @@ class CrossEntropyStrategy(LossStrategy):
         if mask is None:
             return float(output_flat.shape[0])
         # PyTorch's mean over the counted rows; a batch without any has no curvature
-        return float(max(int(mask.sum()), 1))
+        count = mask.sum().clamp(min=1)
+        # traced: a 0-d tensor (reading its value would be a data-dependent branch)
+        return count.to(output_flat.dtype) if _tracing() else float(count)
 
     def mean_correction(self, num_classes: int) -> float:
         return 1.0
@@ -351,13 +418,13 @@ class CrossEntropyStrategy(LossStrategy):
         # column c of diag(sqrt p) - p sqrt(p)^T is sqrt(p_c) (e_c - p)
         return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
 
-    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+    def _grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
         probs = output_flat.softmax(dim=1)
         classes = probs.multinomial(num_samples=num_samples, replacement=True, generator=generator)
         onehot = torch.nn.functional.one_hot(classes.T, output_flat.shape[1])
         return probs - onehot.to(output_flat.dtype)
 
-    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+    def _draw_label(self, output_flat: Tensor, generator) -> Tensor:
         probs = output_flat.softmax(dim=1)
         return probs.multinomial(num_samples=1, generator=generator).squeeze(-1)
 
@@ -383,12 +450,12 @@ class BCEWithLogitsStrategy(LossStrategy):
         sigma = output_flat.sigmoid()
         return eye.unsqueeze(1) * (sigma * (1 - sigma)).sqrt().unsqueeze(0)
 
-    def grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
+    def _grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
         probs = output_flat.sigmoid()
         labels = probs.unsqueeze(0).expand(num_samples, *probs.shape).bernoulli(generator=generator)
         return probs - labels
 
-    def draw_label(self, output_flat: Tensor, generator) -> Tensor:
+    def _draw_label(self, output_flat: Tensor, generator) -> Tensor:
         return output_flat.sigmoid().bernoulli(generator=generator)
 
     def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
@@ -432,73 +499,41 @@ def loss_strategy(loss_func, operator: str = "This operator") -> LossStrategy:
     )
 
 
-# ------------------------------------------------------------------ function interface
-# Thin wrappers around the strategies, kept only for callers outside this cleanup's files
-# (kfac.py, diagonal/exact.py, approximations.py); new code calls ``loss_strategy(...)``.
+def seeded_generator(
+    generator: Optional[Generator], device: torch.device, seed: int, group=None
+) -> Generator:
+    """``generator`` (or a new one if missing or on another device) re-seeded for this rank.
 
-
-def check_sampling_options(loss_func, operator: str):
-    """Reject loss options that sampling would ignore (see the strategy method).
+    The Monte-Carlo operators re-seed at the start of every pass over the data, which is what
+    couples their samples. Under a process group every rank draws its own samples
+    (:func:`curvlinops._distributed.rank_seed`; rank 0 and a single process use ``seed``).
 
     Args:
-        loss_func: The loss function.
-        operator: Name of the operator, for the message.
-    """
-    if is_supported_loss(loss_func):
-        loss_strategy(loss_func).check_sampling_options(operator)
-
-
-def from_rows(loss_func, rows: Tensor, shape: torch.Size, num_leading: int = 0) -> Tensor:
-    """See :meth:`LossStrategy.from_rows`."""
-    return loss_strategy(loss_func).from_rows(rows, shape, num_leading)
-
-
-def flatten_output_and_labels(loss_func, output: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-    """Flatten a batch's output and labels into the 2-d view of loss terms.
+        generator: The generator to re-use, or ``None``.
+        device: Device the generator must live on.
+        seed: The operator's seed.
+        group: The operator's ``torch.distributed`` process group, or ``None``.
 
     Returns:
-        Output ``[R, C]`` and labels ``[R]`` (class indices) or ``[R, C]``.
-    """
-    return loss_strategy(loss_func).flatten(output, y)
-
-
-def num_terms_normalization(loss_func, output_flat: Tensor) -> float:
-    """See :meth:`LossStrategy.normalization`."""
-    return loss_strategy(loss_func).normalization(output_flat)
-
-
-def row_loss_gradients(loss_func, output_flat: Tensor, y_flat: Tensor) -> Tensor:
-    """See :meth:`LossStrategy.row_gradients`."""
-    return loss_strategy(loss_func).row_gradients(output_flat, y_flat)
-
-
-def loss_hessian_sqrt_columns(loss_func, output_flat: Tensor) -> Tensor:
-    """See :meth:`LossStrategy.hessian_sqrt_columns`."""
-    return loss_strategy(loss_func).hessian_sqrt_columns(output_flat)
-
-
-def seeded_generator(generator: Optional[Generator], device: torch.device, seed: int) -> Generator:
-    """``generator`` (or a new one if missing or on another device) re-seeded with ``seed``.
-
-    The Monte-Carlo Fisher and KFAC re-seed at the start of every pass over the data, which is
-    what couples their samples.
+        The re-seeded generator.
     """
     check_seed(seed, "_seed")  # also catches a bad value assigned to op._seed later
     if generator is None or generator.device != device:
         generator = torch.Generator(device=device)
-    return generator.manual_seed(int(seed))
+    return generator.manual_seed(_distributed.rank_seed(seed, group))
 
 
 class MonteCarloSampling:
     """Seed, sample count and generator of an operator that draws Monte-Carlo samples.
 
-    A mixin of curvature operators (it needs their ``device``): the generator is re-seeded
-    with ``_seed`` at the start of every pass over the data, so repeated products draw the
-    same samples, operators built with the same seed are coupled, and assigning a new
-    ``_seed`` draws fresh samples from the next product on.
+    A mixin of curvature operators (it needs their ``device`` and ``_process_group``): the
+    generator is re-seeded with ``_seed`` (mixed with the rank under a process group) at the
+    start of every pass over the data, so repeated products draw the same samples, operators
+    built with the same seed are coupled, and assigning a new ``_seed`` draws fresh samples
+    from the next pass on. Used by the Monte-Carlo Fisher, its exact diagonal and KFAC.
     """
 
-    def _init_sampling(self, loss_func, seed, mc_samples, operator: str):
+    def _init_sampling(self, loss_func, seed, mc_samples, operator: str, sampled: bool = True):
         """Check the loss and the sampling arguments, then store them.
 
         Args:
@@ -506,13 +541,17 @@ class MonteCarloSampling:
             seed: Seed of the generator.
             mc_samples: Number of Monte-Carlo samples per loss term.
             operator: Name of the operator, for the messages.
+            sampled: Whether the operator backpropagates vectors that the loss's options
+                would change (``False``: only check that the loss is supported).
 
         Raises:
             NotImplementedError: For unsupported losses or loss options sampling ignores.
             ValueError: If ``seed`` is not an integer seed or ``mc_samples`` is not a
                 positive integer.
         """
-        loss_strategy(loss_func, operator).check_sampling_options(operator)
+        strategy = loss_strategy(loss_func, operator)
+        if sampled:
+            strategy.check_sampling_options(operator)
         check_seed(seed)
         check_positive_integer(
             mc_samples, "mc_samples", "It is the number of Monte-Carlo samples per loss term."
@@ -521,84 +560,24 @@ class MonteCarloSampling:
         self._generator: Optional[Generator] = None
 
     def _start_pass(self):
-        """Seed the generator with ``_seed``: every pass draws the same samples."""
-        self._generator = seeded_generator(self._generator, self.device, self._seed)
+        """Seed the generator with ``_seed`` (and the rank): every pass draws the same samples."""
+        self._generator = seeded_generator(
+            self._generator, self.device, self._seed, self._process_group
+        )
+
+    def _sampling_generator(self) -> Generator:
+        """The generator, seeded as at the start of a pass if no pass has seeded it yet."""
+        if self._generator is None:
+            self._start_pass()
+        return self._generator
 
 
 def _check_2d(output_flat: Tensor):
     if output_flat.ndim != 2:
         raise ValueError(
-            "Only 2d outputs [rows, classes] can be sampled from, got shape "
-            f"{list(output_flat.shape)}. Flatten sequence outputs into rows first."
+            "Only 2d outputs [rows, classes] can be sampled from (a 2-d output is needed), got "
+            f"shape {list(output_flat.shape)}. Flatten sequence outputs into rows first."
         )
-
-
-def fisher_mc_grad_samples(
-    loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
-) -> Tensor:
-    """Sampled output gradients of the Monte-Carlo Fisher, all ``M`` samples in one draw.
-
-    Exactly the torch calls of the 3.0.1 release (API contract, section 20), so that a seed
-    gives the same samples:
-
-    - MSE: ``2 * torch.normal(zeros(M, R, C), as_tensor(sqrt(0.5)), generator)`` (the standard
-      deviation is a default-dtype scalar tensor, as in 3.0.1);
-    - cross-entropy: ``softmax(f).multinomial(M, replacement=True, generator)`` gives ``[R, M]``
-      classes, the sample is ``softmax(f) - onehot``;
-    - BCE: ``sigmoid(f).unsqueeze(0).expand(M, R, C).bernoulli(generator)`` gives labels, the
-      sample is ``sigmoid(f) - label``.
-
-    Args:
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-        output_flat: The flattened output ``[R, C]`` (detached).
-        num_samples: Number of samples ``M``.
-        generator: Random number generator.
-
-    Returns:
-        ``[M, R, C]`` sampled gradients of the sum-reduced row losses.
-
-    Raises:
-        ValueError: If ``output_flat`` is not 2-d.
-        NotImplementedError: For other losses.
-    """
-    _check_2d(output_flat)
-    strategy = loss_strategy(loss_func, "Label sampling")
-    return strategy.grad_samples(output_flat, num_samples, generator)
-
-
-def draw_label(loss_func, output_flat: Tensor, generator: Optional[Generator]) -> Tensor:
-    """One label draw of KFAC's Monte-Carlo Fisher, with the torch calls of 3.0.1.
-
-    API contract, section 20: MSE ``f + sqrt(0.5) * randn(f.shape, generator)``; cross-entropy
-    ``softmax(f).multinomial(1, generator).squeeze(-1)``; BCE ``sigmoid(f).bernoulli(generator)``.
-
-    Args:
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-        output_flat: The flattened output ``[R, C]`` (detached).
-        generator: Random number generator.
-
-    Returns:
-        ``[R, C]`` labels (MSE, BCE) or ``[R]`` class indices (cross-entropy).
-
-    Raises:
-        ValueError: If ``output_flat`` is not 2-d.
-        NotImplementedError: For other losses.
-    """
-    _check_2d(output_flat)
-    return loss_strategy(loss_func, "Label sampling").draw_label(output_flat, generator)
-
-
-def kfac_mc_grad_outputs(
-    loss_func, output_flat: Tensor, num_samples: int, generator: Optional[Generator]
-) -> Tensor:
-    """KFAC's ``M`` Monte-Carlo output gradients: ``M`` label draws in turn, ``[M, R, C]``."""
-    strategy = loss_strategy(loss_func, "Label sampling")
-    return torch.stack(
-        [
-            strategy.label_gradients(output_flat, strategy.draw_label(output_flat, generator))
-            for _ in range(num_samples)
-        ]
-    )
 
 
 def is_integer(value) -> bool:

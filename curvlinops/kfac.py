@@ -45,7 +45,7 @@ from enum import Enum, EnumMeta
 from math import sqrt
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
-from torch import Generator, Tensor, nn
+from torch import Tensor, nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops import _distributed
@@ -72,13 +72,7 @@ from curvlinops._layer_pass import (
     map_parameters,
     raise_unsupported,
 )
-from curvlinops._losses import (
-    check_sampling_options,
-    draw_label,
-    kfac_mc_grad_outputs,
-    loss_strategy,
-    seeded_generator,
-)
+from curvlinops._losses import MonteCarloSampling, loss_strategy
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import allclose_report
 
@@ -160,23 +154,21 @@ def _check_choices(cls, loss_func, fisher_type, mc_samples, kfac_approx):
         )
 
 
-def _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, cls):
-    """Check ``separate_weight_and_bias`` and the loss options that sampling ignores.
-
-    Raises:
-        ValueError: If ``separate_weight_and_bias`` is not a boolean.
-        NotImplementedError: If the loss uses options that sampled vectors would ignore.
-    """
+def _check_flag(separate_weight_and_bias):
+    """Raise ``ValueError`` unless ``separate_weight_and_bias`` is a boolean."""
     if not isinstance(separate_weight_and_bias, bool) and separate_weight_and_bias not in (0, 1):
         raise ValueError(
             f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
         )
-    if FisherType(fisher_type) != FisherType.FORWARD_ONLY:
-        check_sampling_options(loss_func, cls.__name__)
 
 
 class KFACLinearOperator(
-    FallbackMixin, KFACUnitsMixin, KFACStateMixin, BlockDiagonalMixin, CurvatureLinearOperator
+    MonteCarloSampling,
+    FallbackMixin,
+    KFACUnitsMixin,
+    KFACStateMixin,
+    BlockDiagonalMixin,
+    CurvatureLinearOperator,
 ):
     r"""Kronecker-factored approximation of the Fisher/GGN (block-diagonal over layers).
 
@@ -258,11 +250,11 @@ class KFACLinearOperator(
         """
         _check_choices(type(self), loss_func, fisher_type, mc_samples, kfac_approx)
         check_numeric_arguments(seed, mc_samples, num_per_example_loss_terms)
-        _check_flag_and_options(separate_weight_and_bias, loss_func, fisher_type, type(self))
-        check_fallback(fallback, FisherType(fisher_type) == FisherType.FORWARD_ONLY)
+        _check_flag(separate_weight_and_bias)
+        forward_only = FisherType(fisher_type) == FisherType.FORWARD_ONLY
+        self._init_sampling(loss_func, seed, mc_samples, type(self).__name__, not forward_only)
+        check_fallback(fallback, forward_only)
         self._set_up_units(params, model_func, fallback)
-        self._seed, self._mc_samples = seed, mc_samples
-        self._generator: Optional[Generator] = None
         self._fisher_type, self._kfac_approx = fisher_type, kfac_approx
         self._separate_weight_and_bias = separate_weight_and_bias
         self._initialize_storage()
@@ -352,10 +344,6 @@ class KFACLinearOperator(
         return "weight" in entry and "bias" in entry and not self._separate_weight_and_bias
 
     # ----------------------------------------------------------------- sampling
-    def _reseed_generator(self):
-        seed = _distributed.rank_seed(self._seed, self._process_group)  # own draws per rank
-        self._generator = seeded_generator(self._generator, self.device, seed)
-
     def draw_label(self, output: Tensor) -> Tensor:
         """Sample labels from the likelihood the loss defines (operator's generator).
 
@@ -370,14 +358,8 @@ class KFACLinearOperator(
             ValueError: If ``output`` is not 2-d.
             NotImplementedError: For unsupported losses.
         """
-        if output.ndim != 2:
-            raise ValueError(
-                "Only 2d outputs [R, C] are supported by draw_label (a 2-d output is needed), "
-                f"got shape {list(output.shape)}."
-            )
-        if self._generator is None:
-            self._reseed_generator()
-        return draw_label(self._loss_func, output.detach(), self._generator)
+        strategy = loss_strategy(self._loss_func, "draw_label")
+        return strategy.draw_label(output.detach(), self._sampling_generator())
 
     # ----------------------------------------------------------------- layer pass
     def _vectors(self, X, y: Tensor, output: Tensor, f_flat: Tensor, y_flat: Tensor) -> Tensor:
@@ -388,7 +370,7 @@ class KFACLinearOperator(
             strategy.check_targets(y, f"{type(self).__name__} (fisher_type='type-2')")
             vectors, num_samples = strategy.hessian_sqrt_columns(f), 1
         elif self._fisher == FisherType.MC:
-            vectors = kfac_mc_grad_outputs(self._loss_func, f, self._mc_samples, self._generator)
+            vectors = strategy.label_grad_samples(f, self._mc_samples, self._generator)
             num_samples = self._mc_samples
         else:
             vectors, num_samples = strategy.row_gradients(f, y_flat).unsqueeze(0), 1
@@ -424,7 +406,7 @@ class KFACLinearOperator(
         """
         forward_only = self._fisher == FisherType.FORWARD_ONLY
         if not forward_only:
-            self._reseed_generator()
+            self._start_pass()
         strategy = loss_strategy(self._loss_func)
         layers = {name: self._modules[name] for name in self._mapping}
         layer_pass = LayerPass(

@@ -20,7 +20,6 @@ from curvlinops._losses import (
     BCEWithLogitsStrategy,
     CrossEntropyStrategy,
     MSEStrategy,
-    fisher_mc_grad_samples,
     loss_strategy,
 )
 from curvlinops.kfac_utils import loss_hessian_matrix_sqrt
@@ -156,8 +155,22 @@ def test_strategy_hessian_sqrt_and_draws(strategy_cls):
         assert_close(S[:, r, :].T @ S[:, r, :], H)
         one = loss_hessian_matrix_sqrt(f[r : r + 1], y[r : r + 1], loss)
         assert_close(one @ one.T, H)
-    # the function interface and the strategy draw the same samples from the same seed
-    samples = fisher_mc_grad_samples(loss, f, 3, torch.Generator().manual_seed(1))
+    # the same seed gives the same samples; with M = 1 the MC-Fisher's draw and KFAC's label
+    # draw consume the generator alike (the MSE sample of one is the other's negative)
+    samples = strategy.grad_samples(f, 3, torch.Generator().manual_seed(1))
+    assert samples.shape == (3, 4, 3)
     assert_close(samples, strategy.grad_samples(f, 3, torch.Generator().manual_seed(1)))
+    one = strategy.grad_samples(f, 1, torch.Generator().manual_seed(2))
+    label_one = strategy.label_grad_samples(f, 1, torch.Generator().manual_seed(2))
+    sign = -1.0 if strategy_cls is MSEStrategy else 1.0
+    # 3.0.1's MSE draw scales by a float32 sqrt(1/2) (section 20): agreement to float32 rounding
+    assert_close(one, sign * label_one, rtol=1e-7)
+    for draw in (
+        lambda: strategy.grad_samples(f[0], 1, None),
+        lambda: strategy.draw_label(f.unsqueeze(0), None),
+        lambda: strategy.label_grad_samples(f[0], 2, None),
+    ):
+        with pytest.raises(ValueError, match="Only 2d output"):
+            draw()
     with pytest.raises(NotImplementedError, match="MyOperator supports"):
         loss_strategy(nn.L1Loss(), "MyOperator")

@@ -35,7 +35,7 @@ from math import sqrt
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
-from torch import Generator, Tensor, nn
+from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
@@ -50,17 +50,10 @@ from curvlinops._layer_pass import (
     partition_parameters,
 )
 from curvlinops._losses import (
+    LossStrategy,
+    MonteCarloSampling,
     check_positive_integer,
-    check_sampling_options,
-    check_seed,
-    check_supported_loss,
-    fisher_mc_grad_samples,
-    flatten_output_and_labels,
-    from_rows,
-    loss_hessian_sqrt_columns,
     loss_strategy,
-    row_loss_gradients,
-    seeded_generator,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
 
@@ -134,7 +127,9 @@ def squared_gradient_sum(
     return totals
 
 
-def _row_cotangents(loss_func, vectors: Tensor, B: int, output_shape: torch.Size) -> Tensor:
+def _row_cotangents(
+    strategy: LossStrategy, vectors: Tensor, B: int, output_shape: torch.Size
+) -> Tensor:
     """Place the row vectors ``[V, R, C]`` into per-datum output cotangents ``[B, W, 1, *S]``.
 
     Datum ``n`` owns rows ``n R' .. (n+1) R' - 1`` (batch axis outermost); vector ``(v, r)``
@@ -147,7 +142,7 @@ def _row_cotangents(loss_func, vectors: Tensor, B: int, output_shape: torch.Size
     rows = torch.einsum("vnrc,rs->nvrsc", per_datum, eye)  # [B, V, R', R', C]
     rows = rows.reshape(B, V * rows_per_datum, rows_per_datum, C)
     datum_shape = (B, V * rows_per_datum, 1, *output_shape[1:])
-    return from_rows(loss_func, rows, torch.Size(datum_shape), num_leading=2)
+    return strategy.from_rows(rows, torch.Size(datum_shape), num_leading=2)
 
 
 class _DiagonalAlgebra:
@@ -242,7 +237,7 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
         num_data: Optional[int] = None,
         batch_size_fn: Optional[Callable] = None,
     ):
-        check_supported_loss(loss_func, type(self).__name__)
+        loss_strategy(loss_func, type(self).__name__)  # unsupported losses raise
         self._cached_diagonal: Optional[List[Tensor]] = None
         super().__init__(
             model_func,
@@ -258,9 +253,6 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
         """The vectors ``s_{r,v}`` of a batch, ``[V, R, C]`` (unnormalised)."""
         raise NotImplementedError
-
-    def _start_pass(self):
-        """Hook called before each pass over the data."""
 
     @property
     def diagonal(self) -> List[Tensor]:
@@ -334,14 +326,14 @@ class _ExactDiagonal(_DiagonalAlgebra, CurvatureLinearOperator):
         for X, y in self._loop_over_data(desc="diagonal"):
             with torch.no_grad():
                 output = self._model_func(X)
-            output_flat, y_flat = flatten_output_and_labels(self._loss_func, output, y)
             strategy = loss_strategy(self._loss_func)
+            output_flat, y_flat = strategy.flatten(output, y)
             vectors = strategy.mask_rows(self._row_vectors(output_flat, y_flat, y), y_flat)
             scale = self._get_normalization_factor(X, y) / strategy.normalization(
                 output_flat, y_flat
             )
             B = output.shape[0]
-            cotangents = _row_cotangents(self._loss_func, vectors, B, output.shape)
+            cotangents = _row_cotangents(strategy, vectors, B, output.shape)
             squares = squared_gradient_sum(self._model_func, self._params, X, cotangents)
             for total, sq in zip(totals, squares):
                 total.add_(sq, alpha=scale)
@@ -370,18 +362,19 @@ class GGNDiagonalLinearOperator(_ExactDiagonal):
     """
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
-        return loss_hessian_sqrt_columns(self._loss_func, output_flat)
+        strategy = loss_strategy(self._loss_func)
+        strategy.check_targets(y, type(self).__name__)
+        return strategy.hessian_sqrt_columns(output_flat)
 
 
 class EFDiagonalLinearOperator(_ExactDiagonal):
     """Exact diagonal of the empirical Fisher (same conventions as ``EFLinearOperator``)."""
 
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        return row_loss_gradients(self._loss_func, output_flat, y_flat).unsqueeze(0)
+        return loss_strategy(self._loss_func).row_gradients(output_flat, y_flat).unsqueeze(0)
 
 
-class FisherMCDiagonalLinearOperator(_ExactDiagonal):
+class FisherMCDiagonalLinearOperator(MonteCarloSampling, _ExactDiagonal):
     """Exact diagonal of the Monte-Carlo Fisher.
 
     The samples are those ``FisherMCLinearOperator`` draws for the same ``seed`` and
@@ -415,11 +408,7 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
             num_data: Number of data points (one pass if ``None``).
             batch_size_fn: Number of data points of a batch input.
         """
-        check_sampling_options(loss_func, type(self).__name__)
-        check_seed(seed)
-        check_positive_integer(mc_samples, "mc_samples")
-        self._seed, self._mc_samples = seed, mc_samples
-        self._generator: Optional[Generator] = None
+        self._init_sampling(loss_func, seed, mc_samples, type(self).__name__)
         super().__init__(
             model_func,
             loss_func,
@@ -431,15 +420,10 @@ class FisherMCDiagonalLinearOperator(_ExactDiagonal):
             batch_size_fn=batch_size_fn,
         )
 
-    def _start_pass(self):
-        seed = _distributed.rank_seed(self._seed, self._process_group)  # own draws per rank
-        self._generator = seeded_generator(self._generator, self.device, seed)
-
     def _row_vectors(self, output_flat: Tensor, y_flat: Tensor, y: Tensor) -> Tensor:
-        loss_strategy(self._loss_func).check_targets(y, type(self).__name__)
-        samples = fisher_mc_grad_samples(
-            self._loss_func, output_flat, self._mc_samples, self._generator
-        )
+        strategy = loss_strategy(self._loss_func)
+        strategy.check_targets(y, type(self).__name__)
+        samples = strategy.grad_samples(output_flat, self._mc_samples, self._generator)
         return samples / sqrt(self._mc_samples)
 
 
