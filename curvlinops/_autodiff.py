@@ -193,11 +193,11 @@ def guarded_models(models: Iterable[nn.Module]) -> Iterator[None]:
                 restore_buffers(snapshot)
 
 
-def _is_compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller."""
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller (no data-dependent Python then)."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
+        return bool(compiler.is_compiling())
     return False  # pragma: no cover - older torch
 
 
@@ -277,7 +277,7 @@ def substituted_parameters(
     # The swap is visible to every thread: hold the model's lock (see locked_models). While
     # torch.compile traces, the caller (a product) already holds it, and dynamo cannot trace
     # the lock.
-    with locked_models([] if _is_compiling() else [model_func]):
+    with locked_models([] if is_compiling() else [model_func]):
         swapped = []
         for module in model_func.modules():
             for name, p in module._parameters.items():

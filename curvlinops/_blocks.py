@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from curvlinops._autodiff import is_compiling
 from curvlinops._ekfac_correction import batched_eigh
 
 #: A damping :math:`\delta` or a pair :math:`(\delta_A, \delta_G)`.
@@ -65,12 +66,6 @@ def block_scale(V: Tensor, S: Tensor) -> Tensor:
     return V * (S if V.ndim == 2 else S.unsqueeze(-1))
 
 
-def _is_compiling() -> bool:
-    """Whether the code runs inside ``torch.compile`` tracing."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
 def _spd_inverse(matrix: Tensor) -> Tensor:
     """Inverse of a symmetric positive definite matrix by Cholesky.
 
@@ -82,7 +77,7 @@ def _spd_inverse(matrix: Tensor) -> Tensor:
         torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
     """
     L = torch.linalg.cholesky(matrix)
-    if _is_compiling():  # no data-dependent checks in a traced product
+    if is_compiling():  # no data-dependent checks in a traced product
         return torch.cholesky_inverse(L)
     pivots = L.diagonal() ** 2
     scale = matrix.diagonal().abs().max()
@@ -389,7 +384,7 @@ class EigenbasisBlock(_SpectralBlock):
         inverse = {}
         for kind, values in self.eigenvalues.items():
             damped = values + delta
-            if not _is_compiling():  # no data-dependent checks in a traced product
+            if not is_compiling():  # no data-dependent checks in a traced product
                 self._check_invertible(kind, damped, delta)
             inverse[kind] = 1.0 / damped
         return EigenbasisBlock(self.name, self.Q_G, self.Q_A, inverse)
@@ -502,7 +497,7 @@ class EmbeddingBlock(KroneckerBlock):
             return (None, self.A), (Q_G, lam_G)
         delta_A, delta_G = self.factor_dampings(options)
         damped = self.A + delta_A
-        if not _is_compiling() and self.A.numel() > 0 and damped.min() <= 0:
+        if not is_compiling() and self.A.numel() > 0 and damped.min() <= 0:
             raise torch.linalg.LinAlgError(
                 f"The damped input factor (token counts) of embedding {self.name!r} has the "
                 f"entry {damped.min().item():.3e} <= 0 (damping {delta_A}); increase the damping."

@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from curvlinops._autodiff import is_compiling
+
 #: Upper bound on the number of entries of the intermediate tensors of one chunk of the
 #: eigenvalue correction (``2**24`` entries are 128 MiB in float64).
 MAX_CHUNK_ENTRIES = 2**24
@@ -226,7 +228,7 @@ def batched_eigh(
     result = {}
     for keys in groups.values():
         stacked = torch.stack([lookup[k] for k in keys])
-        if _is_compiling():  # traced: no data-dependent checks or fallbacks
+        if is_compiling():  # traced: no data-dependent checks or fallbacks
             evals, evecs = _traced_eigh(stacked)
             for i, key in enumerate(keys):
                 result[key] = (evals[i], evecs[i])
@@ -244,12 +246,6 @@ def batched_eigh(
     if as_dict:
         return {key: result[key] for key, _ in items}
     return [result[i] for i in range(len(items))]
-
-
-def _is_compiling() -> bool:
-    """Whether the code runs inside ``torch.compile`` tracing."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def _traced_eigh(stacked: Tensor) -> Tuple[Tensor, Tensor]:

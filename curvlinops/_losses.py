@@ -43,6 +43,7 @@ from torch import Generator, Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops import _distributed
+from curvlinops._autodiff import is_compiling
 
 SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
@@ -317,12 +318,6 @@ class LossStrategy:
             )
 
 
-def _tracing() -> bool:
-    """Whether ``torch.compile`` is tracing the current code (no data-dependent Python)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
 def _is_default(value, default) -> bool:
     return value is None if default is None else value == default
 
@@ -380,7 +375,7 @@ class CrossEntropyStrategy(LossStrategy):
         if y_flat.is_floating_point():  # probabilities: ignore_index does not apply
             return None
         mask = y_flat != self.loss_func.ignore_index
-        if _tracing():  # a traced product cannot branch on data: always mask
+        if is_compiling():  # a traced product cannot branch on data: always mask
             return mask
         return None if bool(mask.all()) else mask
 
@@ -401,7 +396,7 @@ class CrossEntropyStrategy(LossStrategy):
         # PyTorch's mean over the counted rows; a batch without any has no curvature
         count = mask.sum().clamp(min=1)
         # traced: a 0-d tensor (reading its value would be a data-dependent branch)
-        return count.to(output_flat.dtype) if _tracing() else float(count)
+        return count.to(output_flat.dtype) if is_compiling() else float(count)
 
     def mean_correction(self, num_classes: int) -> float:
         return 1.0
