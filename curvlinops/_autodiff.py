@@ -385,9 +385,14 @@ class Autodiff:
     Attributes:
         state: Per-batch tensors that were computed outside a traced product (e.g.
             Monte-Carlo samples, which need a generator); ``None`` when not traced.
+        probe: ``None``, or a dict into which a product that evaluates the batch loss
+            records ``prediction``, ``loss`` and ``gradient`` of the *unweighted* batch loss
+            (detached), computed from the passes it runs anyway (the determinism check's
+            products; see :meth:`~curvlinops._batch_products.BatchProducts._probe_batch`).
     """
 
     state = None
+    probe: Optional[dict] = None
 
     def values(self, params: Sequence[Tensor]) -> List[Tensor]:
         """The values at which ``params`` are differentiated (the parameters themselves)."""
@@ -403,7 +408,15 @@ class Autodiff:
 
 
 class EagerAutodiff(Autodiff):
-    """:class:`Autodiff` with ``torch.autograd`` (reverse-over-reverse, batched backward)."""
+    """:class:`Autodiff` with ``torch.autograd`` (reverse-over-reverse, batched backward).
+
+    Args:
+        probe: A dict to record the batch's prediction, loss and gradient into (see
+            :attr:`Autodiff.probe`), or ``None``.
+    """
+
+    def __init__(self, probe: Optional[dict] = None):
+        self.probe = probe
 
     def vjp(self, fn, primals):
         """Evaluate ``fn`` at fresh leaves of ``primals``; the pullback is a backward pass."""

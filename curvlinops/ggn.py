@@ -22,8 +22,9 @@ Monte-Carlo Fisher.
 """
 
 from collections.abc import Callable, MutableMapping
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
@@ -35,6 +36,7 @@ from curvlinops._autodiff import (
     linearize,
     loss_hessian_product,
     make_functional_model,
+    second_order_context,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 
@@ -51,6 +53,7 @@ def prepare_ggn_type_product(
     X: Union[Tensor, MutableMapping],
     y: Tensor,
     make_middle: MakeMiddleFactor,
+    loss_func: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> Callable[[List[Tensor]], List[Tensor]]:
     r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
@@ -62,12 +65,16 @@ def prepare_ggn_type_product(
         y: Label batch.
         make_middle: ``make_middle(output, y) -> middle`` (called once, on the detached
             output), with ``middle(JM, batched)`` the output-space factor.
+        loss_func: The loss, needed only when ``ad.probe`` records the batch's loss and
+            gradient (then from this forward pass and one more pullback).
 
     Returns:
         ``multiply(M_chunk)`` in list format (entries ``[*p.shape, K]``): per call a
         transposed pullback, the middle factor and a pullback, for all columns at once.
     """
     output, pullback = ad.vjp(lambda *v: f(v, X), values)
+    if ad.probe is not None and loss_func is not None:
+        record_loss_and_gradient(ad.probe, loss_func, output, y, pullback)
     jvp = linearize(ad, output, pullback)
     middle = make_middle(output.detach(), y)
 
@@ -77,6 +84,24 @@ def prepare_ggn_type_product(
         return columns_last(pullback([T], batched), batched)
 
     return multiply
+
+
+def record_loss_and_gradient(
+    probe: dict, loss_func: Callable, output: Tensor, y: Tensor, pullback: Callable
+):
+    r"""Record prediction, loss and gradient of a batch from its forward pass and pullback.
+
+    The gradient is :math:`\mathbf{J}^\top \nabla_{\mathbf{f}} \ell`: a backward pass
+    through the loss alone, then the model's pullback, without a second forward pass.
+    """
+    with second_order_context():
+        leaf = output.detach().requires_grad_()
+        loss = loss_func(leaf, y)
+        (output_gradient,) = torch.autograd.grad(loss, leaf)
+    gradient = pullback([output_gradient], False)
+    probe.update(
+        prediction=output.detach(), loss=loss.detach(), gradient=[g.detach() for g in gradient]
+    )
 
 
 def loss_hessian_middle(ad: Autodiff, loss_func: Callable) -> MakeMiddleFactor:
@@ -157,4 +182,6 @@ class GGNLinearOperator(CurvatureLinearOperator):
         """Forward pass, then ``J^T (loss Hessian) J`` per column chunk."""
         middle = loss_hessian_middle(ad, self._loss_func)
         values = ad.values(self._params)
-        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)
+        return prepare_ggn_type_product(
+            ad, self._functional_model, values, X, y, middle, self._loss_func
+        )
