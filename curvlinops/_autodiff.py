@@ -544,6 +544,38 @@ def linearize(ad: Autodiff, output: Tensor, pullback: Pullback) -> Callable[...,
     return jvp
 
 
+#: Routes for Jacobian-vector products (see :func:`forward_linearize`, :func:`linearize`).
+JVP_ROUTES = ("reverse", "forward")
+
+
+def forward_linearize(
+    fn: Callable[..., Tensor], primals: Sequence[Tensor]
+) -> Callable[[Sequence[Tensor], bool], Tensor]:
+    r"""Jacobian-vector products :math:`\mathbf{J}\mathbf{v}` in forward mode.
+
+    ``torch.func.jvp`` pushes the tangents through ``fn`` alongside the primal computation,
+    ``torch.func.vmap`` over the columns. The same map as :func:`linearize`, by another route
+    (each call evaluates ``fn`` once more; layers without forward-mode rules raise).
+
+    Args:
+        fn: ``fn(*primals) -> Tensor``.
+        primals: The point of linearisation (detached for the evaluation).
+
+    Returns:
+        ``jvp(tangents, batched)`` as for :func:`linearize`.
+    """
+    points = tuple(p.detach() for p in primals)
+
+    def one(*tangents: Tensor) -> Tensor:
+        return torch.func.jvp(fn, points, tangents)[1]
+
+    def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
+        with second_order_context():  # attention kernels with forward-mode rules
+            return torch.func.vmap(one)(*tangents) if batched else one(*tangents)
+
+    return jvp
+
+
 def loss_hessian_product(
     ad: Autodiff, loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor
 ) -> Callable[[Tensor, bool], Tensor]:

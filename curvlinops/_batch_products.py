@@ -37,6 +37,13 @@ from curvlinops._autodiff import (
 class BatchProducts:
     """Data loop, weighting, chunking, cache and compilation around ``_prepare_batch``."""
 
+    #: How products of the GGN family compute ``J V``: ``"reverse"`` (default) transposes the
+    #: pullback, ``"forward"`` uses ``torch.func.jvp`` vmapped over the columns (faster for
+    #: many columns on some models, see ``benchmarks/README.md``; needs forward-mode rules for
+    #: every layer, which fused attention lacks). Both give the same operator up to
+    #: round-off. May be set per instance.
+    JVP_ROUTE: str = "reverse"
+
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
     ) -> Callable[[List[Tensor]], List[Tensor]]:

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from curvlinops._autodiff import (
     EAGER,
+    JVP_ROUTES,
     Autodiff,
     columns_first,
     columns_last,
     eager_batch_product,
+    forward_linearize,
     linearize,
     loss_hessian_product,
     make_functional_model,
@@ -54,6 +56,7 @@ def prepare_ggn_type_product(
     y: Tensor,
     make_middle: MakeMiddleFactor,
     loss_func: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    jvp_route: str = "reverse",
 ) -> Callable[[List[Tensor]], List[Tensor]]:
     r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
@@ -67,6 +70,13 @@ def prepare_ggn_type_product(
             output), with ``middle(JM, batched)`` the output-space factor.
         loss_func: The loss, needed only when ``ad.probe`` records the batch's loss and
             gradient (then from this forward pass and one more pullback).
+        jvp_route: How :math:`\mathbf{J}\mathbf{V}` is computed: ``"reverse"`` by
+            transposing the pullback (:func:`~curvlinops._autodiff.linearize`) or
+            ``"forward"`` with ``torch.func.jvp`` over the columns
+            (:func:`~curvlinops._autodiff.forward_linearize`); the same numbers up to round-off.
+
+    Raises:
+        ValueError: If ``jvp_route`` is not one of these.
 
     Returns:
         ``multiply(M_chunk)`` in list format (entries ``[*p.shape, K]``): per call a
@@ -75,7 +85,15 @@ def prepare_ggn_type_product(
     output, pullback = ad.vjp(lambda *v: f(v, X), values)
     if ad.probe is not None and loss_func is not None:
         record_loss_and_gradient(ad.probe, loss_func, output, y, pullback)
-    jvp = linearize(ad, output, pullback)
+    if jvp_route == "forward":
+        jvp = forward_linearize(lambda *v: f(v, X), values)
+    elif jvp_route == "reverse":
+        jvp = linearize(ad, output, pullback)
+    else:
+        raise ValueError(
+            f"JVP_ROUTE must be one of {JVP_ROUTES}, got {jvp_route!r}. Set the operator's "
+            "JVP_ROUTE attribute to 'reverse' (transposed pullback) or 'forward' (torch.func.jvp)."
+        )
     middle = make_middle(output.detach(), y)
 
     def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
@@ -183,5 +201,5 @@ class GGNLinearOperator(CurvatureLinearOperator):
         middle = loss_hessian_middle(ad, self._loss_func)
         values = ad.values(self._params)
         return prepare_ggn_type_product(
-            ad, self._functional_model, values, X, y, middle, self._loss_func
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self.JVP_ROUTE
         )
