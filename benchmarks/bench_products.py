@@ -23,6 +23,8 @@ loss and gradient by plain autograd; every other time is reported as a ratio to 
   the GGN by the double-vjp trick with plain autograd and by ``torch.func`` vmap-of-jvp plus
   vmap-of-vjp, both with the loss Hessian w.r.t. the output (double backward, resp. jvp of grad)
   in the middle;
+- the GGN, EF and MC-Fisher products with ``JVP_ROUTE = "forward"`` (``J V`` by ``torch.func``
+  vmap-of-jvp inside curvlinops instead of the transposed pullback);
 - operator construction with the default determinism check;
 - the same operators after ``A.compile()`` (``torch.compile`` with inductor of the mini-batch
   product; compilation happens during warm-up and is logged, not timed).
@@ -360,6 +362,21 @@ def bench_problem(
             V = columns[K].squeeze(-1) if K == 1 else columns[K]
             products[kind, K] = op @ V
             add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
+
+    # the GGN family with forward-mode J V (JVP_ROUTE = "forward"), where forward mode runs
+    for kind in ("ggn", "ef", "mc_fisher"):
+        op = OPERATORS[kind](model, loss_func, params, data, check_deterministic=False)
+        op.JVP_ROUTE = "forward"
+        for K in NUM_COLUMNS:
+            V = columns[K].squeeze(-1) if K == 1 else columns[K]
+            try:
+                out = op @ V
+            except (RuntimeError, NotImplementedError) as error:  # forward-mode gaps
+                log(f"  {kind} forward route, K={K}: not available ({str(error)[:80]})")
+                continue
+            difference = relative_error([out], [products[kind, K]])
+            result.setdefault("forward_route_relative_errors", {})[f"{kind} | K={K}"] = difference
+            add(kind, "curvlinops JVP_ROUTE=forward", K, lambda op=op, V=V: op @ V)
 
     # compiled products (inductor), each shape compiled during the warm-up
     compiled_kinds = OPERATORS if compiled == "all" else {"ggn": OPERATORS["ggn"]}
