@@ -25,6 +25,7 @@ curvature therefore runs inside :func:`second_order_context`, which selects the 
 import inspect
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
@@ -544,8 +545,56 @@ def linearize(ad: Autodiff, output: Tensor, pullback: Pullback) -> Callable[...,
     return jvp
 
 
-#: Routes for Jacobian-vector products (see :func:`forward_linearize`, :func:`linearize`).
-JVP_ROUTES = ("reverse", "forward")
+#: Routes for Jacobian-vector products (see :func:`forward_linearize`, :func:`linearize`,
+#: :class:`MeasuredRoute`).
+JVP_ROUTES = ("reverse", "forward", "auto")
+
+
+class MeasuredRoute:
+    """The faster route for ``J V`` per column count, measured once and then kept.
+
+    Like cuDNN's benchmark mode: the first chunk of each column count runs every route twice
+    and keeps the one whose second run was faster (a route that raises, e.g. forward mode
+    through a layer without a forward-mode rule, is never chosen). Both routes compute the
+    same map, so the choice changes only round-off.
+
+    Attributes:
+        choices: ``{num_columns: route}`` measured so far.
+    """
+
+    def __init__(self):
+        self.choices: Dict[int, str] = {}
+
+    def jvp(self, routes: Dict[str, Callable[[], Callable[..., Tensor]]]) -> Callable[..., Tensor]:
+        """``jvp(tangents, batched)`` through the chosen route; ``routes`` builds each lazily."""
+        built: Dict[str, Callable[..., Tensor]] = {}
+
+        def route(name: str) -> Callable[..., Tensor]:
+            if name not in built:
+                built[name] = routes[name]()
+            return built[name]
+
+        def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
+            K = tangents[0].shape[0] if batched else 1
+            if K not in self.choices:
+                self.choices[K] = self._measure(route, list(routes), tangents, batched)
+            return route(self.choices[K])(tangents, batched)
+
+        return jvp
+
+    @staticmethod
+    def _measure(route: Callable, names: List[str], tangents, batched: bool) -> str:
+        timings = {}
+        for name in names:
+            try:
+                for _ in range(2):  # the first run may pay one-time costs (decompositions)
+                    start = time.perf_counter()
+                    route(name)(tangents, batched)
+                    timings[name] = time.perf_counter() - start
+            except (RuntimeError, NotImplementedError):
+                if name == names[0]:
+                    raise
+        return min(timings, key=timings.get)
 
 
 def forward_linearize(

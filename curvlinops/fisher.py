@@ -219,5 +219,5 @@ class FisherMCLinearOperator(MonteCarloSampling, CurvatureLinearOperator):
         middle = gradient_moments_middle(loss_strategy(self._loss_func), output_grads)
         values = ad.values(self._params)
         return prepare_ggn_type_product(
-            ad, self._functional_model, values, X, y, middle, self._loss_func, self.JVP_ROUTE
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self._jvp_route(ad)
         )

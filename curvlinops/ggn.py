@@ -31,6 +31,7 @@ from curvlinops._autodiff import (
     EAGER,
     JVP_ROUTES,
     Autodiff,
+    MeasuredRoute,
     columns_first,
     columns_last,
     eager_batch_product,
@@ -56,7 +57,7 @@ def prepare_ggn_type_product(
     y: Tensor,
     make_middle: MakeMiddleFactor,
     loss_func: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-    jvp_route: str = "reverse",
+    jvp_route: Union[str, MeasuredRoute] = "reverse",
 ) -> Callable[[List[Tensor]], List[Tensor]]:
     r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
@@ -73,7 +74,8 @@ def prepare_ggn_type_product(
         jvp_route: How :math:`\mathbf{J}\mathbf{V}` is computed: ``"reverse"`` by
             transposing the pullback (:func:`~curvlinops._autodiff.linearize`) or
             ``"forward"`` with ``torch.func.jvp`` over the columns
-            (:func:`~curvlinops._autodiff.forward_linearize`); the same numbers up to round-off.
+            (:func:`~curvlinops._autodiff.forward_linearize`); the same numbers up to round-off;
+            or a :class:`~curvlinops._autodiff.MeasuredRoute` choosing between them.
 
     Raises:
         ValueError: If ``jvp_route`` is not one of these.
@@ -85,14 +87,19 @@ def prepare_ggn_type_product(
     output, pullback = ad.vjp(lambda *v: f(v, X), values)
     if ad.probe is not None and loss_func is not None:
         record_loss_and_gradient(ad.probe, loss_func, output, y, pullback)
-    if jvp_route == "forward":
-        jvp = forward_linearize(lambda *v: f(v, X), values)
-    elif jvp_route == "reverse":
-        jvp = linearize(ad, output, pullback)
+    routes = {
+        "reverse": lambda: linearize(ad, output, pullback),
+        "forward": lambda: forward_linearize(lambda *v: f(v, X), values),
+    }
+    if isinstance(jvp_route, MeasuredRoute):
+        jvp = jvp_route.jvp(routes)
+    elif jvp_route in routes:
+        jvp = routes[jvp_route]()
     else:
         raise ValueError(
             f"JVP_ROUTE must be one of {JVP_ROUTES}, got {jvp_route!r}. Set the operator's "
-            "JVP_ROUTE attribute to 'reverse' (transposed pullback) or 'forward' (torch.func.jvp)."
+            "JVP_ROUTE attribute to 'reverse' (transposed pullback), 'forward' "
+            "(torch.func.jvp) or 'auto' (the faster one, measured at the first product)."
         )
     middle = make_middle(output.detach(), y)
 
@@ -201,5 +208,5 @@ class GGNLinearOperator(CurvatureLinearOperator):
         middle = loss_hessian_middle(ad, self._loss_func)
         values = ad.values(self._params)
         return prepare_ggn_type_product(
-            ad, self._functional_model, values, X, y, middle, self._loss_func, self.JVP_ROUTE
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self._jvp_route(ad)
         )

@@ -8,7 +8,7 @@ from cases import make_case
 from torch.func import functional_call
 
 from curvlinops import EFLinearOperator, FisherMCLinearOperator, GGNLinearOperator
-from curvlinops._autodiff import forward_linearize
+from curvlinops._autodiff import FunctionalAutodiff, MeasuredRoute, forward_linearize
 
 GGN_FAMILY = [GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator]
 
@@ -24,11 +24,15 @@ def test_forward_route_equals_reverse_route(cls, name, num_columns):
     )
     assert op.JVP_ROUTE == "reverse"
     reverse = op @ V
-    op.JVP_ROUTE = "forward"
-    forward = op @ V
-    torch.testing.assert_close(forward, reverse, rtol=1e-10, atol=1e-10)
-    op.MAX_COLUMNS_PER_CHUNK = 2  # chunked columns take the same route
-    torch.testing.assert_close(op @ V, reverse, rtol=1e-10, atol=1e-10)
+    for route in ["forward", "auto"]:
+        op.JVP_ROUTE = route
+        torch.testing.assert_close(op @ V, reverse, rtol=1e-10, atol=1e-10)
+        op.MAX_COLUMNS_PER_CHUNK = 2  # chunked columns take the same route
+        torch.testing.assert_close(op @ V, reverse, rtol=1e-10, atol=1e-10)
+        op.MAX_COLUMNS_PER_CHUNK = 16
+    choices = op._measured_jvp_route.choices
+    assert set(choices) == ({1} if num_columns == 1 else {num_columns, 2, 1})
+    assert set(choices.values()) <= {"reverse", "forward"}
 
 
 def test_forward_route_checks_construction():
@@ -70,3 +74,31 @@ def test_forward_mode_through_layer_norm_matches_finite_differences():
     minus = f(*(v - eps * t for v, t in zip(values, tangents)))
     torch.testing.assert_close(jv, (plus - minus) / (2 * eps), rtol=1e-7, atol=1e-8)
     assert any(isinstance(m, torch.nn.LayerNorm) for m in c.model.modules())
+
+
+def test_measured_route_is_measured_once_and_skips_failing_routes():
+    calls = {"reverse": 0, "forward": 0}
+
+    def reverse(tangents, batched):
+        calls["reverse"] += 1
+        return tangents[0] * 2
+
+    def forward(tangents, batched):
+        calls["forward"] += 1
+        raise NotImplementedError("no forward-mode rule")
+
+    measured = MeasuredRoute()
+    jvp = measured.jvp({"reverse": lambda: reverse, "forward": lambda: forward})
+    t = [torch.ones(3, 4)]
+    torch.testing.assert_close(jvp(t, True), 2 * t[0])
+    assert measured.choices == {3: "reverse"}
+    first = dict(calls)
+    jvp(t, True)  # kept: no measurement again
+    assert calls == {"reverse": first["reverse"] + 1, "forward": first["forward"]}
+
+
+def test_auto_route_is_reverse_when_traced():
+    c = make_case("mlp_ce")
+    op = GGNLinearOperator(c.model, c.loss_func, c.params, c.data, check_deterministic=False)
+    op.JVP_ROUTE = "auto"
+    assert op._jvp_route(FunctionalAutodiff([p.detach() for p in c.params])) == "reverse"
