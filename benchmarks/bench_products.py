@@ -24,7 +24,8 @@ loss and gradient by plain autograd; every other time is reported as a ratio to 
   vmap-of-vjp, both with the loss Hessian w.r.t. the output (double backward, resp. jvp of grad)
   in the middle;
 - the GGN, EF and MC-Fisher products with ``JVP_ROUTE = "forward"`` (``J V`` by ``torch.func``
-  vmap-of-jvp inside curvlinops instead of the transposed pullback);
+  vmap-of-jvp inside curvlinops instead of the transposed pullback) and ``"auto"`` (the faster
+  route, measured at the first product; the choice is logged);
 - operator construction with the default determinism check;
 - the same operators after ``A.compile()`` (``torch.compile`` with inductor of the mini-batch
   product; compilation happens during warm-up and is logged, not timed).
@@ -38,6 +39,7 @@ Usage: ``python benchmarks/bench_products.py [--quick]`` (``make bench`` / ``mak
 """
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -363,20 +365,25 @@ def bench_problem(
             products[kind, K] = op @ V
             add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
 
-    # the GGN family with forward-mode J V (JVP_ROUTE = "forward"), where forward mode runs
-    for kind in ("ggn", "ef", "mc_fisher"):
+    # the GGN family with forward-mode J V (JVP_ROUTE = "forward", where forward mode runs)
+    # and with the route measured at the first product ("auto")
+    for kind, route in itertools.product(("ggn", "ef", "mc_fisher"), ("forward", "auto")):
         op = OPERATORS[kind](model, loss_func, params, data, check_deterministic=False)
-        op.JVP_ROUTE = "forward"
+        op.JVP_ROUTE = route
         for K in NUM_COLUMNS:
             V = columns[K].squeeze(-1) if K == 1 else columns[K]
             try:
                 out = op @ V
             except (RuntimeError, NotImplementedError) as error:  # forward-mode gaps
-                log(f"  {kind} forward route, K={K}: not available ({str(error)[:80]})")
+                log(f"  {kind} {route} route, K={K}: not available ({str(error)[:80]})")
                 continue
             difference = relative_error([out], [products[kind, K]])
-            result.setdefault("forward_route_relative_errors", {})[f"{kind} | K={K}"] = difference
-            add(kind, "curvlinops JVP_ROUTE=forward", K, lambda op=op, V=V: op @ V)
+            result.setdefault("jvp_route_relative_errors", {})[f"{kind} | {route} | K={K}"] = (
+                difference
+            )
+            if route == "auto":
+                log(f"  {kind}, K={K}: auto route chose {op._measured_jvp_route.choices[K]}")
+            add(kind, f"curvlinops JVP_ROUTE={route}", K, lambda op=op, V=V: op @ V)
 
     # compiled products (inductor), each shape compiled during the warm-up
     compiled_kinds = OPERATORS if compiled == "all" else {"ggn": OPERATORS["ggn"]}
