@@ -1,12 +1,15 @@
 """Cost of curvlinops' matrix products relative to a gradient, and to plain-PyTorch floors.
 
-Four deterministic synthetic problems in float32 on one CPU thread:
+Five deterministic synthetic problems in float32 on one CPU thread:
 
 - ``mlp``: a 784-128-64-10 ReLU MLP on one batch of 128 MNIST-sized inputs (cross-entropy),
 - ``cnn``: a two-layer CNN (conv 3->16, conv 16->32, max-pooling, linear) on one batch of 64
   CIFAR-sized inputs (cross-entropy),
 - ``transformer``: a tiny causal language model (embedding, one transformer block, vocabulary
   head; 16 sequences of 32 tokens) with a sequence cross-entropy over ``[B, V, T]`` logits,
+- ``transformer_math``: the same kind of model with the attention written out (matrix products
+  and a softmax, pre-norm ``LayerNorm``), on which forward mode runs, so that the forward-mode
+  floors (``torch.func`` vmap-of-jvp) exist for a transformer too,
 - ``regression``: a 32-128-128-1 tanh MLP on 256 points with a mean squared error.
 
 Floors that ``torch.func`` cannot evaluate on a model (forward-mode AD gaps in torch 2.13) are
@@ -20,6 +23,9 @@ loss and gradient by plain autograd; every other time is reported as a ratio to 
   the GGN by the double-vjp trick with plain autograd and by ``torch.func`` vmap-of-jvp plus
   vmap-of-vjp, both with the loss Hessian w.r.t. the output (double backward, resp. jvp of grad)
   in the middle;
+- the GGN, EF and MC-Fisher products with ``JVP_ROUTE = "forward"`` (``J V`` by ``torch.func``
+  vmap-of-jvp inside curvlinops instead of the transposed pullback) and ``"auto"`` (the faster
+  route, measured at the first product; the choice is logged);
 - operator construction with the default determinism check;
 - the same operators after ``A.compile()`` (``torch.compile`` with inductor of the mini-batch
   product; compilation happens during warm-up and is logged, not timed).
@@ -33,6 +39,7 @@ Usage: ``python benchmarks/bench_products.py [--quick]`` (``make bench`` / ``mak
 """
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -124,6 +131,43 @@ def make_transformer() -> tuple[nn.Module, Tensor, Tensor]:
     return model, tokens[:, :-1], tokens[:, 1:]
 
 
+class HandAttentionCausalLM(nn.Module):
+    """Like :class:`TinyCausalLM`, with the attention written out (pre-norm block).
+
+    Plain matrix products and a softmax instead of PyTorch's fused attention, so that forward
+    mode (``torch.func.jvp``) runs and the forward-mode floors exist for a transformer.
+    """
+
+    def __init__(self, vocab: int = 64, width: int = 32, length: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 64), nn.GELU(), nn.Linear(64, width))
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        B, T, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + self.mask[:T, :T]
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, W)
+        x = x + self.proj(attended)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x).transpose(1, 2)  # class axis 1 for CrossEntropyLoss
+
+
+def make_transformer_math() -> tuple[nn.Module, Tensor, Tensor]:
+    """Causal LM with hand-written attention, 16 sequences of 32 tokens, next-token targets."""
+    torch.manual_seed(0)
+    model = HandAttentionCausalLM()
+    tokens = torch.randint(0, 64, (16, 33))
+    return model, tokens[:, :-1], tokens[:, 1:]
+
+
 def make_regression() -> tuple[nn.Module, Tensor, Tensor]:
     """32-128-128-1 tanh regression MLP, batch 256, mean squared error."""
     torch.manual_seed(0)
@@ -138,6 +182,7 @@ PROBLEMS = {
     "mlp": make_mlp,
     "cnn": make_cnn,
     "transformer": make_transformer,
+    "transformer_math": make_transformer_math,
     "regression": make_regression,
 }
 # The classifiers built only from Linear/Conv layers (used by the KFAC, diagonal, eigsh and
@@ -147,6 +192,7 @@ LOSSES = {
     "mlp": nn.CrossEntropyLoss,
     "cnn": nn.CrossEntropyLoss,
     "transformer": nn.CrossEntropyLoss,
+    "transformer_math": nn.CrossEntropyLoss,
     "regression": nn.MSELoss,
 }
 
@@ -319,6 +365,26 @@ def bench_problem(
             products[kind, K] = op @ V
             add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
 
+    # the GGN family with forward-mode J V (JVP_ROUTE = "forward", where forward mode runs)
+    # and with the route measured at the first product ("auto")
+    for kind, route in itertools.product(("ggn", "ef", "mc_fisher"), ("forward", "auto")):
+        op = OPERATORS[kind](model, loss_func, params, data, check_deterministic=False)
+        op.JVP_ROUTE = route
+        for K in NUM_COLUMNS:
+            V = columns[K].squeeze(-1) if K == 1 else columns[K]
+            try:
+                out = op @ V
+            except (RuntimeError, NotImplementedError) as error:  # forward-mode gaps
+                log(f"  {kind} {route} route, K={K}: not available ({str(error)[:80]})")
+                continue
+            difference = relative_error([out], [products[kind, K]])
+            result.setdefault("jvp_route_relative_errors", {})[f"{kind} | {route} | K={K}"] = (
+                difference
+            )
+            if route == "auto":
+                log(f"  {kind}, K={K}: auto route chose {op._measured_jvp_route.choices[K]}")
+            add(kind, f"curvlinops JVP_ROUTE={route}", K, lambda op=op, V=V: op @ V)
+
     # compiled products (inductor), each shape compiled during the warm-up
     compiled_kinds = OPERATORS if compiled == "all" else {"ggn": OPERATORS["ggn"]}
     if compiled != "none":
@@ -418,7 +484,7 @@ def main():
         nargs="+",
         choices=list(PROBLEMS),
         default=None,
-        help="default: all; quick: the three problems with targets (not the regression MLP)",
+        help="default: all; quick: the problems with targets (not the regression MLP)",
     )
     parser.add_argument(
         "--compiled",
@@ -428,7 +494,9 @@ def main():
     )
     args = parser.parse_args()
     if args.problems is None:
-        args.problems = ["mlp", "cnn", "transformer"] if args.quick else list(PROBLEMS)
+        args.problems = (
+            ["mlp", "cnn", "transformer", "transformer_math"] if args.quick else list(PROBLEMS)
+        )
     repeats = args.repeats or (2 if args.quick else 15)
     warmup = 1 if args.quick else 2
 

@@ -25,6 +25,7 @@ curvature therefore runs inside :func:`second_order_context`, which selects the 
 import inspect
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
@@ -385,9 +386,14 @@ class Autodiff:
     Attributes:
         state: Per-batch tensors that were computed outside a traced product (e.g.
             Monte-Carlo samples, which need a generator); ``None`` when not traced.
+        probe: ``None``, or a dict into which a product that evaluates the batch loss
+            records ``prediction``, ``loss`` and ``gradient`` of the *unweighted* batch loss
+            (detached), computed from the passes it runs anyway (the determinism check's
+            products; see :meth:`~curvlinops._batch_products.BatchProducts._probe_batch`).
     """
 
     state = None
+    probe: Optional[dict] = None
 
     def values(self, params: Sequence[Tensor]) -> List[Tensor]:
         """The values at which ``params`` are differentiated (the parameters themselves)."""
@@ -403,7 +409,15 @@ class Autodiff:
 
 
 class EagerAutodiff(Autodiff):
-    """:class:`Autodiff` with ``torch.autograd`` (reverse-over-reverse, batched backward)."""
+    """:class:`Autodiff` with ``torch.autograd`` (reverse-over-reverse, batched backward).
+
+    Args:
+        probe: A dict to record the batch's prediction, loss and gradient into (see
+            :attr:`Autodiff.probe`), or ``None``.
+    """
+
+    def __init__(self, probe: Optional[dict] = None):
+        self.probe = probe
 
     def vjp(self, fn, primals):
         """Evaluate ``fn`` at fresh leaves of ``primals``; the pullback is a backward pass."""
@@ -527,6 +541,86 @@ def linearize(ad: Autodiff, output: Tensor, pullback: Pullback) -> Callable[...,
 
     def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
         return transposed(list(tangents), batched)[0]
+
+    return jvp
+
+
+#: Routes for Jacobian-vector products (see :func:`forward_linearize`, :func:`linearize`,
+#: :class:`MeasuredRoute`).
+JVP_ROUTES = ("reverse", "forward", "auto")
+
+
+class MeasuredRoute:
+    """The faster route for ``J V`` per column count, measured once and then kept.
+
+    Like cuDNN's benchmark mode: the first chunk of each column count runs every route twice
+    and keeps the one whose second run was faster (a route that raises, e.g. forward mode
+    through a layer without a forward-mode rule, is never chosen). Both routes compute the
+    same map, so the choice changes only round-off.
+
+    Attributes:
+        choices: ``{num_columns: route}`` measured so far.
+    """
+
+    def __init__(self):
+        self.choices: Dict[int, str] = {}
+
+    def jvp(self, routes: Dict[str, Callable[[], Callable[..., Tensor]]]) -> Callable[..., Tensor]:
+        """``jvp(tangents, batched)`` through the chosen route; ``routes`` builds each lazily."""
+        built: Dict[str, Callable[..., Tensor]] = {}
+
+        def route(name: str) -> Callable[..., Tensor]:
+            if name not in built:
+                built[name] = routes[name]()
+            return built[name]
+
+        def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
+            K = tangents[0].shape[0] if batched else 1
+            if K not in self.choices:
+                self.choices[K] = self._measure(route, list(routes), tangents, batched)
+            return route(self.choices[K])(tangents, batched)
+
+        return jvp
+
+    @staticmethod
+    def _measure(route: Callable, names: List[str], tangents, batched: bool) -> str:
+        timings = {}
+        for name in names:
+            try:
+                for _ in range(2):  # the first run may pay one-time costs (decompositions)
+                    start = time.perf_counter()
+                    route(name)(tangents, batched)
+                    timings[name] = time.perf_counter() - start
+            except (RuntimeError, NotImplementedError):
+                if name == names[0]:
+                    raise
+        return min(timings, key=timings.get)
+
+
+def forward_linearize(
+    fn: Callable[..., Tensor], primals: Sequence[Tensor]
+) -> Callable[[Sequence[Tensor], bool], Tensor]:
+    r"""Jacobian-vector products :math:`\mathbf{J}\mathbf{v}` in forward mode.
+
+    ``torch.func.jvp`` pushes the tangents through ``fn`` alongside the primal computation,
+    ``torch.func.vmap`` over the columns. The same map as :func:`linearize`, by another route
+    (each call evaluates ``fn`` once more; layers without forward-mode rules raise).
+
+    Args:
+        fn: ``fn(*primals) -> Tensor``.
+        primals: The point of linearisation (detached for the evaluation).
+
+    Returns:
+        ``jvp(tangents, batched)`` as for :func:`linearize`.
+    """
+    points = tuple(p.detach() for p in primals)
+
+    def one(*tangents: Tensor) -> Tensor:
+        return torch.func.jvp(fn, points, tangents)[1]
+
+    def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
+        with second_order_context():  # attention kernels with forward-mode rules
+            return torch.func.vmap(one)(*tangents) if batched else one(*tangents)
 
     return jvp
 

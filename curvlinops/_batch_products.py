@@ -27,7 +27,9 @@ from curvlinops import _distributed
 from curvlinops._autodiff import (
     EAGER,
     Autodiff,
+    EagerAutodiff,
     FunctionalAutodiff,
+    MeasuredRoute,
     in_column_chunks,
     make_functional_model,
     second_order_context,
@@ -36,6 +38,26 @@ from curvlinops._autodiff import (
 
 class BatchProducts:
     """Data loop, weighting, chunking, cache and compilation around ``_prepare_batch``."""
+
+    #: How products of the GGN family compute ``J V``: ``"reverse"`` (default) transposes the
+    #: pullback, ``"forward"`` uses ``torch.func.jvp`` vmapped over the columns (faster for
+    #: many columns on some models, see ``benchmarks/README.md``; needs forward-mode rules for
+    #: every layer), ``"auto"`` measures both once per column count at the first eager
+    #: product and keeps the faster (:class:`~curvlinops._autodiff.MeasuredRoute`; compiled
+    #: products use ``"reverse"``). All give the same operator up to round-off. May be set
+    #: per instance.
+    JVP_ROUTE: str = "reverse"
+
+    def _jvp_route(self, ad: Autodiff) -> Union[str, MeasuredRoute]:
+        """The ``J V`` route for a product with ``ad`` (the measured choice for ``"auto"``)."""
+        if self.JVP_ROUTE != "auto":
+            return self.JVP_ROUTE
+        if not isinstance(ad, EagerAutodiff):  # no timing inside traced code
+            return "reverse"
+        measured = self.__dict__.get("_measured_jvp_route")
+        if measured is None:
+            measured = self.__dict__["_measured_jvp_route"] = MeasuredRoute()
+        return measured
 
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER

@@ -30,6 +30,7 @@ The base class runs the data loop, weighting, chunking, caching and compilation 
 import functools
 import inspect
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from contextlib import contextmanager
 from itertools import zip_longest
 from numbers import Integral, Real
 from typing import Iterator, List, Optional, Tuple, Union
@@ -43,8 +44,10 @@ from tqdm import tqdm
 from curvlinops import _distributed
 from curvlinops._autodiff import (
     MAX_COLUMNS_PER_CHUNK,
+    EagerAutodiff,
     detached_leaves,
     guarded_models,
+    in_column_chunks,
     locked_models,
     make_functional_model,
     model_lock,
@@ -743,14 +746,6 @@ class _DeterminismCheck:
                 or allclose_report(a, b, rtol=rtol, atol=atol, max_mismatches_printed=10)
             )
 
-        first = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        second = self.data_prediction_loss_gradient(desc="_check_deterministic")
-        try:
-            self._compare_passes(zip_longest(first, second), close, fail)
-        finally:  # release the passes (and the model lock they hold) now, also on failure
-            first.close()
-            second.close()
-
         # the probe must not advance the caller's random number generator
         device = self.device
         devices = []
@@ -758,8 +753,83 @@ class _DeterminismCheck:
             devices = [torch.cuda.current_device() if device.index is None else device.index]
         with torch.random.fork_rng(devices=devices):
             v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)
-        if not close(self @ v, self @ v):
+
+        if not self._products_probe_loss():
+            first = self.data_prediction_loss_gradient(desc="_check_deterministic")
+            second = self.data_prediction_loss_gradient(desc="_check_deterministic")
+            self._compare_and_close(first, second, close, fail)
+            if not close(self @ v, self @ v):
+                fail("matrix-vector product")
+            return
+
+        # Each pass is a product that also yields every batch's prediction, loss and
+        # gradient, taken from the forward and backward passes the product runs anyway.
+        M = [b.reshape(*s, 1) for b, s in zip(v.split(self._in_shape_flat), self._in_shape)]
+        products: List[List[Tensor]] = [[], []]
+        first, second = (self._probing_product(M, out) for out in products)
+        self._compare_and_close(first, second, close, fail)
+        if not close(*(torch.cat([t.flatten() for t in p]) for p in products)):
             fail("matrix-vector product")
+
+    def _compare_and_close(self, first: Iterator, second: Iterator, close, fail):
+        """Compare two simultaneous passes; release them (and their locks) also on failure."""
+        try:
+            self._compare_passes(zip_longest(first, second), close, fail)
+        finally:
+            first.close()
+            second.close()
+
+    def _products_probe_loss(self) -> bool:
+        """Whether the determinism check can take losses and gradients from its products.
+
+        True for operators with a summed per-batch product (:meth:`_prepare_batch`) and a
+        loss, evaluated eagerly in one process; otherwise the check runs separate gradient
+        passes and two products.
+        """
+        return (
+            self._loss_func is not None
+            and self._has_batch_product()
+            and type(self)._combine is BatchProducts._combine
+            and self._process_group is None
+            and self._compiled_batch_product is None
+            and self._product_cache_max_bytes is None
+        )
+
+    def _probing_product(self, M: List[Tensor], out: List[Tensor]) -> Iterator:
+        """One product ``A M`` into ``out`` that yields every batch like the gradient pass.
+
+        Yields ``((X, y), prediction, w_b * loss_b, its gradient)`` per batch, as
+        :meth:`data_prediction_loss_gradient`; the prediction, loss and gradient come from
+        the product's own passes (:attr:`~curvlinops._autodiff.Autodiff.probe`), or from a
+        separate forward and backward pass for products that do not evaluate the loss. A
+        Monte-Carlo generator gets a copy per pass, so two simultaneous passes draw alike.
+        """
+        self._start_pass()
+        generator = getattr(self, "_generator", None)
+        if isinstance(generator, torch.Generator):
+            generator = torch.Generator(device=generator.device).set_state(generator.get_state())
+        f = self._functional_model
+        for index, (X, y) in enumerate(self._loop_over_data(desc="_check_deterministic")):
+            probe: dict = {}
+            with _own_generator(self, generator):
+                multiply = self._prepare_batch(X, y, EagerAutodiff(probe))
+            weight = self._get_normalization_factor(X, y)
+            if "gradient" in probe:
+                _check_finite_result(probe["prediction"], "model output", index)
+                loss = probe["loss"] * weight
+                _check_finite_result(loss, "loss", index)
+                batch = (probe["prediction"], loss, [g * weight for g in probe["gradient"]])
+            else:
+                batch = self._batch_prediction_loss_gradient(f, X, y, index)
+            with torch.no_grad():
+                result = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)
+                del multiply
+                if out:
+                    for r, b in zip(out, result):
+                        r.add_(b, alpha=weight)
+                else:
+                    out.extend(b * weight for b in result)
+            yield (X, y), *batch
 
     def _compare_passes(self, passes, close: Callable, fail: Callable):
         """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
@@ -1123,21 +1193,20 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
                 _check_finite_result(prediction, "model output", index)
                 yield (X, y), prediction, None, None
                 continue
-            with second_order_context():
-                leaves = detached_leaves(self._params)
-                prediction = f(leaves, X)
-                _check_finite_result(prediction, "model output", index)
-                loss = self._loss_func(prediction, y) * self._get_normalization_factor(X, y)
-                _check_finite_result(loss, "loss", index)
-                gradient = torch.autograd.grad(
-                    loss, leaves, allow_unused=True, materialize_grads=True
-                )
-            yield (
-                (X, y),
-                prediction.detach(),
-                loss.detach(),
-                [g.detach() for g in gradient],
-            )
+            yield (X, y), *self._batch_prediction_loss_gradient(f, X, y, index)
+
+    def _batch_prediction_loss_gradient(
+        self, f: Callable, X: Union[Tensor, MutableMapping], y: Tensor, index: int
+    ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """One batch's prediction, ``w_b * loss_b`` and its gradient (all detached)."""
+        with second_order_context():
+            leaves = detached_leaves(self._params)
+            prediction = f(leaves, X)
+            _check_finite_result(prediction, "model output", index)
+            loss = self._loss_func(prediction, y) * self._get_normalization_factor(X, y)
+            _check_finite_result(loss, "loss", index)
+            gradient = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        return prediction.detach(), loss.detach(), [g.detach() for g in gradient]
 
     def gradient_and_loss(self) -> Tuple[List[Tensor], Tensor]:
         """Evaluate the empirical risk and its gradient over all data.
@@ -1166,6 +1235,20 @@ class CurvatureLinearOperator(BatchProducts, _DeterminismCheck, PyTorchLinearOpe
             for t, g in zip(total_grad, gradient):
                 t.add_(g)
         return total_grad, total_loss
+
+
+@contextmanager
+def _own_generator(op, generator: Optional[torch.Generator]) -> Iterator[None]:
+    """Let ``op`` draw from ``generator`` inside the block (if one is given)."""
+    if not isinstance(generator, torch.Generator):
+        yield
+        return
+    shared = op._generator
+    op._generator = generator
+    try:
+        yield
+    finally:
+        op._generator = shared
 
 
 def _same_inputs(X1, X2, close: Callable[[Tensor, Tensor], bool]) -> bool:

@@ -218,4 +218,6 @@ class FisherMCLinearOperator(MonteCarloSampling, CurvatureLinearOperator):
             output_grads = lambda output_flat, y_flat: ad.state  # noqa: E731
         middle = gradient_moments_middle(loss_strategy(self._loss_func), output_grads)
         values = ad.values(self._params)
-        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)
+        return prepare_ggn_type_product(
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self._jvp_route(ad)
+        )

@@ -22,19 +22,24 @@ Monte-Carlo Fisher.
 """
 
 from collections.abc import Callable, MutableMapping
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from curvlinops._autodiff import (
     EAGER,
+    JVP_ROUTES,
     Autodiff,
+    MeasuredRoute,
     columns_first,
     columns_last,
     eager_batch_product,
+    forward_linearize,
     linearize,
     loss_hessian_product,
     make_functional_model,
+    second_order_context,
 )
 from curvlinops._torch_base import CurvatureLinearOperator
 
@@ -51,6 +56,8 @@ def prepare_ggn_type_product(
     X: Union[Tensor, MutableMapping],
     y: Tensor,
     make_middle: MakeMiddleFactor,
+    loss_func: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    jvp_route: Union[str, MeasuredRoute] = "reverse",
 ) -> Callable[[List[Tensor]], List[Tensor]]:
     r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
@@ -62,13 +69,38 @@ def prepare_ggn_type_product(
         y: Label batch.
         make_middle: ``make_middle(output, y) -> middle`` (called once, on the detached
             output), with ``middle(JM, batched)`` the output-space factor.
+        loss_func: The loss, needed only when ``ad.probe`` records the batch's loss and
+            gradient (then from this forward pass and one more pullback).
+        jvp_route: How :math:`\mathbf{J}\mathbf{V}` is computed: ``"reverse"`` by
+            transposing the pullback (:func:`~curvlinops._autodiff.linearize`) or
+            ``"forward"`` with ``torch.func.jvp`` over the columns
+            (:func:`~curvlinops._autodiff.forward_linearize`); the same numbers up to round-off;
+            or a :class:`~curvlinops._autodiff.MeasuredRoute` choosing between them.
+
+    Raises:
+        ValueError: If ``jvp_route`` is not one of these.
 
     Returns:
         ``multiply(M_chunk)`` in list format (entries ``[*p.shape, K]``): per call a
         transposed pullback, the middle factor and a pullback, for all columns at once.
     """
     output, pullback = ad.vjp(lambda *v: f(v, X), values)
-    jvp = linearize(ad, output, pullback)
+    if ad.probe is not None and loss_func is not None:
+        record_loss_and_gradient(ad.probe, loss_func, output, y, pullback)
+    routes = {
+        "reverse": lambda: linearize(ad, output, pullback),
+        "forward": lambda: forward_linearize(lambda *v: f(v, X), values),
+    }
+    if isinstance(jvp_route, MeasuredRoute):
+        jvp = jvp_route.jvp(routes)
+    elif jvp_route in routes:
+        jvp = routes[jvp_route]()
+    else:
+        raise ValueError(
+            f"JVP_ROUTE must be one of {JVP_ROUTES}, got {jvp_route!r}. Set the operator's "
+            "JVP_ROUTE attribute to 'reverse' (transposed pullback), 'forward' "
+            "(torch.func.jvp) or 'auto' (the faster one, measured at the first product)."
+        )
     middle = make_middle(output.detach(), y)
 
     def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
@@ -77,6 +109,24 @@ def prepare_ggn_type_product(
         return columns_last(pullback([T], batched), batched)
 
     return multiply
+
+
+def record_loss_and_gradient(
+    probe: dict, loss_func: Callable, output: Tensor, y: Tensor, pullback: Callable
+):
+    r"""Record prediction, loss and gradient of a batch from its forward pass and pullback.
+
+    The gradient is :math:`\mathbf{J}^\top \nabla_{\mathbf{f}} \ell`: a backward pass
+    through the loss alone, then the model's pullback, without a second forward pass.
+    """
+    with second_order_context():
+        leaf = output.detach().requires_grad_()
+        loss = loss_func(leaf, y)
+        (output_gradient,) = torch.autograd.grad(loss, leaf)
+    gradient = pullback([output_gradient], False)
+    probe.update(
+        prediction=output.detach(), loss=loss.detach(), gradient=[g.detach() for g in gradient]
+    )
 
 
 def loss_hessian_middle(ad: Autodiff, loss_func: Callable) -> MakeMiddleFactor:
@@ -157,4 +207,6 @@ class GGNLinearOperator(CurvatureLinearOperator):
         """Forward pass, then ``J^T (loss Hessian) J`` per column chunk."""
         middle = loss_hessian_middle(ad, self._loss_func)
         values = ad.values(self._params)
-        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)
+        return prepare_ggn_type_product(
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self._jvp_route(ad)
+        )

@@ -162,4 +162,6 @@ class EFLinearOperator(CurvatureLinearOperator):
         output_grads = ef_output_gradients(ad, strategy, row_loss)
         middle = gradient_moments_middle(strategy, output_grads)
         values = ad.values(self._params)
-        return prepare_ggn_type_product(ad, self._functional_model, values, X, y, middle)
+        return prepare_ggn_type_product(
+            ad, self._functional_model, values, X, y, middle, self._loss_func, self._jvp_route(ad)
+        )

@@ -64,7 +64,18 @@ def prepare_hessian_product(
         ``multiply(M_chunk)``: ``H_b M_chunk`` in list format (entries ``[*p.shape, K]``);
         each call is one pullback of the gradient per group.
     """
-    _, pullback = ad.vjp(ad.grad(lambda *v: loss_func(f(v, X), y)), values)
+    probe = ad.probe
+
+    def loss_of(*v: Tensor) -> Tensor:
+        prediction = f(v, X)
+        loss = loss_func(prediction, y)
+        if probe is not None:  # the determinism check reuses this pass (see Autodiff.probe)
+            probe.update(prediction=prediction.detach(), loss=loss.detach())
+        return loss
+
+    gradient, pullback = ad.vjp(ad.grad(loss_of), values)
+    if probe is not None:
+        probe["gradient"] = [g.detach() for g in gradient]
 
     def multiply(M_chunk: List[Tensor]) -> List[Tensor]:
         M_cols, batched = columns_first(M_chunk)
