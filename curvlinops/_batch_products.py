@@ -151,11 +151,7 @@ class BatchProducts:
 
     def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:
         """``(X, y, multiply)`` of every batch: cached, compiled or eager."""
-        self._start_pass()
-        group = getattr(self, "_process_group", None)
-        if group is not None and isinstance(getattr(self, "_generator", None), torch.Generator):
-            # Monte-Carlo operators: every rank draws its own samples (seed and rank)
-            self._generator.manual_seed(_distributed.rank_seed(self._seed, group))
+        self._start_pass()  # e.g. Monte-Carlo operators seed per pass (and per rank)
         if self._product_cache_max_bytes is not None:
             entries = self._cache_entries()
             if entries is not None:

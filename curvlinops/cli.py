@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -365,58 +365,70 @@ def run_report(args: argparse.Namespace) -> int:
                 "(or pip install matplotlib), or leave out --plot."
             ) from None
     model, loss_func, data = load_problem(args.problem)
-    group = _torchrun_group()
-    if group is not None:
-        data = _shard(data, group)
-    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.k >= dim:
-        raise UsageError(
-            f"--k {args.k} must be less than the dimension {dim} (the model's number of "
-            "trainable parameters)."
-        )
+    group, started_here = _torchrun_group()
     try:
-        report = curvature_report(
-            model,
-            loss_func,
-            data,
-            matrix=args.matrix,
-            k=args.k,
-            num_samples=args.num_samples,
-            lanczos_steps=args.lanczos_steps,
-            seed=args.seed,
-            progressbar=not args.no_progress and _rank(group) == 0,
-            process_group=group,
-        )
-    except ProblemError as error:
-        raise UsageError(str(error)) from None
-    if _rank(group) != 0:  # every rank holds the same report; rank 0 prints and writes it
+        if group is not None:
+            data = _shard(data, group)
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.k >= dim:
+            raise UsageError(
+                f"--k {args.k} must be less than the dimension {dim} (the model's number of "
+                "trainable parameters)."
+            )
+        try:
+            report = curvature_report(
+                model,
+                loss_func,
+                data,
+                matrix=args.matrix,
+                k=args.k,
+                num_samples=args.num_samples,
+                lanczos_steps=args.lanczos_steps,
+                seed=args.seed,
+                progressbar=not args.no_progress and _rank(group) == 0,
+                process_group=group,
+            )
+        except ProblemError as error:
+            raise UsageError(str(error)) from None
+        if _rank(group) != 0:  # every rank holds the same report; rank 0 prints and writes it
+            return 0
+        print(format_report(report))
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+            print(f"\nnumbers written to {args.json}")
+        if args.plot is not None:
+            plot_density(report, args.plot)
+            print(f"spectral density plotted to {args.plot}")
         return 0
-    print(format_report(report))
-    if args.json is not None:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"\nnumbers written to {args.json}")
-    if args.plot is not None:
-        plot_density(report, args.plot)
-        print(f"spectral density plotted to {args.plot}")
-    return 0
+    finally:
+        # a process group left alive at interpreter exit can abort in gloo's threads
+        if started_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
-def _torchrun_group():
+def _torchrun_group() -> Tuple[Optional[object], bool]:
     """The process group under ``torchrun`` (initialised here if needed), else ``None``.
 
     ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and the rendezvous variables; the group uses
     NCCL when CUDA is available and gloo on the CPU.
+
+    Returns:
+        The group (or ``None`` outside ``torchrun``) and whether it was initialised here (then
+        the caller destroys it when done).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-        return None
+        return None, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    started_here = not dist.is_initialized()
+    if started_here:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-    return dist.group.WORLD
+    return dist.group.WORLD, started_here
 
 
 def _rank(group) -> int:
