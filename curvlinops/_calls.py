@@ -25,6 +25,7 @@ in cross-attention, where query, key and value differ and the projection is spli
 calls on views) has no single Kronecker factor: the pass raises ``NotImplementedError``.
 """
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -294,15 +295,10 @@ class _Recorder:
 
     @contextmanager
     def active(self):
-        """Patch ``F.linear``/``F.embedding`` and hook the modules for one forward pass."""
+        """Intercept ``F.linear``/``F.embedding`` and hook the modules for one forward pass."""
         self._pending: Dict[str, Tensor] = {}
-        original_linear, original_embedding = F.linear, F.embedding
         handles = []
-        fastpath = torch.backends.mha.get_fastpath_enabled()
         try:
-            F.linear = lambda *a, **k: self.linear(original_linear, *a, **k)
-            F.embedding = lambda *a, **k: self.embedding(original_embedding, *a, **k)
-            torch.backends.mha.set_fastpath_enabled(False)
             for unit in self.units.values():
                 if unit.kind == "conv":
                     pre, post = self.conv_hooks(unit)
@@ -311,12 +307,57 @@ class _Recorder:
             for module in self.linear_modules:
                 handles.append(module.register_forward_pre_hook(self.linear_pre_hook))
                 handles.append(module.register_forward_hook(self.linear_hook))
-            yield self
+            with _intercepting(self):
+                yield self
         finally:
-            F.linear, F.embedding = original_linear, original_embedding
-            torch.backends.mha.set_fastpath_enabled(fastpath)
             for handle in handles:
                 handle.remove()
+
+
+# ``F.linear`` and ``F.embedding`` are module attributes shared by every thread. They are
+# replaced by dispatchers while at least one recorder is active anywhere (reference count
+# under a lock) and restored when the last one ends; a dispatcher hands a call to the
+# recorder active in the *calling* thread, if any, so other threads' forward passes (and
+# several recorders in several threads) never see each other. The MHA fast path (which
+# bypasses F.linear) is off for the same window.
+_INTERCEPT_LOCK = threading.Lock()
+_INTERCEPT_STATE = {"count": 0, "saved": None}
+_THREAD = threading.local()
+
+
+def _dispatch(name: str, original):
+    def call(*args, **kwargs):
+        recorder = getattr(_THREAD, "recorder", None)
+        if recorder is None:
+            return original(*args, **kwargs)
+        return getattr(recorder, name)(original, *args, **kwargs)
+
+    return call
+
+
+@contextmanager
+def _intercepting(recorder) -> Iterator[None]:
+    """Route this thread's ``F.linear``/``F.embedding`` calls to ``recorder`` inside the block."""
+    with _INTERCEPT_LOCK:
+        if _INTERCEPT_STATE["count"] == 0:
+            saved = (F.linear, F.embedding, torch.backends.mha.get_fastpath_enabled())
+            _INTERCEPT_STATE["saved"] = saved
+            F.linear = _dispatch("linear", saved[0])
+            F.embedding = _dispatch("embedding", saved[1])
+            torch.backends.mha.set_fastpath_enabled(False)
+        _INTERCEPT_STATE["count"] += 1
+    previous = getattr(_THREAD, "recorder", None)
+    _THREAD.recorder = recorder
+    try:
+        yield
+    finally:
+        _THREAD.recorder = previous
+        with _INTERCEPT_LOCK:
+            _INTERCEPT_STATE["count"] -= 1
+            if _INTERCEPT_STATE["count"] == 0:
+                F.linear, F.embedding, fastpath = _INTERCEPT_STATE["saved"]
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+                _INTERCEPT_STATE["saved"] = None
 
 
 class CallPass(LayerPass):
