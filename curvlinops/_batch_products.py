@@ -30,8 +30,11 @@ from curvlinops._autodiff import (
     EagerAutodiff,
     FunctionalAutodiff,
     MeasuredRoute,
+    RouteChoice,
+    RuleRoute,
     in_column_chunks,
     make_functional_model,
+    prefers_forward_route,
     second_order_context,
 )
 
@@ -39,25 +42,35 @@ from curvlinops._autodiff import (
 class BatchProducts:
     """Data loop, weighting, chunking, cache and compilation around ``_prepare_batch``."""
 
-    #: How products of the GGN family compute ``J V``: ``"reverse"`` (default) transposes the
-    #: pullback, ``"forward"`` uses ``torch.func.jvp`` vmapped over the columns (faster for
-    #: many columns on some models, see ``benchmarks/README.md``; needs forward-mode rules for
-    #: every layer), ``"auto"`` measures both once per column count at the first eager
-    #: product and keeps the faster (:class:`~curvlinops._autodiff.MeasuredRoute`; compiled
-    #: products use ``"reverse"``). All give the same operator up to round-off. May be set
-    #: per instance.
-    JVP_ROUTE: str = "reverse"
+    #: How products of the GGN family compute ``J V``: ``"auto"`` (default) takes forward mode
+    #: for two or more columns if the model has normalisation or attention layers and no
+    #: convolutions, and the transposed pullback otherwise (a rule validated on the benchmark
+    #: problems, :class:`~curvlinops._autodiff.RuleRoute`); ``"reverse"`` always transposes the
+    #: pullback; ``"forward"`` always uses ``torch.func.jvp`` vmapped over the columns (needs
+    #: forward-mode rules for every layer); ``"measure"`` times both once per column count at
+    #: the first eager product and keeps the faster
+    #: (:class:`~curvlinops._autodiff.MeasuredRoute`, like cuDNN's benchmark mode). Where the
+    #: forward route raises (a layer without a forward-mode rule, random operations under
+    #: ``vmap``), ``"auto"`` and ``"measure"`` fall back to the reverse route; compiled
+    #: products always use the reverse route under these two settings. All give the same
+    #: operator up to round-off. May be set per instance.
+    JVP_ROUTE: str = "auto"
 
-    def _jvp_route(self, ad: Autodiff) -> Union[str, MeasuredRoute]:
-        """The ``J V`` route for a product with ``ad`` (the measured choice for ``"auto"``)."""
-        if self.JVP_ROUTE != "auto":
-            return self.JVP_ROUTE
-        if not isinstance(ad, EagerAutodiff):  # no timing inside traced code
+    def _jvp_route(self, ad: Autodiff) -> Union[str, RouteChoice]:
+        """The ``J V`` route for a product with ``ad`` (an object choosing per column count)."""
+        setting = self.JVP_ROUTE
+        if setting not in ("auto", "measure"):
+            return setting  # checked where the route is used
+        if not isinstance(ad, EagerAutodiff):  # no timing or fallback inside traced code
             return "reverse"
-        measured = self.__dict__.get("_measured_jvp_route")
-        if measured is None:
-            measured = self.__dict__["_measured_jvp_route"] = MeasuredRoute()
-        return measured
+        choices = self.__dict__.setdefault("_jvp_route_choices", {})
+        if setting not in choices:
+            choices[setting] = (
+                MeasuredRoute()
+                if setting == "measure"
+                else RuleRoute(prefers_forward_route(getattr(self, "_model_func", None)))
+            )
+        return choices[setting]
 
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER

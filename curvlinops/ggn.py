@@ -31,7 +31,7 @@ from curvlinops._autodiff import (
     EAGER,
     JVP_ROUTES,
     Autodiff,
-    MeasuredRoute,
+    RouteChoice,
     columns_first,
     columns_last,
     eager_batch_product,
@@ -57,7 +57,7 @@ def prepare_ggn_type_product(
     y: Tensor,
     make_middle: MakeMiddleFactor,
     loss_func: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-    jvp_route: Union[str, MeasuredRoute] = "reverse",
+    jvp_route: Union[str, RouteChoice] = "reverse",
 ) -> Callable[[List[Tensor]], List[Tensor]]:
     r"""One batch's :math:`\mathbf{J}^\top (\text{middle})\, \mathbf{J}`: forward pass once.
 
@@ -75,7 +75,7 @@ def prepare_ggn_type_product(
             transposing the pullback (:func:`~curvlinops._autodiff.linearize`) or
             ``"forward"`` with ``torch.func.jvp`` over the columns
             (:func:`~curvlinops._autodiff.forward_linearize`); the same numbers up to round-off;
-            or a :class:`~curvlinops._autodiff.MeasuredRoute` choosing between them.
+            or a :class:`~curvlinops._autodiff.RouteChoice` choosing between them.
 
     Raises:
         ValueError: If ``jvp_route`` is not one of these.
@@ -91,15 +91,16 @@ def prepare_ggn_type_product(
         "reverse": lambda: linearize(ad, output, pullback),
         "forward": lambda: forward_linearize(lambda *v: f(v, X), values),
     }
-    if isinstance(jvp_route, MeasuredRoute):
+    if isinstance(jvp_route, RouteChoice):
         jvp = jvp_route.jvp(routes)
     elif jvp_route in routes:
         jvp = routes[jvp_route]()
     else:
         raise ValueError(
             f"JVP_ROUTE must be one of {JVP_ROUTES}, got {jvp_route!r}. Set the operator's "
-            "JVP_ROUTE attribute to 'reverse' (transposed pullback), 'forward' "
-            "(torch.func.jvp) or 'auto' (the faster one, measured at the first product)."
+            "JVP_ROUTE attribute to 'auto' (by the model's layers), 'reverse' (transposed "
+            "pullback), 'forward' (torch.func.jvp) or 'measure' (the faster one, timed at the "
+            "first product)."
         )
     middle = make_middle(output.detach(), y)
 
