@@ -17,15 +17,20 @@ reported as not available. For each problem the reference is the median time of 
 loss and gradient by plain autograd; every other time is reported as a ratio to it:
 
 - curvlinops' Hessian, GGN, empirical Fisher (EF) and Monte-Carlo Fisher products with 1 and
-  16 columns (operators built once with ``check_deterministic=False`` on the single batch);
+  16 columns (operators built once with ``check_deterministic=False`` on the single batch),
+  given the columns in the floors' layout (a ``[K, D]`` tensor's transposed view, which the
+  products use without copying and answer in the same layout, as curvlinops' estimators and
+  eigensolvers allocate their blocks); with 16 columns also given a contiguous ``[D, K]``
+  tensor (two transposing copies more);
 - "floors", the same products written here directly in PyTorch: the Hessian by double
   backward (16 columns with ``is_grads_batched``) and by ``torch.func`` vmap-of-jvp-of-grad;
   the GGN by the double-vjp trick with plain autograd and by ``torch.func`` vmap-of-jvp plus
   vmap-of-vjp, both with the loss Hessian w.r.t. the output (double backward, resp. jvp of grad)
   in the middle;
-- the GGN, EF and MC-Fisher products with ``JVP_ROUTE = "forward"`` (``J V`` by ``torch.func``
-  vmap-of-jvp inside curvlinops instead of the transposed pullback) and ``"auto"`` (the faster
-  route, measured at the first product; the choice is logged);
+- the GGN, EF and MC-Fisher products with each ``JVP_ROUTE`` forced: ``"reverse"`` (transposed
+  pullback), ``"forward"`` (``torch.func`` vmap-of-jvp inside curvlinops) and ``"measure"`` (the
+  faster, timed at the first product; the choice is logged); the default ``"auto"`` rule's
+  choices are logged too;
 - operator construction with the default determinism check;
 - the same operators after ``A.compile()`` (``torch.compile`` with inductor of the mini-batch
   product; compilation happens during warm-up and is logged, not timed).
@@ -222,8 +227,8 @@ def make_floors(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor) ->
     """Plain-PyTorch Hessian and GGN products ``name -> fn(V) -> list of tensors``.
 
     ``V`` is a list shaped like the parameters, with a leading column axis of size ``K`` if
-    ``K > 1`` (then the result has it too). Unlike curvlinops, which takes and returns ``[D, K]``
-    with the columns last, the floors keep the columns first and skip that conversion.
+    ``K > 1`` (then the result has it too): the columns first, the layout in which the
+    curvlinops rows get their inputs (as a transposed view).
     """
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
@@ -354,6 +359,11 @@ def bench_problem(
 
     torch.manual_seed(1)
     columns = {K: torch.randn(D, K) for K in NUM_COLUMNS}
+    # The floors take and return the columns first; curvlinops' products take the same layout
+    # as a transposed view (``[K, D]`` contiguous, seen as ``[D, K]``), which they use without
+    # a copy and answer in kind. A plain contiguous ``[D, K]`` input costs two transposing
+    # copies more (its own row).
+    columns_first = {K: columns[K].T.contiguous().T for K in NUM_COLUMNS}
     operators = {
         kind: cls(model, loss_func, params, data, check_deterministic=False)
         for kind, cls in OPERATORS.items()
@@ -361,17 +371,23 @@ def bench_problem(
     products = {}
     for kind, op in operators.items():
         for K in NUM_COLUMNS:
-            V = columns[K].squeeze(-1) if K == 1 else columns[K]
+            V = columns_first[K].squeeze(-1) if K == 1 else columns_first[K]
             products[kind, K] = op @ V
             add(kind, "curvlinops", K, lambda op=op, V=V: op @ V)
+        V = columns[16]
+        torch.testing.assert_close(op @ V, products[kind, 16], rtol=1e-4, atol=1e-5)
+        add(kind, "curvlinops, contiguous [D, K] input", 16, lambda op=op, V=V: op @ V)
 
-    # the GGN family with forward-mode J V (JVP_ROUTE = "forward", where forward mode runs)
-    # and with the route measured at the first product ("auto")
-    for kind, route in itertools.product(("ggn", "ef", "mc_fisher"), ("forward", "auto")):
+    # the GGN family with each route for J V forced (the default "auto" is the rule of
+    # curvlinops._autodiff.prefers_forward_route) and with the route timed at the first
+    # product ("measure")
+    for kind, route in itertools.product(
+        ("ggn", "ef", "mc_fisher"), ("reverse", "forward", "measure")
+    ):
         op = OPERATORS[kind](model, loss_func, params, data, check_deterministic=False)
         op.JVP_ROUTE = route
         for K in NUM_COLUMNS:
-            V = columns[K].squeeze(-1) if K == 1 else columns[K]
+            V = columns_first[K].squeeze(-1) if K == 1 else columns_first[K]
             try:
                 out = op @ V
             except (RuntimeError, NotImplementedError) as error:  # forward-mode gaps
@@ -381,9 +397,13 @@ def bench_problem(
             result.setdefault("jvp_route_relative_errors", {})[f"{kind} | {route} | K={K}"] = (
                 difference
             )
-            if route == "auto":
-                log(f"  {kind}, K={K}: auto route chose {op._measured_jvp_route.choices[K]}")
+            if route == "measure":
+                chosen = op._jvp_route_choices["measure"].choices[K]
+                log(f"  {kind}, K={K}: measured route {chosen}")
             add(kind, f"curvlinops JVP_ROUTE={route}", K, lambda op=op, V=V: op @ V)
+    for kind in ("ggn", "ef", "mc_fisher"):
+        chosen = operators[kind]._jvp_route_choices["auto"].choices
+        log(f"  {kind}: default route (auto rule) {chosen}")
 
     # compiled products (inductor), each shape compiled during the warm-up
     compiled_kinds = OPERATORS if compiled == "all" else {"ggn": OPERATORS["ggn"]}
