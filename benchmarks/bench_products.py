@@ -8,8 +8,9 @@ Five deterministic synthetic problems in float32 on one CPU thread:
 - ``transformer``: a tiny causal language model (embedding, one transformer block, vocabulary
   head; 16 sequences of 32 tokens) with a sequence cross-entropy over ``[B, V, T]`` logits,
 - ``transformer_math``: the same kind of model with the attention written out (matrix products
-  and a softmax, pre-norm ``LayerNorm``), on which forward mode runs, so that the forward-mode
-  floors (``torch.func`` vmap-of-jvp) exist for a transformer too,
+  and a softmax, pre-norm ``LayerNorm``); the forward-mode floors (``torch.func``
+  vmap-of-jvp) run on both transformers (on ``transformer`` through the math attention
+  kernel, like curvlinops' forward route),
 - ``regression``: a 32-128-128-1 tanh MLP on 256 points with a mean squared error.
 
 Floors that ``torch.func`` cannot evaluate on a model (forward-mode AD gaps in torch 2.13) are
@@ -291,7 +292,7 @@ def make_floors(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor) ->
         return [result[n] for n in names]
 
     def math_attention(fn):
-        """Double backward through attention needs the math SDPA kernel (as in curvlinops)."""
+        """Run through the math SDPA kernel, as curvlinops does for second and forward mode."""
 
         def wrapped(V: list) -> list:
             with sdpa_kernel([SDPBackend.MATH]):
@@ -299,8 +300,12 @@ def make_floors(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor) ->
 
         return wrapped
 
+    # The math kernel also has forward-mode rules (the fused CPU kernel has none), so the
+    # torch.func floors run on the fused-attention transformer too, as curvlinops' forward route.
     hessian_double_backward = math_attention(hessian_double_backward)
     ggn_double_vjp = math_attention(ggn_double_vjp)
+    hessian_func = math_attention(hessian_func)
+    ggn_func = math_attention(ggn_func)
     return {
         "hessian": {
             "double backward": hessian_double_backward,

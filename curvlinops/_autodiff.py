@@ -511,8 +511,18 @@ def columns_first(M: Sequence[Tensor]) -> Tuple[List[Tensor], bool]:
     """
     batched = M[0].shape[-1] > 1
     if batched:
-        return [m.movedim(-1, 0).contiguous() for m in M], True
+        return [_column_major(m.movedim(-1, 0)) for m in M], True
     return [m.squeeze(-1) for m in M], False
+
+
+def _column_major(m: Tensor) -> Tensor:
+    """``m`` (columns first) with each column contiguous, copied only if it is not yet.
+
+    Blocks of a ``[K, D]`` tensor seen as ``[D, K]`` already are (the columns-first layout
+    that estimators and eigensolvers allocate); a contiguous ``[D, K]`` input is copied once
+    into that layout, which the batched backward passes are fastest with.
+    """
+    return m if m[0].is_contiguous() else m.contiguous()
 
 
 def columns_last(M: Sequence[Tensor], batched: bool) -> List[Tensor]:
