@@ -509,7 +509,9 @@ def columns_first(M: Sequence[Tensor]) -> Tuple[List[Tensor], bool]:
     """
     batched = M[0].shape[-1] > 1
     if batched:
-        return [m.movedim(-1, 0).contiguous() for m in M], True
+        columns = [m.movedim(-1, 0) for m in M]
+        # contiguous columns (inputs laid out as W.T) are used as they are, without a copy
+        return [c if c[0].is_contiguous() else c.contiguous() for c in columns], True
     return [m.squeeze(-1) for m in M], False
 
 
