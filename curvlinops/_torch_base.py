@@ -434,7 +434,9 @@ class PyTorchLinearOperator:
         """Wrap the operator as a ``scipy.sparse.linalg.LinearOperator``.
 
         NumPy inputs are converted to the operator's dtype and device, multiplied in
-        PyTorch, and returned on the CPU with the input array's dtype.
+        PyTorch, and returned on the CPU with the input array's dtype. A Fortran-ordered
+        block is multiplied without a copy and gives a Fortran-ordered result (the layout
+        rule of :meth:`__matmul__`); other arrays give C-ordered results.
 
         Args:
             dtype: The SciPy operator's dtype. Defaults to NumPy's default float (float64).
@@ -452,7 +454,9 @@ class PyTorchLinearOperator:
                 raise NotImplementedError(
                     f"{type(self).__name__} has no adjoint, so rmatvec is unavailable."
                 )
-            x_torch = torch.as_tensor(np.ascontiguousarray(x)).to(
+            # Fortran-ordered blocks are the transposed layout (see __matmul__): no copy
+            fortran = x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous
+            x_torch = torch.as_tensor(x if fortran else np.ascontiguousarray(x)).to(
                 device=self.device, dtype=self.dtype
             )
             result = (op @ x_torch).detach().cpu()
