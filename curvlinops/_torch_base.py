@@ -121,21 +121,20 @@ class PyTorchLinearOperator:
                 space (optionally with a common trailing column axis ``K``), or an operator.
 
         Returns:
-            The product in the same format as ``X``, or a lazy product operator. Never a
-            view of ``X``.
+            The product in the same format as ``X``, or a lazy product operator. A tensor
+            result is never a view of ``X``.
 
         A matrix with zero columns gives an empty result of the right shape.
 
-        Memory layout of a tensor ``X`` ``[N, K]`` and the result ``[M, K]``: if ``X`` is the
-        transpose of a contiguous ``[K, N]`` tensor (``X.T.is_contiguous()`` but not
-        ``X.is_contiguous()``, e.g. ``X = W.T``), it is multiplied without a copy and the
-        result is the transpose of a new contiguous ``[K, M]`` tensor (``out.T`` is
-        contiguous), as ``torch.empty_like`` preserves a layout; every other ``X`` (the
-        usual contiguous one) gives a contiguous result. Keeping the columns contiguous
-        (``V = torch.empty(K, N).T``) saves the transposing copies of products with many
-        columns, whose exact operators work column by column. The same holds for a list
-        whose entries are consecutive row blocks of such an ``X``; other lists give
-        entries that are views of one contiguous ``[M, K]`` tensor.
+        Memory layout of a tensor ``X`` ``[N, K]``: if ``X`` is the transpose of a
+        contiguous ``[K, N]`` tensor (``X = W.T``: ``X.T.is_contiguous()`` and not
+        ``X.is_contiguous()``), it is used without a copy and the result is the transpose of
+        a new contiguous ``[K, M]`` tensor (``out.T.is_contiguous()``), like
+        ``torch.empty_like``'s ``preserve_format``. Any other ``X``, e.g. the usual
+        contiguous one, gives a contiguous result. The exact operators multiply column by
+        column, so blocks allocated as ``torch.empty(K, N).T`` save the transposing copies
+        into and out of each product. A list whose entries are consecutive row blocks of
+        such a ``W.T`` gives entries laid out alike; other lists are handled as before.
 
         The models that the product evaluates are locked for its duration (products over
         the same model from several threads run one after the other) and their buffers are
@@ -346,7 +345,7 @@ class PyTorchLinearOperator:
             or any(t._base is not root for t in AX)
         ):
             return None
-        # column-major: block j starts at row offset_j of every column; else at row offset_j * K
+        # consecutive blocks start numel apart (within each column if column-major), else numel * K
         step = (1 if columns_major else num_columns) * root.element_size()
         offset = root.data_ptr()
         for t, numel in zip(AX, self._out_shape_flat):
