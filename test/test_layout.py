@@ -146,6 +146,15 @@ def test_chunked_columns(name):
         assert_layout(out, columns_major)
 
 
+@pytest.mark.parametrize("route", ["forward", "auto"])
+def test_forward_mode_route_takes_transposed_columns(route):
+    """``J V`` by forward mode (``vmap`` over ``jvp``) on columns laid out as ``W.T``."""
+    for cls in (GGNLinearOperator, EFLinearOperator):
+        A = cls(*_mlp().tensors())
+        A.JVP_ROUTE = route
+        check_layouts(A, 4)
+
+
 def test_conv_and_transformer_models():
     """Parameters of several shapes (conv kernels, attention, LayerNorm), several batches."""
     for case in ("cnn_mse", "transformer_ce"):
