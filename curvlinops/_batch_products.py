@@ -32,7 +32,6 @@ from curvlinops._autodiff import (
     MeasuredRoute,
     RouteChoice,
     RuleRoute,
-    in_column_chunks,
     make_functional_model,
     prefers_forward_route,
     second_order_context,
@@ -139,6 +138,13 @@ class BatchProducts:
     ) -> List[Tensor]:
         """Join the batches' products: ``sum_b w_b A_b M`` (Jacobians stack or slice instead).
 
+        The columns are multiplied in chunks of at most ``MAX_COLUMNS_PER_CHUNK`` after each
+        batch's forward pass, and every chunk's product is written straight into its
+        columns of the output (no concatenation). The output is laid out like ``M`` (see
+        :meth:`~curvlinops._torch_base.PyTorchLinearOperator._new_output`): for columns
+        that are contiguous in memory (``M`` from ``V = W.T``), copying a product in is a
+        copy of contiguous columns, not a transpose.
+
         Args:
             M: The matrix in list format.
             batches: ``(X, y, multiply)`` per batch, in data order. An override must drop
@@ -148,18 +154,26 @@ class BatchProducts:
         Returns:
             The product in list format, as views of one new flat buffer.
         """
-        result = None
-        for X, y, multiply in batches:
+        num_columns, chunk = M[0].shape[-1], self.MAX_COLUMNS_PER_CHUNK
+        starts = range(0, num_columns, chunk)
+        result, first = None, True
+        for X, y, multiply in batches:  # no enumerate: its cached tuple would keep multiply
             weight = self._get_normalization_factor(X, y)
-            batch_result = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)
-            if result is None:  # out of place: batch results may alias their inputs
-                result = self._new_output(batch_result[0].shape[-1], like=batch_result[0])
-                for r, b in zip(result, batch_result):
-                    torch.mul(b, weight, out=r)
-            else:
-                for r, b in zip(result, batch_result):
-                    r.add_(b, alpha=weight)
+            for start in starts:
+                columns = slice(start, start + chunk)
+                part = list(M) if len(starts) == 1 else [m[..., columns] for m in M]
+                products = multiply(part)
+                if result is None:
+                    result = self._new_output(num_columns, like=products[0], layout_of=M[0])
+                targets = result if len(starts) == 1 else [r[..., columns] for r in result]
+                for r, b in zip(targets, products):
+                    if first:  # out of place: products may alias their inputs
+                        torch.mul(b, weight, out=r)
+                    else:
+                        r.add_(b, alpha=weight)
+                del products
             del multiply  # free this batch's graph before the next batch records its own
+            first = False
         return result
 
     def _batch_multiplies(self) -> Iterator[Tuple[Tensor, Tensor, Callable]]:

@@ -86,7 +86,11 @@ def draw(
     """Draw ``num_vectors`` random vectors of length ``dim`` as the columns of a matrix.
 
     Same numbers as ``num_vectors`` calls of ``random_vector``; Rademacher columns are drawn
-    in one call (see :func:`~curvlinops.sampling.rademacher_columns`).
+    in one call (see :func:`~curvlinops.sampling.rademacher_columns`). The matrix ``[dim,
+    num_vectors]`` is the transpose of a contiguous ``[num_vectors, dim]`` tensor (each
+    column contiguous), the layout in which operators multiply it and return the product
+    without a transposing copy (see
+    :meth:`~curvlinops._torch_base.PyTorchLinearOperator.__matmul__`).
     """
     if distribution == "rademacher":
         drawn = rademacher_columns(dim, num_vectors, A.device, A.dtype, generator=generator)
@@ -95,7 +99,7 @@ def draw(
             random_vector(dim, distribution, A.device, A.dtype, generator=generator)
             for _ in range(num_vectors)
         ]
-        drawn = torch.stack(columns, dim=1)
+        drawn = torch.stack(columns).T
     return shared_draw(A, drawn)  # data-parallel operators: the same vectors on every rank
 
 

@@ -64,6 +64,16 @@ from curvlinops.utils import allclose_report
 _ShapeList = List[Tuple[int, ...]]
 
 
+def _rows_contiguous(block: Tensor) -> bool:
+    """Whether each column ``block[..., j]`` is contiguous (row-major in ``block.shape[:-1]``)."""
+    expected = 1
+    for size, stride in zip(reversed(block.shape[:-1]), reversed(block.stride()[:-1])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 class PyTorchLinearOperator:
     """Matrix-free linear operator acting on (lists of) PyTorch tensors.
 
@@ -111,9 +121,20 @@ class PyTorchLinearOperator:
                 space (optionally with a common trailing column axis ``K``), or an operator.
 
         Returns:
-            The product in the same format as ``X``, or a lazy product operator.
+            The product in the same format as ``X``, or a lazy product operator. A tensor
+            result is never a view of ``X``.
 
         A matrix with zero columns gives an empty result of the right shape.
+
+        Memory layout of a tensor ``X`` ``[N, K]``: if ``X`` is the transpose of a
+        contiguous ``[K, N]`` tensor (``X = W.T``: ``X.T.is_contiguous()`` and not
+        ``X.is_contiguous()``), it is used without a copy and the result is the transpose of
+        a new contiguous ``[K, M]`` tensor (``out.T.is_contiguous()``), like
+        ``torch.empty_like``'s ``preserve_format``. Any other ``X``, e.g. the usual
+        contiguous one, gives a contiguous result. The exact operators multiply column by
+        column, so blocks allocated as ``torch.empty(K, N).T`` save the transposing copies
+        into and out of each product. A list whose entries are consecutive row blocks of
+        such a ``W.T`` gives entries laid out alike; other lists are handled as before.
 
         The models that the product evaluates are locked for its duration (products over
         the same model from several threads run one after the other) and their buffers are
@@ -146,12 +167,13 @@ class PyTorchLinearOperator:
             AX = self._matmat(X_list)
         self._check_output(AX, num_columns)
         if as_tensor:
-            flat = self._flat_view(AX, num_columns)
+            columns_major = self._columns_major(X_list[0])
+            flat = self._flat_view(AX, num_columns, columns_major)
             shares_input = flat is not None and (
                 flat.untyped_storage().data_ptr() == X.untyped_storage().data_ptr()
             )
             if flat is None or shares_input:  # never hand the caller's tensor back
-                flat = AX[0].new_empty(self.shape[0], num_columns)
+                flat = self._new_flat(num_columns, AX[0], columns_major)
                 for block, t in zip(flat.split(self._out_shape_flat), AX):
                     block.view(t.shape).copy_(t)
             return flat.squeeze(-1) if is_vector else flat
@@ -264,35 +286,78 @@ class PyTorchLinearOperator:
             )
         return list(X), False, False
 
-    def _new_output(self, num_columns: int, like: Tensor) -> List[Tensor]:
+    def _columns_major(self, block: Tensor) -> bool:
+        """Whether an input block (list format) is laid out as a row block of ``W.T``.
+
+        ``W`` a contiguous ``[K, N]`` tensor (``N`` the input dimension, ``K > 1``): the
+        block's column axis has stride ``N`` and each column's entries are contiguous and
+        row-major in its shape. This is the layout that :meth:`__matmul__` preserves.
+        """
+        num_columns, num_rows = block.shape[-1], self.shape[1]
+        if num_columns <= 1 or num_rows <= 1 or block.stride(-1) != num_rows:
+            return False
+        return _rows_contiguous(block)
+
+    def _new_flat(self, num_columns: int, like: Tensor, columns_major: bool) -> Tensor:
+        """Uninitialised ``[M, K]`` tensor: contiguous, or the transpose of a contiguous one."""
+        if columns_major:
+            return like.new_empty(num_columns, self.shape[0]).T
+        return like.new_empty(self.shape[0], num_columns)
+
+    def _new_output(
+        self, num_columns: int, like: Tensor, layout_of: Optional[Tensor] = None
+    ) -> List[Tensor]:
         """Uninitialised output in list format, as views of one flat ``[M, K]`` tensor.
 
         Products written into these views can be returned as a flat tensor without a copy
-        (see :meth:`_flat_view`).
+        (see :meth:`_flat_view`). The flat tensor is the transpose of a contiguous
+        ``[K, M]`` tensor if the input block ``layout_of`` (default: ``like``) is laid out
+        as a row block of such a transpose (:meth:`_columns_major`), else contiguous; so
+        products keep the caller's layout (see :meth:`__matmul__`).
+
+        Args:
+            num_columns: Number of columns ``K``.
+            like: Tensor whose dtype and device the output gets.
+            layout_of: Input block (list format) whose layout decides the output's.
         """
-        flat = like.new_empty(self.shape[0], num_columns)
+        columns_major = self._columns_major(like if layout_of is None else layout_of)
+        flat = self._new_flat(num_columns, like, columns_major)
         return [
             block.view(*shape, num_columns)
             for block, shape in zip(flat.split(self._out_shape_flat), self._out_shape)
         ]
 
-    def _flat_view(self, AX: List[Tensor], num_columns: int) -> Optional[Tensor]:
-        """The flat ``[M, K]`` tensor that ``AX`` are consecutive views of, if any."""
-        flat = AX[0]._base
+    def _flat_view(
+        self, AX: List[Tensor], num_columns: int, columns_major: bool = False
+    ) -> Optional[Tensor]:
+        """The flat ``[M, K]`` tensor that ``AX`` are consecutive views of, if any.
+
+        Only a flat tensor in the requested layout counts (see :meth:`_new_flat`):
+        contiguous, or with ``columns_major`` the transpose of a contiguous ``[K, M]``.
+        """
+        root = AX[0]._base
+        M = self.shape[0]
+        shape = (num_columns, M) if columns_major else (M, num_columns)
         if (
-            flat is None
-            or flat.shape != (self.shape[0], num_columns)
-            or not flat.is_contiguous()
-            or any(t._base is not flat for t in AX)
+            root is None
+            or root.shape != shape
+            or not root.is_contiguous()
+            or any(t._base is not root for t in AX)
         ):
             return None
-        offsets = [0]
-        for numel in self._out_shape_flat[:-1]:
-            offsets.append(offsets[-1] + numel * num_columns * flat.element_size())
-        start = flat.data_ptr()
-        if any(t.data_ptr() != start + o or not t.is_contiguous() for t, o in zip(AX, offsets)):
-            return None
-        return flat
+        # consecutive blocks start numel apart (within each column if column-major), else numel * K
+        step = (1 if columns_major else num_columns) * root.element_size()
+        offset = root.data_ptr()
+        for t, numel in zip(AX, self._out_shape_flat):
+            in_place = (
+                t.stride(-1) == M and _rows_contiguous(t)
+                if columns_major and num_columns > 1
+                else t.is_contiguous()
+            )
+            if t.data_ptr() != offset or not in_place:
+                return None
+            offset += numel * step
+        return root.T if columns_major else root
 
     def _check_dtype_and_device(self, X: List[Tensor]):
         """Raise a ``ValueError`` if the input's dtype or device differs from the operator's."""
@@ -368,7 +433,9 @@ class PyTorchLinearOperator:
         """Wrap the operator as a ``scipy.sparse.linalg.LinearOperator``.
 
         NumPy inputs are converted to the operator's dtype and device, multiplied in
-        PyTorch, and returned on the CPU with the input array's dtype.
+        PyTorch, and returned on the CPU with the input array's dtype. A Fortran-ordered
+        block is multiplied without a copy and gives a Fortran-ordered result (the layout
+        rule of :meth:`__matmul__`); other arrays give C-ordered results.
 
         Args:
             dtype: The SciPy operator's dtype. Defaults to NumPy's default float (float64).
@@ -386,7 +453,9 @@ class PyTorchLinearOperator:
                 raise NotImplementedError(
                     f"{type(self).__name__} has no adjoint, so rmatvec is unavailable."
                 )
-            x_torch = torch.as_tensor(np.ascontiguousarray(x)).to(
+            # Fortran-ordered blocks are the transposed layout (see __matmul__): no copy
+            fortran = x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous
+            x_torch = torch.as_tensor(x if fortran else np.ascontiguousarray(x)).to(
                 device=self.device, dtype=self.dtype
             )
             result = (op @ x_torch).detach().cpu()

@@ -48,15 +48,22 @@ def _normalize_rows(block: Tensor, floor: float = 0.0) -> Tuple[Tensor, Tensor]:
     ``block.T = Q R``. Cholesky QR (a small Gram matrix instead of a tall QR) unless the
     block is close to rank-deficient, then Householder QR, dropping vanished directions:
     those below ``1e2`` machine epsilons of the largest one, or not above ``floor``.
+
+    The rows are returned contiguous, so that ``A @ rows.T`` multiplies columns that are
+    contiguous in memory and returns its product in that layout (no transposing copies,
+    see :meth:`~curvlinops._torch_base.PyTorchLinearOperator.__matmul__`).
     """
     L, info = torch.linalg.cholesky_ex(block @ block.T)
     diagonal = L.diagonal().abs()
     if info.item() == 0 and diagonal.min() > max(1e-4 * diagonal.max(), floor):
-        return torch.linalg.solve_triangular(L, block, upper=False), L.T
+        # L^{-1} block as the transpose of block^T L^{-T}: the same substitutions, but
+        # LAPACK's column-major result then has contiguous rows
+        rows = torch.linalg.solve_triangular(L.T, block.T, upper=True, left=False).T
+        return rows, L.T
     Q, R = torch.linalg.qr(block.T)
     diagonal = R.diagonal().abs()
     keep = (diagonal > 1e2 * torch.finfo(block.dtype).eps * diagonal.max()) & (diagonal > floor)
-    return Q[:, keep].T.contiguous(), R
+    return Q.T[keep], R
 
 
 def _order(theta: Tensor, which: str) -> Tensor:

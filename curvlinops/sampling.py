@@ -89,7 +89,9 @@ def rademacher_columns(
         generator: Optional random number generator (on ``device``).
 
     Returns:
-        ``[dim, num_columns]`` with entries in ``{-1, +1}``.
+        ``[dim, num_columns]`` with entries in ``{-1, +1}``, the transpose of a contiguous
+        ``[num_columns, dim]`` tensor (each column contiguous), which operators multiply
+        without a transposing copy.
     """
     _check_size(dim, "dim")
     _check_size(num_columns, "num_columns")

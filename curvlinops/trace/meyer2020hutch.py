@@ -49,7 +49,7 @@ def hutchpp_trace(
     Q, _ = torch.linalg.qr(A @ S)
     G = draw(A, dim, n, distribution, generator)
     G = G - Q @ (Q.mT @ G)
-    # One product with the basis and the deflated test vectors together.
-    AQG = A @ torch.cat([Q, G], dim=1)
+    # One product with the basis and the deflated test vectors together, columns contiguous
+    AQG = A @ torch.cat([Q.mT, G.mT]).mT
     AQ, AG = AQG[:, :n], AQG[:, n:]
     return (Q * AQ).sum() + (G * AG).sum() / n
