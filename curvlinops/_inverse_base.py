@@ -41,8 +41,13 @@ class _InversePyTorchLinearOperator(_DelegatingLinearOperator):
         self._A = A
 
     def _flatten(self, X: List[Tensor]) -> Tensor:
-        """Stack list-format columns (entries ``[*shape, K]``) into one ``[D, K]`` matrix."""
-        return torch.cat([x.reshape(-1, x.shape[-1]) for x in X])
+        """Stack list-format columns (entries ``[*shape, K]``) into one ``[D, K]`` matrix.
+
+        The matrix is the transpose of a contiguous ``[K, D]`` tensor, the layout that
+        products take and return without transposing copies; the solvers' elementwise
+        updates keep it, so only this first stacking may transpose.
+        """
+        return torch.cat([x.reshape(-1, x.shape[-1]).T for x in X], dim=1).T
 
     def _unflatten(self, flat: Tensor) -> List[Tensor]:
         """Split a ``[D, K]`` matrix into list format (entries ``[*shape, K]``)."""

@@ -242,10 +242,7 @@ class TransposedJacobianLinearOperator(_JacobianBase):
     def _combine(self, M: List[Tensor], batches) -> List[Tensor]:
         """Sum the batches' products with consecutive row blocks of ``M``."""
         (V,) = M
-        result = [
-            torch.zeros((*p.shape, V.shape[-1]), dtype=V.dtype, device=V.device)
-            for p in self._params
-        ]
+        result = [r.zero_() for r in self._new_output(V.shape[-1], like=V)]  # V's layout
         start = 0
         for X, _, multiply in batches:
             end = start + self._batch_size(X)

@@ -399,3 +399,18 @@ def test_report_products_in_transposed_layout():
     V = rademacher_columns(A.shape[1], 6, "cpu", DT, generator=torch.Generator().manual_seed(0))
     assert V.T.is_contiguous()
     assert_same(terms, V * (A @ V.contiguous()))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_cg_iterates_on_transposed_blocks(transposed):
+    """CG stacks its right-hand sides as ``W.T`` once, so every product in its loop gets
+    that layout (no transposing copies per iteration), whatever the input's layout."""
+    matrix = _symmetric(30)
+    matrix = matrix @ matrix.T + 30 * torch.eye(30, dtype=matrix.dtype)
+    A = _Recording(matrix)
+    rhs = torch.randn(4, 30, dtype=matrix.dtype)
+    B = rhs.T if transposed else rhs.T.contiguous()
+    X = CGInverseLinearOperator(A, tolerance=1e-10, max_iter=500) @ B
+    assert A.layouts and all(A.layouts)
+    assert X.T.is_contiguous() == transposed and X.is_contiguous() != transposed
+    torch.testing.assert_close(matrix @ X, B, rtol=1e-8, atol=1e-8)
