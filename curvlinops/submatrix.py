@@ -67,7 +67,8 @@ class SubmatrixLinearOperator(_DelegatingLinearOperator):
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         (x,) = X
-        embedded = x.new_zeros(self._A.shape[1], x.shape[-1])
+        # columns first ([K, N] seen as [N, K]): A's products take that layout without copies
+        embedded = x.new_zeros(x.shape[-1], self._A.shape[1]).T
         col_idxs = torch.tensor(self._col_idxs, device=x.device, dtype=torch.long)
         row_idxs = torch.tensor(self._row_idxs, device=x.device, dtype=torch.long)
         embedded[col_idxs] = x
