@@ -124,7 +124,10 @@ def estimator_rows(estimators: dict) -> list:
     rows = []
     for problem, result in estimators.items():
         for key, r in result.items():
-            if key.endswith("cached"):
+            if key.startswith("rademacher draws"):
+                note = "draw time / time of the product of the drawn block"
+                rows.append(row(problem, key, r["ratio"], None, note))
+            elif key.endswith("cached"):
                 note = "time with A.cache() / without"
                 rows.append(row(problem, key, r["ratio"], 1.0, note))
             else:
