@@ -42,7 +42,7 @@ def _probed(op, v):
 @pytest.mark.parametrize("route", ["reverse", "forward"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("cls", LOSS_OPERATORS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("name", ["mlp_ce", "cnn_mse", "seq_bce"])
+@pytest.mark.parametrize("name", ["mlp_ce", "cnn_mse", "seq_bce", "transformer_ce"])
 def test_probed_loss_gradient_and_product_are_exact(name, cls, reduction, route):
     """The probe's loss, gradient and product equal ``gradient_and_loss`` and ``A @ v``.
 
