@@ -389,7 +389,7 @@ class Autodiff:
         probe: ``None``, or a dict into which a product that evaluates the batch loss
             records ``prediction``, ``loss`` and ``gradient`` of the *unweighted* batch loss
             (detached), computed from the passes it runs anyway (the determinism check's
-            products; see :meth:`~curvlinops._batch_products.BatchProducts._probe_batch`).
+            products; see :meth:`~curvlinops._torch_base._DeterminismCheck._probing_product`).
     """
 
     state = None
