@@ -391,7 +391,7 @@ class Autodiff:
         probe: ``None``, or a dict into which a product that evaluates the batch loss
             records ``prediction``, ``loss`` and ``gradient`` of the *unweighted* batch loss
             (detached), computed from the passes it runs anyway (the determinism check's
-            products; see :meth:`~curvlinops._batch_products.BatchProducts._probe_batch`).
+            products; see :meth:`~curvlinops._torch_base._DeterminismCheck._probing_product`).
     """
 
     state = None
@@ -549,12 +549,34 @@ def linearize(ad: Autodiff, output: Tensor, pullback: Pullback) -> Callable[...,
         ``jvp(tangents, batched)`` returning ``J v`` shaped like ``output`` (with the
         tangents' leading column axis if ``batched``).
     """
-    _, transposed = ad.vjp(lambda u: tuple(pullback([u], False)), [torch.zeros_like(output)])
+    return linearize_at(ad, pullback, torch.zeros_like(output))[1]
+
+
+def linearize_at(
+    ad: Autodiff, pullback: Pullback, point: Tensor
+) -> Tuple[List[Tensor], Callable[..., Tensor]]:
+    r""":func:`linearize` with the pullback transposed at ``point``; also returns its value.
+
+    The pullback is linear, so its own pullback (:math:`\mathbf{v} \mapsto \mathbf{J}
+    \mathbf{v}`) is the same at every point, while the value at ``point`` is
+    :math:`\mathbf{J}^\top \mathbf{u}` for free: at the loss's output gradient, the
+    parameter gradient (how the determinism check takes the gradient from a GGN-type product).
+
+    Args:
+        ad: The autodiff implementation that produced ``pullback``.
+        pullback: The pullback of a function with one tensor output (see :data:`Pullback`).
+        point: Where to evaluate the pullback, shaped like that output.
+
+    Returns:
+        ``J^T point`` (one tensor per primal, attached to the recorded graph) and
+        ``jvp(tangents, batched)`` as returned by :func:`linearize`.
+    """
+    value, transposed = ad.vjp(lambda u: tuple(pullback([u], False)), [point])
 
     def jvp(tangents: Sequence[Tensor], batched: bool) -> Tensor:
         return transposed(list(tangents), batched)[0]
 
-    return jvp
+    return list(value), jvp
 
 
 #: Values of ``JVP_ROUTE`` (see :func:`forward_linearize`, :func:`linearize`,

@@ -37,6 +37,7 @@ from curvlinops._autodiff import (
     eager_batch_product,
     forward_linearize,
     linearize,
+    linearize_at,
     loss_hessian_product,
     make_functional_model,
     second_order_context,
@@ -70,7 +71,9 @@ def prepare_ggn_type_product(
         make_middle: ``make_middle(output, y) -> middle`` (called once, on the detached
             output), with ``middle(JM, batched)`` the output-space factor.
         loss_func: The loss, needed only when ``ad.probe`` records the batch's loss and
-            gradient (then from this forward pass and one more pullback).
+            gradient: the loss from this forward pass, the gradient from the transposed
+            pullback that the ``"reverse"`` route records anyway (other routes: one more
+            pullback).
         jvp_route: How :math:`\mathbf{J}\mathbf{V}` is computed: ``"reverse"`` by
             transposing the pullback (:func:`~curvlinops._autodiff.linearize`) or
             ``"forward"`` with ``torch.func.jvp`` over the columns
@@ -85,10 +88,20 @@ def prepare_ggn_type_product(
         transposed pullback, the middle factor and a pullback, for all columns at once.
     """
     output, pullback = ad.vjp(lambda *v: f(v, X), values)
-    if ad.probe is not None and loss_func is not None:
-        record_loss_and_gradient(ad.probe, loss_func, output, y, pullback)
+    probe = ad.probe if loss_func is not None else None
+    reverse = lambda: linearize(ad, output, pullback)  # noqa: E731
+    if probe is not None:
+        output_gradient = record_loss(probe, loss_func, output, y)
+        if jvp_route == "reverse":
+            # The transposed pullback, recorded anyway for J V, evaluated at the output
+            # gradient instead of zero is the parameter gradient: no extra backward pass.
+            gradient, jvp_at_gradient = linearize_at(ad, pullback, output_gradient)
+            probe["gradient"] = [g.detach() for g in gradient]
+            reverse = lambda: jvp_at_gradient  # noqa: E731
+        else:  # forward mode or a measured route: one more pullback
+            probe["gradient"] = [g.detach() for g in pullback([output_gradient], False)]
     routes = {
-        "reverse": lambda: linearize(ad, output, pullback),
+        "reverse": reverse,
         "forward": lambda: forward_linearize(lambda *v: f(v, X), values),
     }
     if isinstance(jvp_route, RouteChoice):
@@ -112,22 +125,29 @@ def prepare_ggn_type_product(
     return multiply
 
 
-def record_loss_and_gradient(
-    probe: dict, loss_func: Callable, output: Tensor, y: Tensor, pullback: Callable
-):
-    r"""Record prediction, loss and gradient of a batch from its forward pass and pullback.
+def record_loss(probe: dict, loss_func: Callable, output: Tensor, y: Tensor) -> Tensor:
+    r"""Record prediction and loss of a batch from its forward pass; return the loss gradient.
 
-    The gradient is :math:`\mathbf{J}^\top \nabla_{\mathbf{f}} \ell`: a backward pass
-    through the loss alone, then the model's pullback, without a second forward pass.
+    The loss is evaluated on the detached output (the model is not run again) and
+    differentiated w.r.t. it alone, giving :math:`\nabla_{\mathbf{f}} \ell`; the parameter
+    gradient is then :math:`\mathbf{J}^\top \nabla_{\mathbf{f}} \ell`, which the caller takes
+    from a pullback it evaluates anyway (see :func:`prepare_ggn_type_product`).
+
+    Args:
+        probe: The dict to record ``prediction`` and ``loss`` (detached) into.
+        loss_func: The loss function.
+        output: The model output of the batch.
+        y: The labels.
+
+    Returns:
+        The loss's gradient w.r.t. the output (detached).
     """
     with second_order_context():
         leaf = output.detach().requires_grad_()
         loss = loss_func(leaf, y)
         (output_gradient,) = torch.autograd.grad(loss, leaf)
-    gradient = pullback([output_gradient], False)
-    probe.update(
-        prediction=output.detach(), loss=loss.detach(), gradient=[g.detach() for g in gradient]
-    )
+    probe.update(prediction=output.detach(), loss=loss.detach())
+    return output_gradient
 
 
 def loss_hessian_middle(ad: Autodiff, loss_func: Callable) -> MakeMiddleFactor:

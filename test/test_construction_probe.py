@@ -1,0 +1,207 @@
+"""The determinism check's probing products (issue 14, construction cost): the loss and
+gradient they take from their own passes, the accumulation of their products, the probe
+vector, the cheap finiteness test, and that the check still catches a product that alone
+differs between passes."""
+
+import pytest
+import torch
+from cases import make_case
+
+from curvlinops import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+)
+from curvlinops._torch_base import (
+    CurvatureLinearOperator,
+    _all_finite,
+    _check_batch_values,
+    _probe_vector,
+)
+
+LOSS_OPERATORS = [
+    HessianLinearOperator,
+    GGNLinearOperator,
+    EFLinearOperator,
+    FisherMCLinearOperator,
+]
+
+
+def _probed(op, v):
+    """Run one probing pass: summed probe loss and gradient, and the product with ``v``."""
+    M = [b.reshape(*s, 1) for b, s in zip(v.split(op._in_shape_flat), op._in_shape)]
+    out = []
+    loss, gradient = 0.0, [torch.zeros_like(p) for p in op._params]
+    for _, _, batch_loss, batch_gradient in op._probing_product(M, out):
+        loss = loss + batch_loss
+        gradient = [g + b for g, b in zip(gradient, batch_gradient)]
+    return loss, gradient, torch.cat([t.flatten() for t in out])
+
+
+@pytest.mark.parametrize("route", ["reverse", "forward"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("cls", LOSS_OPERATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ["mlp_ce", "cnn_mse", "seq_bce", "transformer_ce"])
+def test_probed_loss_gradient_and_product_are_exact(name, cls, reduction, route):
+    """The probe's loss, gradient and product equal ``gradient_and_loss`` and ``A @ v``.
+
+    The GGN family takes the gradient from the transposed pullback evaluated at the loss's
+    output gradient (reverse route) or from one more pullback (forward route); several
+    batches with weights other than 1 (mean) and equal to 1 (sum).
+    """
+    if route == "forward" and cls is HessianLinearOperator:
+        pytest.skip("JVP_ROUTE applies to the GGN family")
+    c = make_case(name, reduction)
+    op = cls(c.model, c.loss_func, c.params, c.data, check_deterministic=False, **c.kwargs())
+    op.JVP_ROUTE = route
+    v = torch.rand(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss, gradient, product = _probed(op, v)
+    gradient_ref, loss_ref = op.gradient_and_loss()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
+    for g, g_ref in zip(gradient, gradient_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(product, op @ v, rtol=1e-10, atol=1e-13)
+
+
+class _Identity(CurvatureLinearOperator):
+    """``A = number of batches * I`` whose batch product returns its input (an alias)."""
+
+    SELF_ADJOINT = True
+
+    def _prepare_batch(self, X, y, ad=None):
+        return lambda M: M
+
+
+def test_batch_results_aliasing_the_input_are_not_summed_into():
+    """A batch product may return ``M`` itself: the check must not add into it.
+
+    Two simultaneous passes share ``M``; summing the next batch into the first batch's
+    result in place would change ``M`` and make the passes disagree (or the product wrong).
+    """
+    c = make_case("mlp_ce", "sum")
+    assert len(c.data) > 1
+    op = _Identity(c.model, c.loss_func, c.params, c.data)  # runs the check
+    v = torch.rand(op.shape[1], dtype=torch.float64)
+    expected = len(c.data) * v
+    _, _, product = _probed(op, v.clone())
+    torch.testing.assert_close(product, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(op @ v, expected, rtol=0, atol=1e-14)
+
+
+def _alternating_curvature_model(c, calls):
+    """Wrap ``c.model``: output, gradient fixed; Hessian w.r.t. ``shift`` flips sign per call."""
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.shift = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+        def forward(self, X):
+            calls[0] += 1
+            out = self.model(X)
+            mask = torch.zeros_like(out)
+            mask[:, 0] = 1.0
+            # value and first derivative zero at shift = 0, second derivative +-2
+            return out + ((-1.0) ** calls[0] * self.shift**2) * mask
+
+    return Flaky(c.model)
+
+
+def test_hessian_product_alone_differing_is_caught():
+    """Predictions, losses and gradients agree; only the Hessian product differs."""
+    c = make_case("mlp_ce")
+    calls = [0]
+    model = _alternating_curvature_model(c, calls)
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="Non-deterministic matrix-vector product"):
+        HessianLinearOperator(model, c.loss_func, params, c.data)
+    calls[0] = 0
+    HessianLinearOperator(model, c.loss_func, params, c.data, check_deterministic=False)
+
+
+@pytest.mark.parametrize("cls", [GGNLinearOperator, HessianLinearOperator])
+def test_loss_hessian_alone_differing_is_caught(cls):
+    """A loss whose value and gradient agree but whose curvature flips between passes."""
+    c = make_case("mlp_ce")
+    calls = [0]
+
+    def loss_func(output, y):
+        calls[0] += 1
+        deviation = output - output.detach()  # zero, with gradient zero and Hessian 2 I
+        # a curvature that grows with every call (any number of calls per pass)
+        return c.loss_func(output, y) + calls[0] * (deviation**2).sum()
+
+    loss_func.reduction = "mean"  # read by the operators' weighting
+    with pytest.raises(RuntimeError, match="Non-deterministic matrix-vector product"):
+        cls(c.model, loss_func, c.params, c.data)
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 4097, 10_000, 109_386])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probe_vector(size, dtype):
+    """Shape, dtype, range, every entry non-zero, and the global RNG's role."""
+    torch.manual_seed(0)
+    v = _probe_vector(size, dtype, torch.device("cpu"))
+    assert v.shape == (size,) and v.dtype == dtype
+    assert bool((v > 0).all()) and bool((v < 1).all())
+    torch.manual_seed(0)
+    assert torch.equal(v, _probe_vector(size, dtype, torch.device("cpu")))
+    if size > 1:
+        assert v.unique().numel() > size // 2  # no repeated pattern
+
+
+def test_probe_vector_detects_sparse_differences():
+    """Differences of two or four entries with cancelling signs are not annihilated.
+
+    (Such patterns annihilate vectors built from sums of random vectors, or sequences with
+    constant increments; the outer product of two random vectors has no linear relation.)
+    """
+    size = 109_386
+    v = _probe_vector(size, torch.float64, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        i, j, k, m = torch.randint(0, size, (4,), generator=gen).tolist()
+        if len({i, j, k, m}) < 4:
+            continue
+        assert (v[i] - v[j]).abs() > 1e-12
+        assert (v[i] - v[j] - v[k] + v[m]).abs() > 1e-12
+    rows = int(size**0.5) + 1
+    # the entries of a 2 x 2 block of the outer product (the structured worst case)
+    block = v[: 2 * rows].reshape(2, rows)[:, :2]
+    assert (block[0, 0] - block[0, 1] - block[1, 0] + block[1, 1]).abs() > 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite(dtype):
+    """Exactly ``isfinite(t).all()``, including sums that overflow from finite entries."""
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.zeros(0, dtype=dtype),
+        torch.tensor([1.0, -2.0], dtype=dtype),
+        torch.tensor([big, big, big], dtype=dtype),  # finite, the sum overflows
+        torch.tensor([-big, -big], dtype=dtype),
+        torch.tensor([1.0, float("nan")], dtype=dtype),
+        torch.tensor([float("inf"), 1.0], dtype=dtype),
+        torch.tensor([float("-inf"), 1.0], dtype=dtype),
+        torch.tensor([float("inf"), float("-inf")], dtype=dtype),
+        torch.tensor([big, big, float("nan")], dtype=dtype),
+        torch.full((3, 1000), 0.5, dtype=dtype),
+    ]
+    for t in cases:
+        assert _all_finite(t) == bool(torch.isfinite(t).all()), t
+    assert _all_finite(torch.tensor([1 + 2j, 3j]))
+    assert not _all_finite(torch.tensor([1 + 2j, complex(float("nan"), 0)]))
+
+
+def test_data_check_with_large_finite_values():
+    """Finite data whose sum overflows pass; a single NaN or Inf among them is rejected."""
+    big = torch.finfo(torch.float32).max
+    X = torch.full((4, 3), big)
+    _check_batch_values(X, torch.zeros(4), 0, torch.float32)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        X_bad = X.clone()
+        X_bad[2, 1] = bad
+        with pytest.raises(ValueError, match="contains NaN or Inf"):
+            _check_batch_values(X_bad, torch.zeros(4), 0, torch.float32)
