@@ -1441,22 +1441,10 @@ def _all_finite(t: Tensor) -> bool:
 
 
 def _probe_vector(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    r"""A random vector in :math:`[0, 1)^{\text{size}}` for the determinism check's products.
+    """The determinism check's random vector: ``torch.rand(size)`` (API.md section 2.2, step 4).
 
-    Small sizes are ``torch.rand(size)``. Larger ones are the entries of an outer product
-    :math:`\mathbf{a}\mathbf{b}^\top` of two ``torch.rand`` vectors of about
-    :math:`\sqrt{\text{size}}` entries each (``torch.rand`` costs a third of a gradient of the
-    benchmark MLP for its 109,386 entries). It detects the same differences: for any nonzero
-    row :math:`\Delta` of the difference of two products, :math:`\Delta \mathbf{v} =
-    \mathbf{a}^\top W \mathbf{b}` (:math:`W` the row reshaped) is a nonzero polynomial in the
-    random :math:`(\mathbf{a}, \mathbf{b})`, hence nonzero with probability one, as for a fully
-    random vector; and unlike sums of random vectors, no fixed linear relation holds between
-    the entries.
+    Drawn from the global generator, whose state the caller restores. (An outer product of two
+    vectors of about ``sqrt(size)`` entries would detect the same differences with probability
+    one and save a third of a gradient on the benchmark MLP, but the contract names this draw.)
     """
-    if size <= 4096:
-        return torch.rand(size, dtype=dtype, device=device)
-    rows = int(size**0.5) + 1
-    cols = -(-size // rows)
-    a = torch.rand(rows, 1, dtype=dtype, device=device)
-    b = torch.rand(1, cols, dtype=dtype, device=device)
-    return (a * b).flatten()[:size]
+    return torch.rand(size, dtype=dtype, device=device)

@@ -39,9 +39,13 @@ def _probed(op, v):
     return loss, gradient, torch.cat([t.flatten() for t in out])
 
 
-@pytest.mark.parametrize("route", ["reverse", "forward"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("cls", LOSS_OPERATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls, route",
+    [(HessianLinearOperator, "reverse")]  # JVP_ROUTE applies to the GGN family only
+    + [(cls, route) for cls in LOSS_OPERATORS[1:] for route in ("reverse", "forward")],
+    ids=lambda x: getattr(x, "__name__", x),
+)
 @pytest.mark.parametrize("name", ["mlp_ce", "cnn_mse", "seq_bce", "transformer_ce"])
 def test_probed_loss_gradient_and_product_are_exact(name, cls, reduction, route):
     """The probe's loss, gradient and product equal ``gradient_and_loss`` and ``A @ v``.
@@ -50,8 +54,6 @@ def test_probed_loss_gradient_and_product_are_exact(name, cls, reduction, route)
     output gradient (reverse route) or from one more pullback (forward route); several
     batches with weights other than 1 (mean) and equal to 1 (sum).
     """
-    if route == "forward" and cls is HessianLinearOperator:
-        pytest.skip("JVP_ROUTE applies to the GGN family")
     c = make_case(name, reduction)
     op = cls(c.model, c.loss_func, c.params, c.data, check_deterministic=False, **c.kwargs())
     op.JVP_ROUTE = route
@@ -138,39 +140,14 @@ def test_loss_hessian_alone_differing_is_caught(cls):
         cls(c.model, loss_func, c.params, c.data)
 
 
-@pytest.mark.parametrize("size", [1, 7, 4096, 4097, 10_000, 109_386])
+@pytest.mark.parametrize("size", [1, 4097, 109_386])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_probe_vector(size, dtype):
-    """Shape, dtype, range, every entry non-zero, and the global RNG's role."""
+def test_probe_vector_is_the_contracts_draw(size, dtype):
+    """API.md section 2.2, step 4: ``v = torch.rand(A.shape[1])`` from the global generator."""
     torch.manual_seed(0)
     v = _probe_vector(size, dtype, torch.device("cpu"))
-    assert v.shape == (size,) and v.dtype == dtype
-    assert bool((v > 0).all()) and bool((v < 1).all())
     torch.manual_seed(0)
-    assert torch.equal(v, _probe_vector(size, dtype, torch.device("cpu")))
-    if size > 1:
-        assert v.unique().numel() > size // 2  # no repeated pattern
-
-
-def test_probe_vector_detects_sparse_differences():
-    """Differences of two or four entries with cancelling signs are not annihilated.
-
-    (Such patterns annihilate vectors built from sums of random vectors, or sequences with
-    constant increments; the outer product of two random vectors has no linear relation.)
-    """
-    size = 109_386
-    v = _probe_vector(size, torch.float64, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        i, j, k, m = torch.randint(0, size, (4,), generator=gen).tolist()
-        if len({i, j, k, m}) < 4:
-            continue
-        assert (v[i] - v[j]).abs() > 1e-12
-        assert (v[i] - v[j] - v[k] + v[m]).abs() > 1e-12
-    rows = int(size**0.5) + 1
-    # the entries of a 2 x 2 block of the outer product (the structured worst case)
-    block = v[: 2 * rows].reshape(2, rows)[:, :2]
-    assert (block[0, 0] - block[0, 1] - block[1, 0] + block[1, 1]).abs() > 1e-12
+    assert torch.equal(v, torch.rand(size, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
