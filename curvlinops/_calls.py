@@ -411,6 +411,7 @@ class CallPass(LayerPass):
                 batch = CallBatch(X, y, recorder.uses)
                 if vectors is not None:
                     self._backward_uses(batch, output, vectors)
+                del output, recorder  # not kept alive while the consumer works on the batch
                 yield batch
 
     def _backward_uses(self, batch: CallBatch, output: Tensor, vectors):

@@ -240,6 +240,7 @@ class LayerPass:
                     batch.grads = self._backward(batch, output, outputs, vectors)
                 elif vectors is not None:  # no hooked layer ran (consumers report it)
                     batch.grads = {}
+                del output, outputs  # not kept alive while the consumer works on the batch
                 yield batch
 
     def _forward(
