@@ -248,7 +248,10 @@ def batched_eigh(
 
 
 def _is_finite(matrix: Tensor) -> bool:
-    """Whether every entry is finite (minimum and maximum propagate NaN and infinity)."""
+    """Whether every entry is finite (minimum and maximum propagate NaN and infinity).
+
+    ``torch.isfinite`` would allocate a copy of the matrix (its absolute values) and masks.
+    """
     return matrix.numel() == 0 or bool(torch.isfinite(torch.stack(matrix.aminmax())).all())
 
 

@@ -238,3 +238,12 @@ def test_exact_inverse_unchanged():
     # (K + delta I)^{-1} K = I - delta (K + delta I)^{-1}
     expected = eye - 0.1 * torch.linalg.inv(dense + 0.1 * eye)
     torch.testing.assert_close(inverse @ dense, expected, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cholesky_inverse_refuses_non_finite_factor(bad):
+    """The finiteness check without a copy of the Cholesky factor still catches NaN/inf."""
+    M = torch.eye(4, dtype=DT)
+    M[1, 2] = M[2, 1] = bad
+    with pytest.raises(RuntimeError):
+        damped_spd_inverse(M, 0.1, "factor", False)
