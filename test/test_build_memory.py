@@ -247,3 +247,23 @@ def test_cholesky_inverse_refuses_non_finite_factor(bad):
     M[1, 2] = M[2, 1] = bad
     with pytest.raises(RuntimeError):
         damped_spd_inverse(M, 0.1, "factor", False)
+
+
+def test_chunked_backward_writes_into_one_result():
+    """Vectors backpropagated in several chunks give the factors of one chunk."""
+    model, (X, y) = cnn(), cnn_data()
+    factors = []
+    for max_columns in (16, 2):
+        kfac = KFACLinearOperator(
+            model,
+            nn.CrossEntropyLoss(),
+            list(model.parameters()),
+            [(X, y)],
+            fisher_type="type-2",  # 3 vectors per row: 2 chunks with max_columns=2
+            check_deterministic=False,
+        )
+        kfac.MAX_COLUMNS_PER_CHUNK = max_columns
+        kfac.compute_kronecker_factors()
+        factors.append(dict(kfac._gradient_covariances))
+    for name in factors[0]:
+        torch.testing.assert_close(factors[0][name], factors[1][name], rtol=1e-12, atol=1e-14)
