@@ -66,8 +66,19 @@ def block_scale(V: Tensor, S: Tensor) -> Tensor:
     return V * (S if V.ndim == 2 else S.unsqueeze(-1))
 
 
-def _spd_inverse(matrix: Tensor) -> Tensor:
+def _damped_copy(matrix: Tensor, damping: float, dtype: torch.dtype) -> Tensor:
+    r""":math:`\mathbf{M} + \delta\mathbf{I}` as a new matrix of ``dtype`` (no identity matrix)."""
+    damped = matrix.to(dtype=dtype, copy=True)
+    damped.diagonal().add_(damping)
+    return damped
+
+
+def _spd_inverse(holder: List[Tensor]) -> Tensor:
     """Inverse of a symmetric positive definite matrix by Cholesky.
+
+    The matrix comes in a one-element list that this function empties, so that the matrix is
+    freed as soon as its Cholesky factor exists: at most two matrices of its size are alive
+    at once (the matrix and its factor, then the factor and the inverse).
 
     A numerically singular matrix (rank-deficient up to round-off) can pass the Cholesky
     factorisation with a tiny positive pivot and give an inverse of size ``1 / eps``; such a
@@ -76,13 +87,18 @@ def _spd_inverse(matrix: Tensor) -> Tensor:
     Raises:
         torch.linalg.LinAlgError: If the matrix is not numerically positive definite.
     """
+    matrix = holder.pop()
     L = torch.linalg.cholesky(matrix)
     if is_compiling():  # no data-dependent checks in a traced product
         return torch.cholesky_inverse(L)
+    n = matrix.shape[0]
+    scale = matrix.diagonal().abs().max() if n > 0 else None
+    tolerance = n * torch.finfo(matrix.dtype).eps * scale if n > 0 else None
+    del matrix
     pivots = L.diagonal() ** 2
-    scale = matrix.diagonal().abs().max()
-    tolerance = matrix.shape[0] * torch.finfo(matrix.dtype).eps * scale
-    if matrix.shape[0] > 0 and (pivots.min() <= tolerance or not torch.isfinite(L).all()):
+    # NaN and infinity propagate into the sum (isfinite(L) would copy L); finite entries
+    # cannot overflow it: |L_ij| <= sqrt(max M_ii) <= sqrt(largest float)
+    if n > 0 and (pivots.min() <= tolerance or not torch.isfinite(L.sum())):
         raise torch.linalg.LinAlgError(
             f"the matrix is numerically singular (smallest Cholesky pivot {pivots.min():.3e} "
             f"is within round-off {tolerance:.3e} of zero)."
@@ -92,6 +108,9 @@ def _spd_inverse(matrix: Tensor) -> Tensor:
 
 def damped_spd_inverse(matrix: Tensor, damping: float, what: str, retry_double: bool) -> Tensor:
     r""":math:`(\mathbf{M} + \delta\mathbf{I})^{-1}` by Cholesky, retried in float64 if allowed.
+
+    Peak memory: two matrices of the factor's size besides the factor (the damped copy and its
+    Cholesky factor, then the factor and the inverse).
 
     Args:
         matrix: A symmetric positive semi-definite factor.
@@ -106,11 +125,9 @@ def damped_spd_inverse(matrix: Tensor, damping: float, what: str, retry_double: 
         RuntimeError: (``torch.linalg.LinAlgError``) If the damped factor is not numerically
             positive definite (after the float64 retry, if allowed).
     """
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    damped = matrix + damping * eye
     dtype = matrix.dtype
     try:
-        return _spd_inverse(damped)
+        return _spd_inverse([_damped_copy(matrix, damping, dtype)])
     except RuntimeError as error:
         if dtype == torch.float64 or not retry_double:
             hint = (
@@ -130,7 +147,7 @@ def damped_spd_inverse(matrix: Tensor, damping: float, what: str, retry_double: 
         stacklevel=6,
     )
     try:
-        inverse = _spd_inverse(damped.to(torch.float64))
+        inverse = _spd_inverse([_damped_copy(matrix, damping, torch.float64)])
     except RuntimeError as error:
         raise torch.linalg.LinAlgError(
             f"Cholesky factorisation of the damped {what} (damping {damping}) failed in "

@@ -36,7 +36,13 @@ from torch import Tensor, nn
 
 from curvlinops._autodiff import guarded_models
 from curvlinops._fallback import per_row_squares
-from curvlinops._layer_pass import CONV_MODULES, LayerPass, is_supported_layer
+from curvlinops._layer_pass import (
+    CONV_MODULES,
+    LayerPass,
+    OutputNode,
+    backpropagate,
+    is_supported_layer,
+)
 
 
 @dataclass(eq=False)
@@ -64,7 +70,9 @@ class Use:
 
     Attributes:
         x: The detached layer input (embedding: the indices), ``None`` if only the bias is used.
-        output: The call's output (a node of the graph).
+        output: The call's output as a target of differentiation (an
+            :class:`~curvlinops._layer_pass.OutputNode`, shared by the uses of one call; the
+            output tensor itself if it has no gradient edge), released after the backward pass.
         batch_first: Whether the input's first axis is the batch axis (module calls).
         weight: Whether the call used the unit's weight.
         bias: Whether the call used the unit's bias.
@@ -72,7 +80,7 @@ class Use:
     """
 
     x: Optional[Tensor]
-    output: Tensor
+    output: object
     batch_first: bool
     weight: bool = True
     bias: bool = False
@@ -197,9 +205,13 @@ class _Recorder:
         # the batch axis first
         self.module_inputs: Dict[int, int] = {}
 
-    def _keep(self, output: Tensor) -> Tensor:
-        # the next operation gets a copy, so in-place operations cannot overwrite the node
-        return output.clone() if self.record_outputs and output.requires_grad else output
+    def _node(self, output: Tensor):
+        """What a use keeps of the call's output: its gradient edge, not its values.
+
+        The edge stays at the call when an in-place operation later overwrites the output,
+        so the output needs no copy (and no reference that would keep it alive).
+        """
+        return OutputNode.of(output) if self.record_outputs else None
 
     def _refuse(self, unit: Unit, message: str):
         """Raise ``NotImplementedError(message)``, or note the unit when probing."""
@@ -238,16 +250,17 @@ class _Recorder:
         units = [w_unit] if w_unit is not None else []
         if b_unit is not None and b_unit is not w_unit:
             units.append(b_unit)
+        node = self._node(output)
         for unit in units:
             use = Use(
                 x.detach() if unit is w_unit else None,
-                output,
+                node,
                 batch_first and isinstance(unit.module, nn.Linear),
                 weight=unit is w_unit,
                 bias=bias is not None and unit.bias is bias,
             )
             self.uses.setdefault(unit.name, []).append(use)
-        return self._keep(output)
+        return output
 
     def embedding(self, original, idx: Tensor, weight: Tensor, *args, **kwargs):
         unit = self.by_weight.get(id(weight))
@@ -266,8 +279,8 @@ class _Recorder:
             )
             return original(idx, weight, *args, **kwargs)
         output = original(idx, weight, *args, **kwargs)
-        self.uses.setdefault(unit.name, []).append(Use(idx.detach(), output, True))
-        return self._keep(output)
+        self.uses.setdefault(unit.name, []).append(Use(idx.detach(), self._node(output), True))
+        return output
 
     def conv_hooks(self, unit: Unit):
         def pre_hook(module, args):
@@ -279,10 +292,11 @@ class _Recorder:
             self._pending[unit.name] = args[0].detach()
 
         def hook(module, args, output):
-            use = Use(self._pending.pop(unit.name), output, True, bias=unit.bias is not None)
+            x = self._pending.pop(unit.name)
+            use = Use(x, self._node(output), True, bias=unit.bias is not None)
             use.weight = unit.weight is not None
             self.uses.setdefault(unit.name, []).append(use)
-            return self._keep(output)
+            return None
 
         return pre_hook, hook
 
@@ -397,6 +411,7 @@ class CallPass(LayerPass):
                 batch = CallBatch(X, y, recorder.uses)
                 if vectors is not None:
                     self._backward_uses(batch, output, vectors)
+                del output, recorder  # not kept alive while the consumer works on the batch
                 yield batch
 
     def _backward_uses(self, batch: CallBatch, output: Tensor, vectors):
@@ -416,11 +431,10 @@ class CallPass(LayerPass):
                 )
             if not nodes:
                 return
-            chunks = [
-                self._grads_of_chunk(f_flat, nodes, chunk)
-                for chunk in cotangents.split(self.max_columns)
-            ]
-        grads = {id(node): torch.cat(parts) for node, parts in zip(nodes, zip(*chunks))}
+            grads = dict(
+                zip(map(id, nodes), backpropagate(f_flat, nodes, cotangents, self.max_columns))
+            )
         for use in uses:
             use.grad = grads[id(use.output)]
+            use.output = None  # the graph is freed: nothing left to differentiate
         batch.backpropagated = True

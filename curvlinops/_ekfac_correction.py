@@ -227,25 +227,46 @@ def batched_eigh(
     lookup = dict(items)
     result = {}
     for keys in groups.values():
-        stacked = torch.stack([lookup[k] for k in keys])
+        group = [lookup[k] for k in keys]
         if is_compiling():  # traced: no data-dependent checks or fallbacks
-            evals, evecs = _traced_eigh(stacked)
+            evals, evecs = _traced_eigh(torch.stack(group))
             for i, key in enumerate(keys):
                 result[key] = (evals[i], evecs[i])
             continue
-        finite = torch.isfinite(stacked).flatten(1).all(1)
-        if not finite.all():
-            bad = [k for k, ok in zip(keys, finite.tolist()) if not ok]
+        bad = [k for k, matrix in zip(keys, group) if not _is_finite(matrix)]
+        if bad:
             raise ValueError(
                 f"batched_eigh got matrices with NaN or infinite entries: {bad}. Check the "
                 "data and the model for overflow (or use float64)."
             )
-        evals, evecs = _robust_eigh(stacked, keys)
+        evals, evecs = _robust_eigh(group, keys)
         for i, key in enumerate(keys):
             result[key] = (evals[i], evecs[i])
     if as_dict:
         return {key: result[key] for key, _ in items}
     return [result[i] for i in range(len(items))]
+
+
+def _is_finite(matrix: Tensor) -> bool:
+    """Whether every entry is finite (minimum and maximum propagate NaN and infinity).
+
+    ``torch.isfinite`` would allocate a copy of the matrix (its absolute values) and masks.
+    """
+    return matrix.numel() == 0 or bool(torch.isfinite(torch.stack(matrix.aminmax())).all())
+
+
+def _stack(group: List[Tensor], dtype: torch.dtype) -> Tensor:
+    """The matrices as one ``[b, n, n]`` tensor of ``dtype``; a view for one of that dtype.
+
+    Written into the result one by one (no stack in the original dtype next to the cast).
+    """
+    if len(group) == 1 and group[0].dtype == dtype:
+        return group[0].unsqueeze(0)
+    first = group[0]
+    stacked = torch.empty((len(group), *first.shape), dtype=dtype, device=first.device)
+    for target, matrix in zip(stacked, group):
+        target.copy_(matrix)
+    return stacked
 
 
 def _traced_eigh(stacked: Tensor) -> Tuple[Tensor, Tensor]:
@@ -257,27 +278,27 @@ def _traced_eigh(stacked: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.linalg.eigh(stacked)
 
 
-def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
-    """Batched ``eigh`` of a stack ``[b, n, n]`` with the float64 and damped fallbacks.
+def _robust_eigh(group: List[Tensor], keys: List) -> Tuple[Tensor, Tensor]:
+    """Batched ``eigh`` of same-sized matrices with the float64 and damped fallbacks.
 
     Lower-precision matrices up to :data:`FLOAT64_EIGH_MAX_DIM` are decomposed in float64 and
     cast back: a float32 ``eigh`` loses a few digits more than the factor's own round-off
     (eigenvectors about ``n`` times ``eps`` from orthogonal), which EKFAC and exact damping
     would pass on to every product; in float64 the result is the float32 rounding of an
-    accurate decomposition, at a cost that is small next to the data passes.
+    accurate decomposition, at a cost that is small next to the data passes. Each attempt's
+    input is made when it runs (a single matrix in its own dtype is not copied).
     """
-    dtype = stacked.dtype
-    double = stacked.to(torch.float64)
+    dtype, n = group[0].dtype, group[0].shape[-1]
     if dtype == torch.float64:
-        attempts = [stacked]
-    elif stacked.shape[-1] <= FLOAT64_EIGH_MAX_DIM:
-        attempts = [double]  # small: float64 directly (accuracy)
+        attempts = [dtype]
+    elif n <= FLOAT64_EIGH_MAX_DIM:
+        attempts = [torch.float64]  # small: float64 directly (accuracy)
     else:
-        attempts = [stacked, double]  # large: own dtype, float64 if it fails
+        attempts = [dtype, torch.float64]  # large: own dtype, float64 if it fails
     first_error = None
     for attempt in attempts:
         try:
-            evals, evecs = torch.linalg.eigh(attempt)
+            evals, evecs = torch.linalg.eigh(_stack(group, attempt))
         except RuntimeError as error:  # torch.linalg.LinAlgError derives from RuntimeError
             first_error = first_error or error
             continue
@@ -289,13 +310,16 @@ def _robust_eigh(stacked: Tensor, keys: List) -> Tuple[Tensor, Tensor]:
                 stacklevel=3,
             )
         return evals.to(dtype), evecs.to(dtype)
+    double = _stack(group, torch.float64)
+    if double.data_ptr() == group[0].data_ptr():  # a view of the caller's matrix: copy
+        double = double.clone()
     scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     # an all-zero matrix still needs a positive shift to perturb the iteration
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     shift = EIGH_DAMPING * scale
-    eye = torch.eye(double.shape[-1], dtype=torch.float64, device=double.device)
+    double.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
     try:
-        evals, evecs = torch.linalg.eigh(double + shift[:, None, None] * eye)
+        evals, evecs = torch.linalg.eigh(double)
     except RuntimeError as error:
         raise RuntimeError(
             f"eigh failed for {keys} in {dtype}, in float64 and with a diagonal shift of "

@@ -49,8 +49,8 @@ def input_factor(module: nn.Module, x: Tensor, reduce: bool, joint: bool, num_da
         The contribution ``[d_in (+1), d_in (+1)]``.
     """
     if isinstance(module, nn.Conv2d) and not reduce:
-        rows_t, num_locations = conv2d_patches_channels_first(module, x)
-        scale = 1.0 / (num_data * num_locations)
+        patches = conv2d_patches_channels_first(module, x)
+        return batched_gram_factor(patches, 1.0 / (num_data * patches.shape[2]), joint)
     else:
         rows = layer_rows(module, x, reduce)
         scale = 1.0 / (num_data * rows.shape[1])
@@ -75,12 +75,57 @@ def gram_factor(rows_t: Tensor, scale: float, joint: bool) -> Tensor:
     return core if prescale else core.mul_(scale)
 
 
+#: Most entries of the ``[n, d, d]`` temporaries of one chunk of :func:`batched_gram`,
+#: relative to the entries of its input (at least one ``d x d`` matrix per chunk).
+GRAM_CHUNK_FRACTION = 0.25
+
+
+def batched_gram(columns: Tensor) -> Tensor:
+    """``sum_n C_n C_n^T`` of matrices ``C_n`` given as ``[N, d, L]`` (any strides).
+
+    Batched products over chunks of the ``N`` matrices, without the transposing copy of all
+    of them that one product ``[d, N L] @ [N L, d]`` would need; a chunk's ``[n, d, d]``
+    temporaries stay below :data:`GRAM_CHUNK_FRACTION` of the input (or one ``d x d``).
+    """
+    N, d, _ = columns.shape
+    step = max(1, min(N, int(GRAM_CHUNK_FRACTION * columns.numel()) // max(1, d * d)))
+    total = None
+    for start in range(0, N, step):
+        chunk = columns[start : start + step]
+        part = torch.bmm(chunk, chunk.transpose(1, 2)).sum(0)
+        total = part if total is None else total.add_(part)
+    return total if total is not None else columns.new_zeros(d, d)
+
+
+def batched_gram_factor(columns: Tensor, scale: float, joint: bool) -> Tensor:
+    """:func:`gram_factor` of the rows ``C_n^T`` of all matrices ``C_n`` (``[N, d, L]``)."""
+    core = batched_gram(columns).mul_(scale)
+    if not joint:
+        return core
+    sums = columns.sum((0, 2)).unsqueeze(1) * scale
+    count = sums.new_full((1, 1), columns.shape[0] * columns.shape[2] * scale)
+    return torch.cat([torch.cat([core, sums], 1), torch.cat([sums.T, count], 1)], 0)
+
+
+def rows_gram(g: Tensor) -> Tensor:
+    """``sum g_r g_r^T`` over all rows ``g_r`` of ``[..., S, d]`` (views of any layout).
+
+    Rows that are a transposed view of channels-first gradients (convolutions, see
+    :func:`~curvlinops._layer_pass.output_gradient_rows`) go through :func:`batched_gram`
+    instead of a copy into row-major order.
+    """
+    d = g.shape[-1]
+    if g.ndim >= 2 and g.stride(-1) != 1 and g.shape[-2] > 1 and g.stride(-2) == 1:
+        return batched_gram(g.reshape(-1, *g.shape[-2:]).transpose(1, 2))
+    flat = g.reshape(-1, d)
+    return flat.T @ flat
+
+
 def gradient_factor(g: Tensor, reduce: bool) -> Tensor:
     """A batch's contribution to ``G`` from output-gradient rows ``[V, B, S, d_out]``."""
     if reduce:
         g = g.sum(2)
-    flat = g.reshape(-1, g.shape[-1])
-    return flat.T @ flat
+    return rows_gram(g)
 
 
 def accumulate(totals: Dict[str, Tensor], contributions: Dict[str, Tensor]):
@@ -168,7 +213,8 @@ def unit_input_factor(
         total = sum((x * w.unsqueeze(-1)).sum(1) for x, w in zip(xs, weights))
         count = sum(w.sum(1) for w in weights).clamp(min=1).unsqueeze(-1)
         return gram_factor((total / count).T, 1.0 / num_data, joint)
-    rows = torch.cat([x.reshape(-1, x.shape[-1]) if m is None else x[m] for x, m in zip(xs, masks)])
+    parts = [x.reshape(-1, x.shape[-1]) if m is None else x[m] for x, m in zip(xs, masks)]
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
     return gram_factor(rows.T, batch_size / (num_data * max(rows.shape[0], 1)), joint)
 
 
@@ -176,16 +222,23 @@ def unit_gradient_factor(unit: Unit, uses: List[Use], reduce: bool, joint: bool)
     """A batch's contribution to a unit's gradient factor, from all its uses' gradients."""
     selected = _weight_uses(unit, uses, joint)
     if unit.kind == "embedding" or not reduce:
-        grads = [
-            output_gradient_rows(unit.module, u.grad) if unit.kind == "conv" else u.grad
+        # every use's rows count: a sum of Gramians, without concatenating (copying) rows
+        return sum_in_place(
+            rows_gram(output_gradient_rows(unit.module, u.grad) if unit.kind == "conv" else u.grad)
             for u in selected
-        ]
-        flat = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
-        return flat.T @ flat
+        )
     _require_batch_first(unit.name, selected)
-    g = torch.cat([output_gradient_rows(unit.module, u.grad) for u in selected], 2).sum(2)
-    flat = g.reshape(-1, g.shape[-1])
-    return flat.T @ flat
+    g = sum_in_place(output_gradient_rows(unit.module, u.grad).sum(2) for u in selected)
+    return rows_gram(g)
+
+
+def sum_in_place(tensors) -> Tensor:
+    """The sum of the tensors of an iterable, accumulated into the first one."""
+    iterator = iter(tensors)
+    total = next(iterator)
+    for tensor in iterator:
+        total = total.add_(tensor) if total.shape == tensor.shape else total + tensor
+    return total
 
 
 def embedding_input_factor(

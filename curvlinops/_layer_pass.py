@@ -3,11 +3,16 @@ r"""One data pass over the supported layers, shared by KFAC, EKFAC and the exact
 Per batch, one forward pass with hooks on the chosen ``nn.Linear`` and ``nn.Conv1d/2d/3d``
 layers: a forward pre-hook hands each layer's (detached) input to a consumer callback right
 away (e.g. to turn it into rows, or straight into a factor contribution), and a forward hook
-keeps the layer's output as a node of the graph and gives the next layer a copy, so in-place
-activations (``ReLU(inplace=True)``) cannot overwrite it. Then *one* call of
-``torch.autograd.grad`` from the flattened output ``[R, C]`` to all kept layer outputs
+keeps the *gradient edge* of the layer's output (:class:`OutputNode`), not the output
+itself: its values are not kept alive, and in-place activations (``ReLU(inplace=True)``)
+that later overwrite it leave the edge pointing at the layer (no copy is needed). Then *one*
+call of ``torch.autograd.grad`` from the flattened output ``[R, C]`` to all layer outputs
 backpropagates all the consumer's vectors ``[V, R, C]`` at once (``is_grads_batched``, in
-chunks of at most ``max_columns``). Parameter ``.grad`` fields are never touched.
+chunks of at most ``max_columns``, written into one result per layer; the last chunk frees
+the graph's saved tensors). Parameter ``.grad`` fields are never touched.
+
+Memory of a batch: the forward graph, the consumer's per-layer quantities and the output
+gradients of all layers, and one chunk of backward temporaries.
 
 Layouts (the conventions every consumer relies on):
 
@@ -23,6 +28,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from curvlinops._autodiff import guarded_models
 from curvlinops.kfac_utils import (
@@ -69,19 +75,18 @@ def layer_rows(module: nn.Module, x: Tensor, reduce: bool) -> Tensor:
     return rows.mean(1, keepdim=True) if reduce else rows
 
 
-def conv2d_patches_channels_first(module: nn.Conv2d, x: Tensor) -> Tuple[Tensor, int]:
-    """A ``Conv2d`` input's patches as columns ``[d_in, B * L]`` (``F.unfold``'s layout).
+def conv2d_patches_channels_first(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """A ``Conv2d`` input's patches per example, ``[B, d_in, L]`` (``F.unfold``'s layout).
 
-    Avoids the transposing copy of all patches that :func:`layer_rows` makes.
-
-    Returns:
-        The columns and the number ``L`` of output locations.
+    Avoids the transposing copy of all patches that :func:`layer_rows` makes (``L`` is the
+    number of output locations).
     """
     if module.groups > 1:  # one input factor shared by the groups: average their channels
         x = rearrange(x, "b (g c) ... -> b g c ...", g=module.groups).mean(1)
     padding = _symmetric_padding(module.padding, module.kernel_size, module.dilation)
-    U = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-    return rearrange(U, "b d l -> d (b l)"), U.shape[2]
+    return torch.nn.functional.unfold(
+        x, module.kernel_size, module.dilation, padding, module.stride
+    )
 
 
 def output_gradient_rows(module: nn.Module, g: Tensor) -> Tensor:
@@ -89,6 +94,71 @@ def output_gradient_rows(module: nn.Module, g: Tensor) -> Tensor:
     if isinstance(module, CONV_MODULES):
         return rearrange(g, "v b c ... -> v b (...) c")
     return rearrange(g, "v b ... d -> v b (...) d")
+
+
+@dataclass(eq=False)
+class OutputNode:
+    """A layer output as a target of differentiation, without its values.
+
+    Holds the output's gradient edge (its ``grad_fn`` and output index), which stays valid
+    when an in-place operation later overwrites the output, and its metadata for zero
+    gradients of outputs the loss does not depend on.
+
+    Attributes:
+        edge: The ``torch.autograd.graph.GradientEdge`` of the output.
+        shape: The output's shape.
+        dtype: The output's dtype.
+        device: The output's device.
+    """
+
+    edge: object
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, output: Tensor):
+        """The node of ``output``, or ``output`` itself if it has no gradient edge."""
+        if not output.requires_grad or output.grad_fn is None:
+            return output
+        return cls(get_gradient_edge(output), output.shape, output.dtype, output.device)
+
+
+def backpropagate(
+    f_flat: Tensor, nodes: List, cotangents: Tensor, max_columns: int, free_graph: bool = True
+) -> List[Tensor]:
+    """``[V, *node.shape]`` gradients of all vectors ``[V, R, C]`` for every node.
+
+    The vectors go in chunks of at most ``max_columns`` (batched calls); each chunk's
+    gradients are written into one preallocated result per node, so only one chunk of
+    temporaries is alive besides the results. With ``free_graph``, the last chunk releases the
+    graph's saved tensors.
+
+    Args:
+        f_flat: The flattened output ``[R, C]`` (a node of the graph).
+        nodes: :class:`OutputNode` entries or tensors.
+        cotangents: The vectors ``[V, R, C]``.
+        max_columns: Most vectors per batched call.
+        free_graph: Free the graph with the last chunk.
+
+    Returns:
+        The gradients, one per node (zeros for nodes the output does not depend on).
+    """
+    chunks = cotangents.split(max_columns)
+    results: Optional[List[Tensor]] = None
+    start = 0
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        grads = LayerPass._grads_of_chunk(f_flat, nodes, chunk, not (last and free_graph))
+        if len(chunks) == 1:
+            return grads
+        if results is None:
+            results = [g.new_empty(cotangents.shape[0], *g.shape[1:]) for g in grads]
+        for result, g in zip(results, grads):
+            result[start : start + chunk.shape[0]].copy_(g)
+        del grads
+        start += chunk.shape[0]
+    return results
 
 
 @dataclass
@@ -170,13 +240,14 @@ class LayerPass:
                     batch.grads = self._backward(batch, output, outputs, vectors)
                 elif vectors is not None:  # no hooked layer ran (consumers report it)
                     batch.grads = {}
+                del output, outputs  # not kept alive while the consumer works on the batch
                 yield batch
 
     def _forward(
         self, batch: LayerBatch, input_names, input_fn, need_grads: bool
     ) -> Tuple[Tensor, Dict[str, Tensor]]:
         """The hooked forward pass; returns the output and the kept layer outputs."""
-        outputs: Dict[str, Tensor] = {}
+        outputs: Dict[str, OutputNode] = {}
 
         def store_input(name):
             def hook(module, args):
@@ -197,9 +268,10 @@ class LayerPass:
                 if name in outputs:
                     _note_reuse(batch, name)
                     return None
-                outputs[name] = layer_output
-                # the next layer gets a copy, so in-place ops cannot overwrite the node
-                return layer_output.clone()
+                # the edge, not the output: its values are not kept alive, and in-place
+                # operations on it leave the edge at the layer
+                outputs[name] = OutputNode.of(layer_output)
+                return None
 
             return hook
 
@@ -218,42 +290,52 @@ class LayerPass:
         return output, outputs
 
     def _backward(
-        self, batch: LayerBatch, output: Tensor, outputs: Dict[str, Tensor], vectors: VectorFn
+        self, batch: LayerBatch, output: Tensor, outputs: Dict[str, OutputNode], vectors: VectorFn
     ) -> Optional[Dict[str, Tensor]]:
-        """Backpropagate the batch's vectors to all kept layer outputs, in column chunks."""
+        """Backpropagate the batch's vectors to all layer outputs, in column chunks.
+
+        The gradient rows of a convolution are a view of its channels-first gradients.
+        """
         with torch.enable_grad():
             f_flat = self.to_rows(output)
             cotangents = vectors(batch.X, batch.y, output, f_flat, self.flatten_labels(batch.y))
             if cotangents is None:
                 return None
             names = list(outputs)
-            chunks = [
-                self._grads_of_chunk(f_flat, [outputs[n] for n in names], chunk)
-                for chunk in cotangents.split(self.max_columns)
-            ]
-        return {
-            n: output_gradient_rows(self.layers[n], torch.cat(parts))
-            for n, parts in zip(names, zip(*chunks))
-        }
+            grads = backpropagate(f_flat, [outputs[n] for n in names], cotangents, self.max_columns)
+        outputs.clear()
+        return {n: output_gradient_rows(self.layers[n], g) for n, g in zip(names, grads)}
 
     @staticmethod
-    def _grads_of_chunk(f_flat: Tensor, nodes: List[Tensor], chunk: Tensor) -> List[Tensor]:
-        """``[V', *node.shape]`` gradients of one chunk of vectors (zeros if unused)."""
+    def _grads_of_chunk(
+        f_flat: Tensor, nodes: List, chunk: Tensor, retain_graph: bool = True
+    ) -> List[Tensor]:
+        """``[V', *node.shape]`` gradients of one chunk of vectors (zeros if unused).
+
+        ``nodes`` holds :class:`OutputNode` entries or tensors.
+        """
         batched = chunk.shape[0] > 1
         grads = torch.autograd.grad(
             f_flat,
-            nodes,
+            [n.edge if isinstance(n, OutputNode) else n for n in nodes],
             chunk if batched else chunk[0],
-            retain_graph=True,
+            retain_graph=retain_graph,
             allow_unused=True,
             is_grads_batched=batched,
         )
         return [
-            torch.zeros_like(node).expand(chunk.shape[0], *node.shape)
+            _zeros(node).expand(chunk.shape[0], *node.shape)
             if g is None
             else (g if batched else g.unsqueeze(0)).detach()
             for node, g in zip(nodes, grads)
         ]
+
+
+def _zeros(node) -> Tensor:
+    """Zeros shaped like a node (an :class:`OutputNode` or a tensor)."""
+    if isinstance(node, OutputNode):
+        return torch.zeros(node.shape, dtype=node.dtype, device=node.device)
+    return torch.zeros_like(node)
 
 
 def partition_parameters(

@@ -376,8 +376,10 @@ class KFACLinearOperator(
             vectors, num_samples = strategy.row_gradients(f, y_flat).unsqueeze(0), 1
         # rows the loss ignores (ignore_index) contribute nothing
         vectors = strategy.mask_rows(vectors, y_flat)
+        # the vectors are new tensors here (samples, products, gradients), so they are scaled
+        # in place: no second [V, R, C] tensor next to them
         if self._loss_func.reduction == "sum":
-            return vectors / sqrt(num_samples)
+            return vectors.div_(sqrt(num_samples))
         B, R = self._batch_size_fn(X), self._num_per_example_loss_terms
         if f.shape[0] != B * R:
             # the mean-reduction scaling assumes R loss terms (output rows) per data point
@@ -390,11 +392,11 @@ class KFACLinearOperator(
             # mean over the counted rows of the batch, weighted by B / N (= kappa / c_b^2
             # below when all rows count)
             count = strategy.normalization(f, y_flat)
-            return vectors * sqrt(B / (self._N_data * num_samples * count))
+            return vectors.mul_(sqrt(B / (self._N_data * num_samples * count)))
         kappa = (B * R) ** 2 / (self._N_data * num_samples * R)
         # gradient of the mean-reduced loss, with the sqrt(C) correction for MSE/BCE
         scale = sqrt(kappa) * strategy.mean_correction(f.shape[1]) / strategy.normalization(f)
-        return vectors * scale
+        return vectors.mul_(scale)
 
     def _layer_pass(
         self, input_names: List[str], input_fn: Callable[[str, Tensor], Tensor], desc: str
