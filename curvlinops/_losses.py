@@ -272,12 +272,10 @@ class LossStrategy:
         Raises:
             ValueError: If ``output_flat`` is not 2-d.
         """
-        return torch.stack(
-            [
-                self.label_gradients(output_flat, self.draw_label(output_flat, generator))
-                for _ in range(num_samples)
-            ]
-        )
+        samples = output_flat.new_empty(num_samples, *output_flat.shape)
+        for sample in samples:  # filled in turn: no list of samples beside the stack
+            sample.copy_(self.label_gradients(output_flat, self.draw_label(output_flat, generator)))
+        return samples
 
     def _grad_samples(self, output_flat: Tensor, num_samples: int, generator) -> Tensor:
         """The loss's draw of :meth:`grad_samples` on a 2-d output."""
@@ -424,8 +422,11 @@ class CrossEntropyStrategy(LossStrategy):
         return probs.multinomial(num_samples=1, generator=generator).squeeze(-1)
 
     def label_gradients(self, output_flat: Tensor, labels: Tensor) -> Tensor:
-        onehot = torch.nn.functional.one_hot(labels, output_flat.shape[1])
-        return output_flat.softmax(dim=1) - onehot.to(output_flat.dtype)
+        # p - onehot(labels), without the one-hot matrices (int64 and float) beside p
+        gradients = output_flat.softmax(dim=1)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        gradients[rows, labels] -= 1
+        return gradients
 
 
 class BCEWithLogitsStrategy(LossStrategy):
