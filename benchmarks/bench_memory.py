@@ -8,9 +8,10 @@ during the product minus the resident set size before it. The high-water mark is
 before the product by writing ``5`` to ``/proc/self/clear_refs`` (Linux), and read from
 ``VmHWM`` in ``/proc/self/status`` after it, while the product's result is still alive, so both
 curvlinops and the floors are charged for their outputs. Inputs are allocated before the
-measurement. The ratio compares each curvlinops product with the best (lowest) floor of the
-same structure: the Hessian floors for the Hessian, the GGN floors (the same J^T (.) J
-structure) for the GGN, EF and MC-Fisher. Target of the benchmark issue: at most 1.1.
+measurement; curvlinops gets them in the floors' columns-first layout (a ``[K, D]`` tensor seen
+as ``[D, K]``, used without a copy). The ratio compares each curvlinops product with the best
+(lowest) floor of the same structure: the Hessian floors for the Hessian, the GGN floors (the
+same J^T (.) J structure) for the GGN, EF and MC-Fisher. Target of the benchmark issue: at most 1.1.
 
 Builds (problems ``mlp``, ``cnn``, ``transformer``; KFAC over the parameters of
 ``bench_kfac.kfac_params``, default Fisher type ``'mc'`` with one sample, float32), measured the
@@ -83,7 +84,9 @@ def child(problem: str, method: str) -> dict:
     params = list(model.parameters())
     torch.manual_seed(1)
     D = sum(p.numel() for p in params)
-    V = torch.randn(D, K)
+    # columns first (a [K, D] tensor seen as [D, K]), the floors' layout, which products take
+    # without a copy and answer in kind
+    V = torch.randn(K, D).T
     if method in OPERATORS:
         op = OPERATORS[method](model, loss_func, params, [(X, y)], check_deterministic=False)
         run = lambda: op @ V  # noqa: E731
@@ -92,7 +95,7 @@ def child(problem: str, method: str) -> dict:
 
         kfac_p = kfac_params(model)
         op = KFACLinearOperator(model, loss_func, kfac_p, [(X, y)], check_deterministic=False)
-        V = torch.randn(sum(p.numel() for p in kfac_p), K)
+        V = torch.randn(K, sum(p.numel() for p in kfac_p)).T
         run = lambda: op @ V  # noqa: E731
     else:
         kind, name = method.split(" | ")
