@@ -115,6 +115,14 @@ class BatchProducts:
         """``f(param_values, X)``: the model as a function of the values of ``params``."""
         return make_functional_model(self._model_func, self._params)
 
+    def _prepare_compile(self):
+        """Build what the traced product reads but must not build itself (subclasses extend).
+
+        Cached properties (``functools.cached_property`` takes a lock, which ``torch.compile``
+        cannot trace) are computed here, before the first traced product.
+        """
+        _ = self._functional_model
+
     def _start_pass(self):
         """Called before every product's pass over the data (e.g. to re-seed a generator)."""
 
@@ -340,7 +348,7 @@ class BatchProducts:
         """
         if not self._has_batch_product():
             return super().compile(**compile_kwargs)
-        _ = self._functional_model  # built outside the traced code
+        self._prepare_compile()
 
         def product(values, X, y, state, *chunk: Tensor) -> Tuple[Tensor, ...]:
             ad = FunctionalAutodiff(values, state)

@@ -153,6 +153,10 @@ class EFLinearOperator(CurvatureLinearOperator):
         """The loss with ``reduction='sum'`` (checked to be supported; built once)."""
         return loss_strategy(self._loss_func, type(self).__name__).sum_loss()
 
+    def _prepare_compile(self):
+        super()._prepare_compile()
+        _ = self._row_loss  # a cached property: not built inside traced code
+
     def _prepare_batch(
         self, X: Union[Tensor, MutableMapping], y: Tensor, ad: Autodiff = EAGER
     ) -> Callable[[List[Tensor]], List[Tensor]]:

@@ -155,3 +155,19 @@ def test_compiling_composites_inverses_and_submatrices_compiles_their_operands()
     S.compile(backend=CountingBackend(), fullgraph=True)
     V = torch.randn(len(cols), 2, dtype=torch.float64)
     assert_close(S @ V, expected[rows][:, cols] @ V)
+
+
+@pytest.mark.parametrize(
+    "operator", [HessianLinearOperator, GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator]
+)
+def test_compiling_before_any_eager_product_traces_one_graph(operator):
+    """Without the determinism check, nothing was computed eagerly before compiling: what
+    the products build lazily (e.g. the EF's sum-reduced loss, a cached property whose lock
+    ``torch.compile`` cannot trace) must be built by ``compile``, not inside the traced code
+    (a graph break there made inductor fail on functorch-wrapped graph outputs)."""
+    c = make_case("mlp_ce", "mean")
+    A = operator(*c.tensors(), check_deterministic=False, **c.kwargs())
+    M = columns(A)
+    reference = operator(*c.tensors(), check_deterministic=False, **c.kwargs()) @ M
+    compile_counting(A)  # fullgraph=True: a graph break raises
+    assert_close(A @ M, reference)
