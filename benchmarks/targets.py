@@ -99,6 +99,8 @@ def kfac_rows(kfac: dict) -> list:
         ratio = {
             (e["kind"], e["method"], e["K"]): e["ratio_to_gradient"] for e in result["timings"]
         }
+        if ("kfac build", "mc", "-") not in ratio:  # e.g. transformer-all: reported only
+            continue
         rows.append(
             row(problem, "KFAC build (MC)", ratio["kfac build", "mc", "-"], 2.5, "gradients")
         )
