@@ -210,13 +210,24 @@ class JacobianLinearOperator(_JacobianBase):
         return [self._output_shape]
 
     def _combine(self, M: List[Tensor], batches) -> List[Tensor]:
-        """Stack the batches' Jacobian-matrix products along the data axis."""
-        results = []
+        """Write the batches' Jacobian-matrix products into consecutive rows of the output.
+
+        The output is allocated once in the input's layout (see
+        :meth:`~curvlinops._torch_base.PyTorchLinearOperator._new_output`), so that no
+        concatenation and no final re-layout copy is needed.
+        """
+        result, start = None, 0
         for _, _, multiply in batches:
-            results.append(in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)[0])
+            part = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)[0]
             del multiply  # one batch's graph alive at a time
-        result = torch.cat(results)
-        _check_num_data(self, result.shape[0])
+            end = start + part.shape[0]
+            if end > self._N_data:
+                _check_num_data(self, end)
+            if result is None:
+                (result,) = self._new_output(M[0].shape[-1], like=part, layout_of=M[0])
+            result[start:end] = part
+            start = end
+        _check_num_data(self, start)
         return [result]
 
     def _adjoint(self) -> PyTorchLinearOperator:
