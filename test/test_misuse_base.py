@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from model_state import changes, snapshot
 from torch import nn
 
 from curvlinops import (
@@ -198,39 +199,6 @@ def test_products_from_several_threads_are_correct():
 # ------------------------------------------------------------------------------------------------
 # 9. batch norm in training mode; state left as it was
 # ------------------------------------------------------------------------------------------------
-def model_state(model):
-    """Everything a construction or product must leave unchanged."""
-    return {
-        "parameters": [(p, p.detach().clone(), p.grad) for p in model.parameters()],
-        "buffers": [(name, b, b.detach().clone()) for name, b in model.named_buffers()],
-        "hooks": [
-            (
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})),
-            )
-            for m in model.modules()
-        ],
-        "training": [m.training for m in model.modules()],
-        "rng": torch.get_rng_state(),
-    }
-
-
-def assert_state_unchanged(model, before):
-    after = model_state(model)
-    for (p, value, grad), (q, value_now, grad_now) in zip(
-        before["parameters"], after["parameters"]
-    ):
-        assert p is q and torch.equal(value, value_now) and grad is grad_now
-    for (name, b, value), (name_now, b_now, value_now) in zip(before["buffers"], after["buffers"]):
-        assert name == name_now and b is b_now, f"buffer {name} was replaced"
-        assert torch.equal(value, value_now), f"buffer {name} changed"
-    assert before["hooks"] == after["hooks"], "hooks were left on the model"
-    assert before["training"] == after["training"], "train/eval mode changed"
-    assert torch.equal(before["rng"], after["rng"]), "the global RNG moved"
-
-
 def _prepared_model(batch_norm):
     model, loss_func, data = make_problem(batch_norm=batch_norm)
     for p in model.parameters():
@@ -243,23 +211,23 @@ def _prepared_model(batch_norm):
 @pytest.mark.parametrize("cls", ALL_FAMILIES)
 def test_construction_and_products_leave_the_model_unchanged(cls):
     model, loss_func, data = _prepared_model(batch_norm=True)
-    before = model_state(model)
+    before = snapshot(model)
     A = build(cls, model, loss_func, weights(model), data)
-    assert_state_unchanged(model, before)
+    assert changes(before, model) == []
     A @ vector(A)
     A @ torch.zeros(A.shape[1], 2, dtype=DT)
-    assert_state_unchanged(model, before)
+    assert changes(before, model) == []
 
 
 @pytest.mark.parametrize("cls", ALL_FAMILIES)
 def test_errors_half_way_leave_the_model_unchanged(cls):
     model, loss_func, data = _prepared_model(batch_norm=True)
-    before = model_state(model)
+    before = snapshot(model)
     bad = [data[0], (data[1][0].clone(), data[1][1]), data[2]]
     bad[1][0][0, 0] = float("nan")  # the second batch: the first one has been evaluated
     with pytest.raises(ValueError, match=r"Batch 1: X contains NaN"):
         build(cls, model, loss_func, weights(model), bad)
-    assert_state_unchanged(model, before)
+    assert changes(before, model) == []
     mutable = list(data)
     A = build(cls, model, loss_func, weights(model), mutable)
     mutable[2] = (data[2][0].clone(), data[2][1])
@@ -270,7 +238,7 @@ def test_errors_half_way_leave_the_model_unchanged(cls):
     elif cls is not GGNDiagonalLinearOperator:  # the diagonal was computed at construction
         with pytest.raises(ValueError, match=r"Batch 2: X contains NaN or Inf"):
             A @ vector(A)
-    assert_state_unchanged(model, before)
+    assert changes(before, model) == []
 
 
 def test_train_mode_batch_norm_is_restored_and_products_use_batch_statistics():
@@ -581,14 +549,14 @@ def test_a_failed_product_kept_in_a_traceback_does_not_block_other_threads():
     G = GGNLinearOperator(wrapped, loss_func, list(wrapped.parameters()), data)
     v = vector(G)
     expected = G @ v
-    before = model_state(wrapped)
+    before = snapshot(wrapped)
     wrapped.fail = True
     try:
         G @ v
     except RuntimeError as e:
         kept = e  # keeps the traceback, hence the interrupted pass over the data, alive
     wrapped.fail = False
-    assert_state_unchanged(wrapped, before)
+    assert changes(before, wrapped) == []
     results = []
     thread = threading.Thread(target=lambda: results.append(G @ v))
     thread.start()
