@@ -92,13 +92,14 @@ def prepare_ggn_type_product(
     reverse = lambda: linearize(ad, output, pullback)  # noqa: E731
     if probe is not None:
         output_gradient = record_loss(probe, loss_func, output, y)
-        if jvp_route == "reverse":
-            # The transposed pullback, recorded anyway for J V, evaluated at the output
-            # gradient instead of zero is the parameter gradient: no extra backward pass.
+        if jvp_route != "forward":
+            # The transposed pullback, recorded for J V by the reverse route (which a chosen
+            # route takes for the check's single column), evaluated at the output gradient
+            # instead of zero is the parameter gradient: no extra backward pass.
             gradient, jvp_at_gradient = linearize_at(ad, pullback, output_gradient)
             probe["gradient"] = [g.detach() for g in gradient]
             reverse = lambda: jvp_at_gradient  # noqa: E731
-        else:  # forward mode or a measured route: one more pullback
+        else:  # forced forward mode: one more pullback
             probe["gradient"] = [g.detach() for g in pullback([output_gradient], False)]
     routes = {
         "reverse": reverse,

@@ -76,3 +76,30 @@ def test_check_still_compares_gradients(cls):
     params = [p for p in model.parameters() if p.requires_grad]
     with pytest.raises(RuntimeError, match="Non-deterministic gradient"):
         cls(model, c.loss_func, params, c.data, **c.kwargs())
+
+
+@pytest.mark.parametrize("cls", LOSS_OPERATORS[1:], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ["mlp_ce", "transformer_ce"])
+def test_default_route_check_needs_no_extra_backward_pass(cls, name, monkeypatch):
+    """The check's GGN-type products take the gradient from the transposed pullback under the
+    default route too (``"auto"`` picks the reverse route for the single probe column), so
+    they run exactly as many backward passes as with ``"reverse"`` forced."""
+    c = make_case(name)
+    calls = [0]
+    grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls[0] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    counts = {}
+    for route in ("auto", "reverse"):
+        calls[0] = 0
+
+        class Routed(cls):
+            JVP_ROUTE = route
+
+        Routed(c.model, c.loss_func, c.params, c.data, **c.kwargs())
+        counts[route] = calls[0]
+    assert counts["auto"] == counts["reverse"]
