@@ -314,7 +314,164 @@ def errors(rank: int, world: int):
     check("MC-Fisher (400 samples) vs GGN", F @ v, G @ v, rtol=0.1)
 
 
-SCENARIOS = {"exact": exact_operators, "three": three_ranks, "errors": errors}
+# ----------------------------------------------------------------- KFAC extras
+class _NormNet(torch.nn.Module):
+    """Linear -> tanh -> free scale -> LayerNorm -> tanh -> Linear.
+
+    The LayerNorm parameters and the scale fall back; the order keeps both Kronecker
+    factors of both layers non-singular (for MSE), so the log-determinant is finite.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(3, 4)
+        self.scale = torch.nn.Parameter(torch.randn(4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(torch.tanh(self.first(x)) * self.scale)))
+
+
+class _TinyTransformer(torch.nn.Module):
+    """Embedding + position tensor, one ``TransformerEncoderLayer``, head: logits [N, C, T].
+
+    ``flat=True`` returns 2-d logits ``[N * T, C]`` (EKFAC needs 2-d outputs).
+    """
+
+    def __init__(self, vocab=5, d=4, flat=False):
+        super().__init__()
+        self.tokens = torch.nn.Embedding(vocab, d)
+        self.positions = torch.nn.Parameter(0.3 * torch.randn(3, d))
+        self.encoder = torch.nn.TransformerEncoderLayer(
+            d, 2, dim_feedforward=6, dropout=0.0, batch_first=True
+        )
+        self.head = torch.nn.Linear(d, vocab)
+        self.flat = flat
+
+    def forward(self, tokens):  # [N, T]
+        x = self.encoder(self.tokens(tokens) + self.positions[: tokens.shape[1]])
+        logits = self.head(x)
+        return logits.flatten(0, 1) if self.flat else logits.transpose(1, 2)
+
+
+def _compare_kfac(name: str, A, B, logdet: bool):
+    """Factors, fallback diagonals, products, trace, norm (and logdet) of ``A`` and ``B``."""
+    A.compute_kronecker_factors()
+    B.compute_kronecker_factors()
+    for k in B._input_covariances:
+        check(f"{name} A[{k}]", A._input_covariances[k], B._input_covariances[k])
+    for k in B._gradient_covariances:
+        check(f"{name} G[{k}]", A._gradient_covariances[k], B._gradient_covariances[k])
+    if set(A._fallback_diagonals) != set(B._fallback_diagonals) or not B._fallback_diagonals:
+        FAILURES.append(f"{name}: fallback parameters {set(A._fallback_diagonals)}")
+    for k in B._fallback_diagonals:
+        check(f"{name} fallback[{k}]", A._fallback_diagonals[k], B._fallback_diagonals[k])
+    products(name, A, B)
+    check(f"{name} trace", A.trace, B.trace)
+    check(f"{name} frobenius_norm", A.frobenius_norm, B.frobenius_norm)
+    if logdet:  # only where all factors are non-singular (else -inf or NaN)
+        if not bool(B.logdet.isfinite()):
+            FAILURES.append(f"{name}: reference logdet {float(B.logdet)} is not finite")
+        check(f"{name} logdet", A.logdet, B.logdet, rtol=1e-9)
+
+
+def kfac_extras(rank: int, world: int):
+    """KFAC/EKFAC with ``fallback="diagonal"`` and KFAC on a tiny transformer (2 ranks)."""
+    group = dist.group.WORLD
+    dt = torch.float64
+    # 1) fallback="diagonal" on LayerNorm parameters and a free tensor, unequal batches
+    torch.manual_seed(0)
+    model = _NormNet().to(dt)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 3, generator=gen, dtype=dt)
+    labels = torch.randint(3, (12,), generator=gen)
+    targets = torch.randn(12, 3, generator=gen, dtype=dt)
+    params = list(model.parameters())
+    # CE (mean): G of the head is singular, no logdet; MSE (sum): all factors non-singular
+    for loss, y, logdet in (
+        (torch.nn.CrossEntropyLoss(), labels, False),
+        (torch.nn.MSELoss(reduction="sum"), targets, True),
+    ):
+        data = [(X[:5], y[:5]), (X[5:8], y[5:8]), (X[8:], y[8:])]
+        mine = shard(data, rank, world)
+        args = (model, loss, params)
+        tag = f"fallback {type(loss).__name__}"
+        for fisher_type in ("type-2", "empirical"):
+            for approx in ("expand", "reduce"):
+                kw = dict(fisher_type=fisher_type, kfac_approx=approx, fallback="diagonal")
+                A = cl.KFACLinearOperator(*args, mine, process_group=group, **kw)
+                B = cl.KFACLinearOperator(*args, data, **kw)
+                _compare_kfac(f"{tag} KFAC {fisher_type}/{approx}", A, B, logdet)
+        kw = dict(fisher_type="type-2", fallback="diagonal")
+        A = cl.KFACLinearOperator(*args, mine, process_group=group, **kw)
+        B = cl.KFACLinearOperator(*args, data, **kw)
+        v = torch.ones(A.shape[1], dtype=dt)
+        check(
+            f"{tag} KFAC inverse",
+            cl.KFACInverseLinearOperator(A, damping=1e-2) @ v,
+            cl.KFACInverseLinearOperator(B, damping=1e-2) @ v,
+            rtol=1e-9,
+        )
+        E = cl.EKFACLinearOperator(*args, mine, process_group=group, **kw)
+        F = cl.EKFACLinearOperator(*args, data, **kw)
+        products(f"{tag} EKFAC", E, F)
+        check(f"{tag} EKFAC trace", E.trace, F.trace)
+        # MC: own draws per rank, the same operator (fallback included) on every rank
+        kw["fisher_type"] = "mc"
+        M = cl.KFACLinearOperator(*args, mine, process_group=group, **kw)
+        same_on_all_ranks(f"{tag} KFAC-MC", M @ v)
+    # 2) a tiny transformer: sequence outputs, attention in-/out-projections, MLP, embedding;
+    # LayerNorms and the position tensor fall back. Padding (ignore_index) differs per batch,
+    # so 'mean' normalises each batch by its own count of kept positions.
+    torch.manual_seed(2)
+    model = _TinyTransformer().to(dt)
+    gen = torch.Generator().manual_seed(3)
+    data = []
+    for B_size in (3, 2, 2):
+        tokens = torch.randint(5, (B_size, 3), generator=gen)
+        labels = torch.randint(5, (B_size, 3), generator=gen)
+        labels[0, -1] = -100
+        if B_size == 2:
+            labels[1, 1:] = -100
+        data.append((tokens, labels))
+    mine = shard(data, rank, world)
+    params = list(model.parameters())
+    for reduction in ("mean", "sum"):
+        loss = torch.nn.CrossEntropyLoss(reduction=reduction, ignore_index=-100)
+        args = (model, loss, params)
+        for fisher_type in ("type-2", "empirical"):
+            kw = dict(fisher_type=fisher_type, fallback="diagonal")
+            A = cl.KFACLinearOperator(*args, mine, process_group=group, **kw)
+            B = cl.KFACLinearOperator(*args, data, **kw)
+            # the head input follows a LayerNorm: A is singular, no logdet
+            _compare_kfac(f"transformer {reduction} KFAC {fisher_type}", A, B, False)
+        kw = dict(fisher_type="mc", fallback="diagonal")
+        M = cl.KFACLinearOperator(*args, mine, process_group=group, **kw)
+        same_on_all_ranks(f"transformer {reduction} KFAC-MC", M @ torch.ones(M.shape[1], dtype=dt))
+    # the blocks this case is meant to exercise (attention, MLP, embedding; the rest falls back)
+    units = {"encoder.self_attn.in_proj", "encoder.self_attn.out_proj", "encoder.linear1", "tokens"}
+    if not units <= set(B._mapping) or "positions" not in B._fallback_diagonals:
+        FAILURES.append(f"transformer blocks: {list(B._mapping)}, {list(B._fallback_diagonals)}")
+    # EKFAC on the same network with 2-d logits
+    flat = _TinyTransformer(flat=True).to(dt)
+    flat.load_state_dict(model.state_dict())
+    flat_data = [(X, y.reshape(-1)) for X, y in data]
+    flat_mine = shard(flat_data, rank, world)
+    args = (flat, torch.nn.CrossEntropyLoss(ignore_index=-100), list(flat.parameters()))
+    kw = dict(fisher_type="type-2", fallback="diagonal", batch_size_fn=lambda X: X.shape[0])
+    E = cl.EKFACLinearOperator(*args, flat_mine, process_group=group, **kw)
+    F = cl.EKFACLinearOperator(*args, flat_data, **kw)
+    products("transformer EKFAC", E, F)
+    check("transformer EKFAC trace", E.trace, F.trace)
+
+
+SCENARIOS = {
+    "exact": exact_operators,
+    "three": three_ranks,
+    "errors": errors,
+    "kfac_extras": kfac_extras,
+}
 
 
 def main():

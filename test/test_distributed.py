@@ -64,6 +64,11 @@ def test_errors_ddp_and_jacobians():
     run_ranks("errors", 2, timeout=60)
 
 
+def test_kfac_fallback_and_transformer_two_ranks():
+    """KFAC/EKFAC with ``fallback="diagonal"``; KFAC/EKFAC on a tiny transformer with padding."""
+    run_ranks("kfac_extras", 2, timeout=90)
+
+
 def small_problem():
     """A ``--problem`` for the CLI test: cross-entropy (mean), three batches of unequal size."""
     import torch
