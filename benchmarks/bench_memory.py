@@ -69,6 +69,29 @@ def status_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
+def peak_of_second_call(problem: str, method: str, run, errors: tuple) -> dict:
+    """Peak resident memory of ``run()`` above the memory before it, on its second call.
+
+    The first call warms up (lazy initialisation, allocator pools) and may raise one of
+    ``errors`` (a method that is not available), which is reported instead. The high-water
+    mark is reset right before the measured call and read while its result is still alive.
+    """
+    import gc
+
+    try:
+        result = run()
+    except errors as error:
+        return {"problem": problem, "method": method, "error": str(error)[:120]}
+    del result
+    gc.collect()
+    before = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    result = run()
+    peak = status_kib("VmHWM")
+    del result
+    return {"problem": problem, "method": method, "peak_extra_bytes": (peak - before) * 1024}
+
+
 def child(problem: str, method: str) -> dict:
     """Build one method on one problem and measure one 16-column product (in this process)."""
     if method.removesuffix(" | floor") in BUILD_METHODS:
@@ -103,17 +126,8 @@ def child(problem: str, method: str) -> dict:
         blocks = V.split([p.numel() for p in params])
         V_list = [b.T.reshape(K, *p.shape).contiguous() for b, p in zip(blocks, params)]
         run = lambda: fn(V_list)  # noqa: E731
-    try:
-        result = run()  # warm-up: lazy initialisation, factors, allocator pools
-    except (RuntimeError, NotImplementedError) as error:  # torch.func gaps of the floors
-        return {"problem": problem, "method": method, "error": str(error)[:120]}
-    del result
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    result = run()
-    peak = status_kib("VmHWM")
-    del result
-    return {"problem": problem, "method": method, "peak_extra_bytes": (peak - before) * 1024}
+    # torch.func gaps of the floors are reported as not available
+    return peak_of_second_call(problem, method, run, (RuntimeError, NotImplementedError))
 
 
 # ----------------------------------------------------------------------------- builds
@@ -294,8 +308,6 @@ def _floor_inverse_product(layers: dict, A: dict, G: dict, v: list, exact: bool)
 
 def build_child(problem: str, method: str) -> dict:
     """Measure one build (``method``, or its floor with the suffix ``" | floor"``) here."""
-    import gc
-
     import torch
     from bench_kfac import kfac_params
     from bench_products import LOSSES, PROBLEMS
@@ -341,18 +353,10 @@ def build_child(problem: str, method: str) -> dict:
         op = KFACInverseLinearOperator(kfac, damping=DAMPING, use_exact_damping=exact)
         return op, op @ v
 
-    try:
-        result = run()  # warm-up: lazy initialisation, allocator pools
-    except (RuntimeError, NotImplementedError, ValueError) as error:  # e.g. EKFAC: 2-d only
-        return {"problem": problem, "method": method, "error": str(error)[:120]}
-    del result
-    gc.collect()
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    result = run()
-    peak = status_kib("VmHWM")
-    del result
-    return {"problem": problem, "method": method, "peak_extra_bytes": (peak - before) * 1024}
+    # e.g. EKFAC takes 2-d outputs only
+    return peak_of_second_call(
+        problem, method, run, (RuntimeError, NotImplementedError, ValueError)
+    )
 
 
 def build_rows(problems, methods) -> list:

@@ -291,29 +291,17 @@ def test_compiled_batch_product_with_transposed_input():
 
 # ------------------------------------------------------------------------------------------------
 # our own callers
-class _Recording(PyTorchLinearOperator):
-    """A dense symmetric matrix that records whether each multi-column input was ``W.T``."""
-
-    SELF_ADJOINT = True
+class _Recording(TensorLinearOperator):
+    """A dense matrix that records whether each multi-column input was ``W.T``."""
 
     def __init__(self, matrix: Tensor):
-        super().__init__([(matrix.shape[1],)], [(matrix.shape[0],)])
-        self._matrix = matrix
+        super().__init__(matrix)
         self.layouts: List[bool] = []
 
-    @property
-    def device(self):
-        return self._matrix.device
-
-    @property
-    def dtype(self):
-        return self._matrix.dtype
-
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
-        (x,) = X
-        if x.shape[-1] > 1:
-            self.layouts.append(x.T.is_contiguous())
-        return [self._matrix @ x]
+        if X[0].shape[-1] > 1:
+            self.layouts.append(X[0].T.is_contiguous())
+        return super()._matmat(X)
 
 
 def _symmetric(dim=40, seed=0) -> Tensor:

@@ -1,7 +1,8 @@
-"""The determinism check's probing products (issue 14, construction cost): the loss and
-gradient they take from their own passes, the accumulation of their products, the probe
-vector, the cheap finiteness test, and that the check still catches a product that alone
-differs between passes."""
+"""The determinism check at construction (issue 14): it takes every batch's prediction, loss
+and gradient from the forward and backward passes of its two products instead of separate
+gradient passes (counted here), accumulates their products, draws the contract's probe vector,
+tests finiteness cheaply, and still catches a gradient or a product that alone differs between
+passes."""
 
 import pytest
 import torch
@@ -91,8 +92,13 @@ def test_batch_results_aliasing_the_input_are_not_summed_into():
     torch.testing.assert_close(op @ v, expected, rtol=0, atol=1e-14)
 
 
-def _alternating_curvature_model(c, calls):
-    """Wrap ``c.model``: output, gradient fixed; Hessian w.r.t. ``shift`` flips sign per call."""
+def _alternating_shift_model(model, calls, power):
+    """Wrap ``model``: add ``(-1)^n * shift^power`` to the first logit at the ``n``-th call.
+
+    At ``shift = 0`` the output never changes. With ``power=1`` the gradient w.r.t. ``shift``
+    alternates in sign between calls; with ``power=2`` the gradient is zero too and only the
+    Hessian (+-2) alternates. One logit only: cross-entropy is invariant to shifting all.
+    """
 
     class Flaky(torch.nn.Module):
         def __init__(self, model):
@@ -105,17 +111,16 @@ def _alternating_curvature_model(c, calls):
             out = self.model(X)
             mask = torch.zeros_like(out)
             mask[:, 0] = 1.0
-            # value and first derivative zero at shift = 0, second derivative +-2
-            return out + ((-1.0) ** calls[0] * self.shift**2) * mask
+            return out + ((-1.0) ** calls[0] * self.shift**power) * mask
 
-    return Flaky(c.model)
+    return Flaky(model)
 
 
 def test_hessian_product_alone_differing_is_caught():
     """Predictions, losses and gradients agree; only the Hessian product differs."""
     c = make_case("mlp_ce")
     calls = [0]
-    model = _alternating_curvature_model(c, calls)
+    model = _alternating_shift_model(c.model, calls, power=2)
     params = list(model.parameters())
     with pytest.raises(RuntimeError, match="Non-deterministic matrix-vector product"):
         HessianLinearOperator(model, c.loss_func, params, c.data)
@@ -182,3 +187,70 @@ def test_data_check_with_large_finite_values():
         X_bad[2, 1] = bad
         with pytest.raises(ValueError, match="contains NaN or Inf"):
             _check_batch_values(X_bad, torch.zeros(4), 0, torch.float32)
+
+
+def _count_forward_passes(model: torch.nn.Module) -> list:
+    """Count top-level forward calls of ``model`` (returns the counter and the hook handle)."""
+    counter = [0]
+
+    def hook(module, inputs, output):
+        counter[0] += 1
+
+    return counter, model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("cls", LOSS_OPERATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ["mlp_ce", "transformer_ce"])
+def test_check_runs_one_forward_pass_per_product_and_batch(cls, name):
+    """Two products, each one forward pass per batch; no separate gradient passes."""
+    c = make_case(name)
+    num_batches = len(c.data)
+    counter, handle = _count_forward_passes(c.model)
+    try:
+        cls(c.model, c.loss_func, c.params, c.data, **c.kwargs())
+        with_check = counter[0]
+        counter[0] = 0
+        cls(c.model, c.loss_func, c.params, c.data, check_deterministic=False, **c.kwargs())
+        without_check = counter[0]
+    finally:
+        handle.remove()
+    assert with_check - without_check == 2 * num_batches
+
+
+@pytest.mark.parametrize("cls", LOSS_OPERATORS, ids=lambda c: c.__name__)
+def test_check_still_compares_gradients(cls):
+    """A model whose gradient alone changes between passes is still caught as such."""
+    c = make_case("mlp_ce")
+    calls = [0]
+
+    model = _alternating_shift_model(c.model, calls, power=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="Non-deterministic gradient"):
+        cls(model, c.loss_func, params, c.data, **c.kwargs())
+
+
+@pytest.mark.parametrize("cls", LOSS_OPERATORS[1:], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ["mlp_ce", "transformer_ce"])
+def test_default_route_check_needs_no_extra_backward_pass(cls, name, monkeypatch):
+    """The check's GGN-type products take the gradient from the transposed pullback under the
+    default route too (``"auto"`` picks the reverse route for the single probe column), so
+    they run exactly as many backward passes as with ``"reverse"`` forced."""
+    c = make_case(name)
+    calls = [0]
+    grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls[0] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    counts = {}
+    for route in ("auto", "reverse"):
+        calls[0] = 0
+
+        class Routed(cls):
+            JVP_ROUTE = route
+
+        Routed(c.model, c.loss_func, c.params, c.data, **c.kwargs())
+        counts[route] = calls[0]
+    assert counts["auto"] == counts["reverse"]
