@@ -821,7 +821,7 @@ class _DeterminismCheck:
         if device.type == "cuda":
             devices = [torch.cuda.current_device() if device.index is None else device.index]
         with torch.random.fork_rng(devices=devices):
-            v = _probe_vector(self.shape[1], self.dtype, self.device)
+            v = torch.rand(self.shape[1], dtype=self.dtype, device=self.device)  # API.md 2.2
 
         if not self._products_probe_loss():
             first = self.data_prediction_loss_gradient(desc="_check_deterministic")
@@ -879,7 +879,6 @@ class _DeterminismCheck:
         if isinstance(generator, torch.Generator):
             generator = torch.Generator(device=generator.device).set_state(generator.get_state())
         f = self._functional_model
-        owned = False  # whether ``out`` holds tensors that no batch result aliases
         for index, (X, y) in enumerate(self._loop_over_data(desc="_check_deterministic")):
             probe: dict = {}
             with _own_generator(self, generator):
@@ -887,36 +886,26 @@ class _DeterminismCheck:
             weight = self._get_normalization_factor(X, y)
             if "gradient" in probe:
                 _check_finite_result(probe["prediction"], "model output", index)
-                loss, gradient = probe["loss"], probe["gradient"]
-                if weight != 1.0:  # (sum reduction, or mean over a single batch: no copies)
-                    loss, gradient = loss * weight, [g * weight for g in gradient]
+                loss = probe["loss"] * weight
                 _check_finite_result(loss, "loss", index)
-                batch = (probe["prediction"], loss, gradient)
+                batch = (probe["prediction"], loss, [g * weight for g in probe["gradient"]])
             else:
                 batch = self._batch_prediction_loss_gradient(f, X, y, index)
             with torch.no_grad():
                 result = in_column_chunks(multiply, M, self.MAX_COLUMNS_PER_CHUNK)
                 del multiply
-                # A batch result may alias M: it is kept (weight 1) or scaled, and summed into
-                # in place only once ``out`` holds tensors of this pass's own.
-                if not out:
-                    out.extend(result if weight == 1.0 else (b * weight for b in result))
-                    owned = weight != 1.0
-                elif owned:
+                if out:
                     for r, b in zip(out, result):
                         r.add_(b, alpha=weight)
-                else:
-                    out[:] = [torch.add(r, b, alpha=weight) for r, b in zip(out, result)]
-                    owned = True
+                else:  # new tensors: a batch result may alias M
+                    out.extend(b * weight for b in result)
             yield (X, y), *batch
 
     def _compare_passes(self, passes, close: Callable, fail: Callable):
         """Steps 1-3 of :meth:`_check_deterministic` on two zipped passes."""
         loss1 = loss2 = None
         grad1 = grad2 = None
-        num_batches = 0
         for batch1, batch2 in passes:
-            num_batches += 1
             if batch1 is None or batch2 is None:
                 fail("number of batches")
             (X1, y1), pred1, l1, g1 = batch1
@@ -937,8 +926,6 @@ class _DeterminismCheck:
                 loss2 = l2 if loss2 is None else loss2 + l2
                 grad1 = g1 if grad1 is None else [a + b for a, b in zip(grad1, g1)]
                 grad2 = g2 if grad2 is None else [a + b for a, b in zip(grad2, g2)]
-        if self.FIXED_DATA_ORDER and num_batches == 1:
-            return  # the sums are the one batch's loss and gradient, compared above
         if loss1 is not None:
             if not close(loss1, loss2):
                 fail("loss")
@@ -1438,13 +1425,3 @@ def _all_finite(t: Tensor) -> bool:
     if t.numel() == 0:
         return True
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _probe_vector(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The determinism check's random vector: ``torch.rand(size)`` (API.md section 2.2, step 4).
-
-    Drawn from the global generator, whose state the caller restores. (An outer product of two
-    vectors of about ``sqrt(size)`` entries would detect the same differences with probability
-    one and save a third of a gradient on the benchmark MLP, but the contract names this draw.)
-    """
-    return torch.rand(size, dtype=dtype, device=device)
