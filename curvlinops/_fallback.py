@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvlinops._blocks import Block, DiagonalBlock, Slot
-from curvlinops._layer_pass import LayerPass
+from curvlinops._layer_pass import chunk_gradients
 
 FALLBACKS = ("error", "diagonal")
 
@@ -72,7 +72,7 @@ def per_row_squares(
         chunk = cotangents.new_zeros(V, stop - start, R, C)
         chunk[:, index, start + index] = cotangents[:, start:stop]
         chunk = chunk.reshape(-1, R, C)
-        for total, g in zip(totals, LayerPass._grads_of_chunk(f_flat, params, chunk)):
+        for total, g in zip(totals, chunk_gradients(f_flat, params, chunk)):
             total.add_((g**2).sum(0))
     return totals
 

@@ -149,7 +149,7 @@ def backpropagate(
     start = 0
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
-        grads = LayerPass._grads_of_chunk(f_flat, nodes, chunk, not (last and free_graph))
+        grads = chunk_gradients(f_flat, nodes, chunk, not (last and free_graph))
         if len(chunks) == 1:
             return grads
         if results is None:
@@ -306,29 +306,29 @@ class LayerPass:
         outputs.clear()
         return {n: output_gradient_rows(self.layers[n], g) for n, g in zip(names, grads)}
 
-    @staticmethod
-    def _grads_of_chunk(
-        f_flat: Tensor, nodes: List, chunk: Tensor, retain_graph: bool = True
-    ) -> List[Tensor]:
-        """``[V', *node.shape]`` gradients of one chunk of vectors (zeros if unused).
 
-        ``nodes`` holds :class:`OutputNode` entries or tensors.
-        """
-        batched = chunk.shape[0] > 1
-        grads = torch.autograd.grad(
-            f_flat,
-            [n.edge if isinstance(n, OutputNode) else n for n in nodes],
-            chunk if batched else chunk[0],
-            retain_graph=retain_graph,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-        return [
-            _zeros(node).expand(chunk.shape[0], *node.shape)
-            if g is None
-            else (g if batched else g.unsqueeze(0)).detach()
-            for node, g in zip(nodes, grads)
-        ]
+def chunk_gradients(
+    f_flat: Tensor, nodes: List, chunk: Tensor, retain_graph: bool = True
+) -> List[Tensor]:
+    """``[V', *node.shape]`` gradients of one chunk of vectors (zeros if unused).
+
+    ``nodes`` holds :class:`OutputNode` entries or tensors.
+    """
+    batched = chunk.shape[0] > 1
+    grads = torch.autograd.grad(
+        f_flat,
+        [n.edge if isinstance(n, OutputNode) else n for n in nodes],
+        chunk if batched else chunk[0],
+        retain_graph=retain_graph,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+    return [
+        _zeros(node).expand(chunk.shape[0], *node.shape)
+        if g is None
+        else (g if batched else g.unsqueeze(0)).detach()
+        for node, g in zip(nodes, grads)
+    ]
 
 
 def _zeros(node) -> Tensor:
