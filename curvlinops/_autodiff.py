@@ -792,11 +792,25 @@ def in_column_chunks(
     Returns:
         The product of all columns in list format.
     """
-    if M[0].shape[-1] <= max_columns:
-        return list(multiply(list(M)))
-    chunks = zip(*(m.split(max_columns, dim=-1) for m in M))
-    results = [multiply(list(chunk)) for chunk in chunks]
+    results = [multiply(part) for _, part in column_chunks(M, max_columns)]
+    if len(results) == 1:
+        return list(results[0])
     return [torch.cat(parts, dim=-1) for parts in zip(*results)]
+
+
+def column_chunks(M: Sequence[Tensor], max_columns: int) -> Iterator[Tuple[slice, List[Tensor]]]:
+    """The column chunks of a matrix in list format: ``(columns, M[..., columns])`` pairs.
+
+    One chunk (``slice(None)``, ``M`` itself) if ``M`` has at most ``max_columns`` columns;
+    otherwise views of consecutive blocks of at most ``max_columns`` columns.
+    """
+    num_columns = M[0].shape[-1]
+    if num_columns <= max_columns:
+        yield slice(None), list(M)
+        return
+    for start in range(0, num_columns, max_columns):
+        columns = slice(start, start + max_columns)
+        yield columns, [m[..., columns] for m in M]
 
 
 def eager_batch_product(

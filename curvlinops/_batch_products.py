@@ -32,6 +32,7 @@ from curvlinops._autodiff import (
     MeasuredRoute,
     RouteChoice,
     RuleRoute,
+    column_chunks,
     make_functional_model,
     prefers_forward_route,
     second_order_context,
@@ -162,23 +163,18 @@ class BatchProducts:
         Returns:
             The product in list format, as views of one new flat buffer.
         """
-        num_columns, chunk = M[0].shape[-1], self.MAX_COLUMNS_PER_CHUNK
-        starts = range(0, num_columns, chunk)
         result, first = None, True
         for X, y, multiply in batches:  # no enumerate: its cached tuple would keep multiply
             weight = self._get_normalization_factor(X, y)
-            for start in starts:
-                columns = slice(start, start + chunk)
-                part = list(M) if len(starts) == 1 else [m[..., columns] for m in M]
+            for columns, part in column_chunks(M, self.MAX_COLUMNS_PER_CHUNK):
                 products = multiply(part)
                 if result is None:
-                    result = self._new_output(num_columns, like=products[0], layout_of=M[0])
-                targets = result if len(starts) == 1 else [r[..., columns] for r in result]
-                for r, b in zip(targets, products):
+                    result = self._new_output(M[0].shape[-1], like=products[0], layout_of=M[0])
+                for r, b in zip(result, products):
                     if first:  # out of place: products may alias their inputs
-                        torch.mul(b, weight, out=r)
+                        torch.mul(b, weight, out=r[..., columns])
                     else:
-                        r.add_(b, alpha=weight)
+                        r[..., columns].add_(b, alpha=weight)
                 del products
             del multiply  # free this batch's graph before the next batch records its own
             first = False
