@@ -585,8 +585,7 @@ JVP_ROUTES = ("auto", "reverse", "forward", "measure")
 
 #: Modules whose double-backward graph (the reverse route's transposed pullback) is much
 #: costlier than their forward-mode rule: normalisation and attention. Validated on the
-#: benchmark problems (``benchmarks/README.md``): with 16 columns the forward route is 10-20%
-#: faster on both transformers, as fast on the MLP, 10% slower on the CNN.
+#: benchmark problems (measurements in ``benchmarks/README.md``, "Forward and reverse mode").
 FORWARD_FRIENDLY_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)
 #: Modules whose vmapped forward-mode rule is slower than the transposed pullback on CPU.
 REVERSE_FRIENDLY_MODULES = (
